@@ -1,0 +1,16 @@
+//! Schema migrations, applied in order at start-up. Written with sea-query's schema
+//! builder (not derived from the entities) so that an old migration keeps meaning
+//! what it meant when it shipped.
+
+use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

@@ -1,0 +1,314 @@
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait,
+};
+use vm0_api_types::ids::{IdKind, new_id};
+use vm0_api_types::runs::{LogLevel, LogType, RunEventType, RunStatus};
+
+use super::{KeysetAfter, SortOrder, Store, StoreError, keyset};
+use crate::entity::{checkpoint, run, run_event, run_log, session, storage, storage_version};
+
+/// Everything needed to insert a run; resolved and validated by the caller.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub org_id: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub agent_version_id: String,
+    /// Continue this session, or start a new one when `None`.
+    pub session_id: Option<String>,
+    pub prompt: String,
+    /// JSON object.
+    pub variables: String,
+    /// JSON array of names.
+    pub secret_names: String,
+    /// JSON object name → version id.
+    pub volumes: String,
+    pub artifact_name: Option<String>,
+    pub artifact_version: Option<String>,
+    pub now: i64,
+}
+
+/// Filters of `GET /v1/runs`.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    pub agent_id: Option<String>,
+    /// Only runs created at or after (microseconds).
+    pub since: Option<i64>,
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    Cancelled(run::Model),
+    /// The run had already ended; carries it as it is.
+    AlreadyFinished(run::Model),
+    NotFound,
+}
+
+fn status_event(
+    seq: i64,
+    run_id: &str,
+    data: serde_json::Value,
+    now: i64,
+    kind: RunEventType,
+) -> run_event::ActiveModel {
+    run_event::ActiveModel {
+        run_id: Set(run_id.to_owned()),
+        seq: Set(seq),
+        event_type: Set(kind.as_str().to_owned()),
+        data: Set(data.to_string()),
+        created_at: Set(now),
+    }
+}
+
+fn system_log(run_id: &str, now: i64, level: LogLevel, message: &str) -> run_log::ActiveModel {
+    run_log::ActiveModel {
+        run_id: Set(run_id.to_owned()),
+        ts: Set(now),
+        log_type: Set(LogType::System.as_str().to_owned()),
+        level: Set(level.as_str().to_owned()),
+        message: Set(message.to_owned()),
+        metadata: Set("{}".to_owned()),
+        ..Default::default()
+    }
+}
+
+impl Store {
+    /// Inserts a `pending` run with its session (new or continued), its first
+    /// `status` event and a system log line, in one transaction.
+    pub async fn create_run(&self, new: NewRun) -> Result<run::Model, StoreError> {
+        let run_id = new_id(IdKind::Run);
+        let txn = self.conn().begin().await?;
+        let session_id = match new.session_id {
+            Some(id) => {
+                session::Entity::update_many()
+                    .col_expr(session::Column::UpdatedAt, Expr::value(new.now))
+                    .col_expr(
+                        session::Column::Variables,
+                        Expr::value(new.variables.clone()),
+                    )
+                    .filter(session::Column::Id.eq(id.clone()))
+                    .exec(&txn)
+                    .await?;
+                id
+            }
+            None => {
+                let s = session::ActiveModel {
+                    id: Set(new_id(IdKind::Session)),
+                    org_id: Set(new.org_id.clone()),
+                    agent_id: Set(new.agent_id.clone()),
+                    variables: Set(new.variables.clone()),
+                    latest_checkpoint_id: Set(None),
+                    created_at: Set(new.now),
+                    updated_at: Set(new.now),
+                }
+                .insert(&txn)
+                .await?;
+                s.id
+            }
+        };
+        let run = run::ActiveModel {
+            id: Set(run_id.clone()),
+            org_id: Set(new.org_id),
+            agent_id: Set(new.agent_id),
+            agent_name: Set(new.agent_name),
+            agent_version_id: Set(new.agent_version_id),
+            session_id: Set(session_id),
+            status: Set(RunStatus::Pending.as_str().to_owned()),
+            prompt: Set(new.prompt),
+            variables: Set(new.variables),
+            secret_names: Set(new.secret_names),
+            volumes: Set(new.volumes),
+            artifact_name: Set(new.artifact_name),
+            artifact_version: Set(new.artifact_version),
+            error: Set(None),
+            exit_code: Set(None),
+            execution_time_ms: Set(None),
+            checkpoint_id: Set(None),
+            attempt: Set(0),
+            worker_id: Set(None),
+            last_event_seq: Set(1),
+            created_at: Set(new.now),
+            started_at: Set(None),
+            completed_at: Set(None),
+        }
+        .insert(&txn)
+        .await?;
+        status_event(
+            1,
+            &run_id,
+            serde_json::json!({"status": "pending"}),
+            new.now,
+            RunEventType::Status,
+        )
+        .insert(&txn)
+        .await?;
+        system_log(&run_id, new.now, LogLevel::Info, "run queued")
+            .insert(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(run)
+    }
+
+    pub async fn get_run(&self, org_id: &str, id: &str) -> Result<Option<run::Model>, StoreError> {
+        Ok(run::Entity::find_by_id(id.to_owned())
+            .filter(run::Column::OrgId.eq(org_id))
+            .one(self.conn())
+            .await?)
+    }
+
+    /// Runs of `org_id`, newest first.
+    pub async fn list_runs(
+        &self,
+        org_id: &str,
+        filter: &RunFilter,
+        after: Option<&KeysetAfter>,
+        limit: u64,
+    ) -> Result<Vec<run::Model>, StoreError> {
+        let mut q = run::Entity::find().filter(run::Column::OrgId.eq(org_id));
+        if let Some(status) = filter.status {
+            q = q.filter(run::Column::Status.eq(status.as_str()));
+        }
+        if let Some(agent_id) = &filter.agent_id {
+            q = q.filter(run::Column::AgentId.eq(agent_id.clone()));
+        }
+        if let Some(since) = filter.since {
+            q = q.filter(run::Column::CreatedAt.gte(since));
+        }
+        if let Some(after) = after {
+            q = q.filter(keyset(
+                run::Column::CreatedAt,
+                run::Column::Id,
+                after,
+                SortOrder::Desc,
+            ));
+        }
+        Ok(q.order_by_desc(run::Column::CreatedAt)
+            .order_by_desc(run::Column::Id)
+            .limit(limit + 1)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Cancels a `pending` or `running` run: status `cancelled`, then `status` and
+    /// `complete` events. A compare-and-set on (status, last event) makes concurrent
+    /// cancels and status changes safe: exactly one transition wins.
+    pub async fn cancel_run(
+        &self,
+        org_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<CancelOutcome, StoreError> {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let Some(current) = self.get_run(org_id, id).await? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let status = crate::convert::run_status(&current.status)?;
+            if status.is_terminal() {
+                return Ok(CancelOutcome::AlreadyFinished(current));
+            }
+            let execution_ms = current.started_at.map(|s| (now - s).max(0) / 1000);
+            let seq = current.last_event_seq;
+            let txn = self.conn().begin().await?;
+            let res = run::Entity::update_many()
+                .col_expr(
+                    run::Column::Status,
+                    Expr::value(RunStatus::Cancelled.as_str()),
+                )
+                .col_expr(run::Column::Error, Expr::value("cancelled by user"))
+                .col_expr(run::Column::CompletedAt, Expr::value(now))
+                .col_expr(run::Column::ExecutionTimeMs, Expr::value(execution_ms))
+                .col_expr(run::Column::LastEventSeq, Expr::value(seq + 2))
+                .filter(run::Column::Id.eq(id))
+                .filter(run::Column::Status.eq(current.status.clone()))
+                .filter(run::Column::LastEventSeq.eq(seq))
+                .exec(&txn)
+                .await?;
+            if res.rows_affected != 1 {
+                // Something else changed the run meanwhile: look again.
+                txn.rollback().await?;
+                continue;
+            }
+            status_event(
+                seq + 1,
+                id,
+                serde_json::json!({"status": "cancelled"}),
+                now,
+                RunEventType::Status,
+            )
+            .insert(&txn)
+            .await?;
+            status_event(
+                seq + 2,
+                id,
+                serde_json::json!({"status": "cancelled", "executionTimeMs": execution_ms, "error": "cancelled by user"}),
+                now,
+                RunEventType::Complete,
+            )
+            .insert(&txn)
+            .await?;
+            system_log(id, now, LogLevel::Info, "run cancelled by user")
+                .insert(&txn)
+                .await?;
+            txn.commit().await?;
+            let run = self
+                .get_run(org_id, id)
+                .await?
+                .ok_or(StoreError::Conflict)?;
+            return Ok(CancelOutcome::Cancelled(run));
+        }
+        Err(StoreError::Conflict)
+    }
+
+    pub async fn get_session(
+        &self,
+        org_id: &str,
+        id: &str,
+    ) -> Result<Option<session::Model>, StoreError> {
+        Ok(session::Entity::find_by_id(id.to_owned())
+            .filter(session::Column::OrgId.eq(org_id))
+            .one(self.conn())
+            .await?)
+    }
+
+    pub async fn get_checkpoint(
+        &self,
+        org_id: &str,
+        id: &str,
+    ) -> Result<Option<checkpoint::Model>, StoreError> {
+        Ok(checkpoint::Entity::find_by_id(id.to_owned())
+            .filter(checkpoint::Column::OrgId.eq(org_id))
+            .one(self.conn())
+            .await?)
+    }
+
+    /// A volume or artifact of `org_id` by name (`kind` is `volume` or `artifact`).
+    pub async fn find_storage(
+        &self,
+        org_id: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<storage::Model>, StoreError> {
+        Ok(storage::Entity::find()
+            .filter(storage::Column::OrgId.eq(org_id))
+            .filter(storage::Column::Kind.eq(kind))
+            .filter(storage::Column::Name.eq(name))
+            .one(self.conn())
+            .await?)
+    }
+
+    pub async fn get_storage_version(
+        &self,
+        storage_id: &str,
+        version_id: &str,
+    ) -> Result<Option<storage_version::Model>, StoreError> {
+        Ok(storage_version::Entity::find_by_id(version_id.to_owned())
+            .filter(storage_version::Column::StorageId.eq(storage_id))
+            .one(self.conn())
+            .await?)
+    }
+}

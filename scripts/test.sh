@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (README, CI): on a bare Debian machine, installs what the tests
+# need, starts a private PostgreSQL, then runs fmt, clippy and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+source scripts/test-postgres.sh
+
+ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq
+
+trap stop_test_postgres EXIT
+start_test_postgres
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+echo "==> cargo fmt --check" >&2
+cargo fmt --all --check
+echo "==> cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> tests" >&2
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  echo "cargo-nextest not found; using cargo test" >&2
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi

@@ -1,0 +1,65 @@
+//! Request ids and the per-request span. Every response, errors and unknown routes
+//! included, carries `X-Request-Id` and `X-API-Version: v1`.
+
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+use vm0_api_types::ids::{IdKind, new_id};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const API_VERSION: HeaderName = HeaderName::from_static("x-api-version");
+
+tokio::task_local! {
+    static CURRENT: String;
+}
+
+/// The id of the request being handled by this task, if any.
+pub fn current() -> Option<String> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// A client-supplied id is echoed when it is short and plain; otherwise we mint one.
+fn accept_client_id(raw: &HeaderValue) -> Option<String> {
+    let s = raw.to_str().ok()?;
+    let ok = (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| s.to_owned())
+}
+
+pub async fn middleware(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(accept_client_id)
+        .unwrap_or_else(|| new_id(IdKind::Request));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let started = Instant::now();
+    let mut resp = CURRENT
+        .scope(id.clone(), next.run(req).instrument(span.clone()))
+        .await;
+    let status = resp.status();
+    span.in_scope(|| {
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), elapsed_ms, "request done");
+        } else {
+            tracing::debug!(status = status.as_u16(), elapsed_ms, "request done");
+        }
+    });
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    headers.insert(API_VERSION, HeaderValue::from_static("v1"));
+    resp
+}

@@ -1,0 +1,46 @@
+//! HTTP handlers: thin adapters from requests to [`vm0_db::Store`] calls.
+
+pub mod agents;
+pub mod events;
+pub mod health;
+pub mod runs;
+pub mod telemetry;
+pub mod tokens;
+
+use vm0_api_types::cursor::{Cursor, parse_limit};
+use vm0_db::KeysetAfter;
+
+use crate::error::ApiError;
+use crate::extract::QueryParams;
+
+/// `limit` and `cursor` of a list request, decoded for the list `scope`.
+pub struct PageRequest {
+    pub limit: u64,
+    pub after: Option<KeysetAfter>,
+}
+
+impl PageRequest {
+    pub fn from_query(q: &QueryParams, scope: &str) -> Result<PageRequest, ApiError> {
+        let limit = parse_limit(q.get("limit"))?;
+        let after = match q.get("cursor") {
+            None => None,
+            Some(raw) => {
+                let c = Cursor::decode(raw, scope)?;
+                Some(KeysetAfter {
+                    key: c.key,
+                    id: c.id,
+                })
+            }
+        };
+        Ok(PageRequest { limit, after })
+    }
+}
+
+/// The cursor that resumes a list after the item with sort key `key` and `id`.
+pub fn cursor(scope: &str, key: i64, id: impl Into<String>) -> Cursor {
+    Cursor {
+        scope: scope.to_owned(),
+        key,
+        id: id.into(),
+    }
+}

@@ -1,0 +1,203 @@
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::common::{Db, TestGateway, assert_error};
+
+/// One parsed SSE event.
+#[derive(Debug, Clone, PartialEq)]
+struct Sse {
+    event: String,
+    id: Option<String>,
+    data: Value,
+}
+
+fn parse_block(block: &str) -> Option<Sse> {
+    let (mut event, mut id, mut data) = (String::new(), None, String::new());
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_owned();
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim());
+        }
+    }
+    if event.is_empty() {
+        return None;
+    }
+    Some(Sse {
+        event,
+        id,
+        data: serde_json::from_str(&data).expect("data is JSON"),
+    })
+}
+
+/// Opens the event stream and hands each event to `on_event` until it returns
+/// false or the stream ends; returns the events and whether the server ended it.
+async fn read_events(
+    gw: &TestGateway,
+    path: &str,
+    last_event_id: Option<&str>,
+    mut on_event: impl FnMut(&Sse) -> bool,
+) -> (Vec<Sse>, bool) {
+    let mut req = gw
+        .client
+        .get(gw.url(path))
+        .bearer_auth(&gw.token)
+        .header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let resp = req.send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .expect("ct")
+            .starts_with("text/event-stream")
+    );
+    let mut stream = resp.bytes_stream();
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("stream stalled");
+        let Some(chunk) = chunk else {
+            return (events, true);
+        };
+        buf.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("utf8"));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            if let Some(ev) = parse_block(&block) {
+                let go_on = on_event(&ev);
+                events.push(ev);
+                if !go_on {
+                    return (events, false);
+                }
+            }
+        }
+    }
+}
+
+async fn finished_run_replays_and_resumes_exactly(db: Db) {
+    let gw = TestGateway::start(db).await;
+    gw.create_agent("my-agent").await;
+    let run = gw.create_run("my-agent", "p").await;
+    let id = run["id"].as_str().expect("id");
+    gw.post(&format!("/v1/runs/{id}/cancel"), json!({})).await;
+    let path = format!("/v1/runs/{id}/events");
+
+    let (all, ended) = read_events(&gw, &path, None, |_| true).await;
+    assert!(ended, "the stream ends after complete");
+    let kinds: Vec<_> = all.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["status", "status", "complete"]);
+    assert_eq!(all[0].data, json!({"status": "pending"}));
+    assert_eq!(all[1].data, json!({"status": "cancelled"}));
+    assert_eq!(all[2].data["status"], "cancelled");
+    let ids: Vec<_> = all.iter().map(|e| e.id.clone().expect("id")).collect();
+    assert_eq!(ids, ["evt_1", "evt_2", "evt_3"]);
+
+    // Resume at every position, through each of the three ways to say it.
+    for (k, resume) in ids.iter().enumerate() {
+        let (rest, ended) = read_events(&gw, &path, Some(resume), |_| true).await;
+        assert!(ended);
+        assert_eq!(rest, all[k + 1..].to_vec(), "after {resume} (header)");
+        let (rest, _) =
+            read_events(&gw, &format!("{path}?lastEventId={resume}"), None, |_| true).await;
+        assert_eq!(rest, all[k + 1..].to_vec(), "after {resume} (lastEventId)");
+        let (rest, _) = read_events(
+            &gw,
+            &format!("{path}?last_event_id={}", k + 1),
+            None,
+            |_| true,
+        )
+        .await;
+        assert_eq!(
+            rest,
+            all[k + 1..].to_vec(),
+            "after {resume} (last_event_id, bare number)"
+        );
+    }
+    for bad in ["evt_x", "-1", "abc"] {
+        let got = gw.get(&format!("{path}?lastEventId={bad}")).await;
+        assert_error(
+            &got,
+            400,
+            "invalid_request_error",
+            "invalid_parameter",
+            Some("lastEventId"),
+        );
+    }
+    let got = gw.get("/v1/runs/run_nope/events").await;
+    assert_error(&got, 404, "not_found_error", "resource_not_found", None);
+}
+
+async fn open_stream_sends_heartbeats_then_follows_a_cancel(db: Db) {
+    let gw = TestGateway::start_with(db, |c| {
+        c.sse_heartbeat = Duration::from_secs(1);
+        c.sse_poll = Duration::from_millis(50);
+    })
+    .await;
+    gw.create_agent("my-agent").await;
+    let run = gw.create_run("my-agent", "p").await;
+    let id = run["id"].as_str().expect("id").to_owned();
+    let path = format!("/v1/runs/{id}/events");
+
+    // Cancel from another task once the stream has shown a heartbeat.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let canceller = {
+        let (client, url, token) = (
+            gw.client.clone(),
+            gw.url(&format!("/v1/runs/{id}/cancel")),
+            gw.token.clone(),
+        );
+        tokio::spawn(async move {
+            rx.await.expect("heartbeat seen");
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("cancel");
+            assert_eq!(resp.status().as_u16(), 200);
+        })
+    };
+    let mut tx = Some(tx);
+    let (events, ended) = read_events(&gw, &path, None, |e| {
+        if e.event == "heartbeat"
+            && let Some(tx) = tx.take()
+        {
+            let _ = tx.send(());
+        }
+        true
+    })
+    .await;
+    canceller.await.expect("canceller");
+    assert!(ended);
+    let heartbeat = events
+        .iter()
+        .find(|e| e.event == "heartbeat")
+        .expect("a heartbeat");
+    assert_eq!(heartbeat.id, None, "heartbeats carry no id");
+    assert!(heartbeat.data["timestamp"].is_string());
+    let real: Vec<_> = events
+        .iter()
+        .filter(|e| e.event != "heartbeat")
+        .map(|e| (e.event.as_str(), e.id.as_deref()))
+        .collect();
+    assert_eq!(
+        real,
+        [
+            ("status", Some("evt_1")),
+            ("status", Some("evt_2")),
+            ("complete", Some("evt_3"))
+        ]
+    );
+}
+
+crate::on_both_databases!(
+    finished_run_replays_and_resumes_exactly,
+    open_stream_sends_heartbeats_then_follows_a_cancel
+);
