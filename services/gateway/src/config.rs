@@ -22,6 +22,9 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// `VM0_SSE_HEARTBEAT_SECS`, default 15.
     pub sse_heartbeat: Duration,
+    /// `VM0_AUTH_CACHE_SECS`: how long a verified token is trusted without asking
+    /// the store again, default 5; 0 disables the cache.
+    pub auth_cache_ttl: Duration,
     /// `VM0_SSE_POLL_MS`: how often an open event stream looks for new events, default 250.
     pub sse_poll: Duration,
 }
@@ -63,6 +66,11 @@ impl GatewayConfig {
         );
         let poll_ms: u64 = env_parse("VM0_SSE_POLL_MS", 250)?;
         anyhow::ensure!(poll_ms >= 10, "VM0_SSE_POLL_MS must be at least 10");
+        let auth_cache_secs: u64 = env_parse("VM0_AUTH_CACHE_SECS", 5)?;
+        anyhow::ensure!(
+            auth_cache_secs <= 300,
+            "VM0_AUTH_CACHE_SECS must be at most 300"
+        );
         let db_max_connections = env_parse("VM0_DB_MAX_CONNECTIONS", 16)?;
         anyhow::ensure!(
             db_max_connections >= 1,
@@ -75,6 +83,7 @@ impl GatewayConfig {
             db_max_connections,
             max_body_bytes,
             sse_heartbeat: Duration::from_secs(heartbeat_secs),
+            auth_cache_ttl: Duration::from_secs(auth_cache_secs),
             sse_poll: Duration::from_millis(poll_ms),
         })
     }
@@ -88,6 +97,7 @@ impl GatewayConfig {
             db_max_connections: 8,
             max_body_bytes: 1024 * 1024,
             sse_heartbeat: Duration::from_secs(15),
+            auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
         }
     }

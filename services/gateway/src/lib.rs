@@ -42,6 +42,8 @@ use routes::{agents, events, health, runs, telemetry, tokens};
 pub struct AppState {
     pub store: Store,
     pub config: Arc<GatewayConfig>,
+    /// Recently verified API tokens.
+    pub tokens: Arc<auth::TokenCache>,
     /// Cancelled at shutdown; long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
 }
@@ -112,6 +114,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let state = AppState {
         store,
+        tokens: Arc::new(auth::TokenCache::new(config.auth_cache_ttl)),
         config: Arc::new(config),
         shutdown: shutdown.clone(),
     };

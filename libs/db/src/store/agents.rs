@@ -1,6 +1,5 @@
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
 };
 use vm0_api_types::ids::{IdKind, new_id};
 
@@ -44,12 +43,12 @@ impl Store {
             created_at: Set(now),
             updated_at: Set(now),
         };
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         let agent = agent
-            .insert(&txn)
+            .insert(&*txn)
             .await
             .map_err(|e| unique_or(e, || StoreError::NameTaken(name.to_owned())))?;
-        let version = version.insert(&txn).await?;
+        let version = version.insert(&*txn).await?;
         txn.commit().await?;
         Ok((agent, version))
     }
@@ -168,16 +167,16 @@ impl Store {
         config_hash: &str,
         now: i64,
     ) -> Result<Option<UpdateOutcome>, StoreError> {
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         let Some(agent) = agent::Entity::find_by_id(agent_id.to_owned())
             .filter(agent::Column::OrgId.eq(org_id))
-            .one(&txn)
+            .one(&*txn)
             .await?
         else {
             return Ok(None);
         };
         let current = agent_version::Entity::find_by_id(agent.current_version_id.clone())
-            .one(&txn)
+            .one(&*txn)
             .await?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("agent {agent_id} has no current version"))
@@ -194,32 +193,32 @@ impl Store {
             config_hash: Set(config_hash.to_owned()),
             created_at: Set(now),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await
         // Two updates raced to the same version number: one must retry.
         .map_err(|e| unique_or(e, || StoreError::Conflict))?;
         let mut active: agent::ActiveModel = agent.into();
         active.current_version_id = Set(version.id.clone());
         active.updated_at = Set(now);
-        let agent = active.update(&txn).await?;
+        let agent = active.update(&*txn).await?;
         txn.commit().await?;
         Ok(Some(UpdateOutcome::NewVersion(agent, version)))
     }
 
     /// Deletes an agent and its versions. Its runs stay, naming it. False if absent.
     pub async fn delete_agent(&self, org_id: &str, agent_id: &str) -> Result<bool, StoreError> {
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         let res = agent::Entity::delete_many()
             .filter(agent::Column::OrgId.eq(org_id))
             .filter(agent::Column::Id.eq(agent_id))
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
         if res.rows_affected == 0 {
             return Ok(false);
         }
         agent_version::Entity::delete_many()
             .filter(agent_version::Column::AgentId.eq(agent_id))
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
         txn.commit().await?;
         Ok(true)

@@ -6,16 +6,18 @@
 //! skips or repeats a row, even when rows are inserted meanwhile.
 
 mod agents;
+mod run_batch;
 mod runs;
 mod telemetry;
 mod tokens;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr,
-    TransactionTrait,
+    ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -116,6 +118,36 @@ const MIGRATION_LOCK_KEY: i64 = 0x0076_6d30_306d_6967;
 pub struct Store {
     db: DatabaseConnection,
     backend: Backend,
+    /// SQLite allows one writer at a time. Queueing writers here, in order, beats
+    /// letting them collide in SQLite's busy handler, which backs off by sleeping
+    /// (tens of milliseconds) and turns contention into tail latency.
+    write_lane: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// Queue of the group-commit run writer, started on first use.
+    run_queue: Arc<std::sync::OnceLock<run_batch::RunQueue>>,
+}
+
+/// A write transaction; on SQLite it also holds the write lane until it ends.
+pub(crate) struct WriteTxn {
+    txn: DatabaseTransaction,
+    _lane: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTxn {
+    pub(crate) async fn commit(self) -> Result<(), DbErr> {
+        self.txn.commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), DbErr> {
+        self.txn.rollback().await
+    }
+}
+
+impl std::ops::Deref for WriteTxn {
+    type Target = DatabaseTransaction;
+
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
 }
 
 impl Store {
@@ -146,24 +178,29 @@ impl Store {
             });
         }
         let db = Database::connect(opts).await?;
-        Ok(Store { db, backend })
+        let write_lane =
+            (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Store {
+            db,
+            backend,
+            write_lane,
+            run_queue: Arc::new(std::sync::OnceLock::new()),
+        })
     }
 
-    /// Applies pending migrations. On PostgreSQL, concurrent callers queue on an
-    /// advisory lock, so that replicas starting together do not race.
+    /// Applies pending migrations, in one transaction. Concurrent callers (replicas
+    /// starting together) queue: on PostgreSQL on an advisory lock, on SQLite on the
+    /// write lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self.backend {
-            Backend::Sqlite => Migrator::up(&self.db, None).await?,
-            Backend::Postgres => {
-                let txn = self.db.begin().await?;
-                txn.execute_unprepared(&format!(
-                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
-                ))
-                .await?;
-                Migrator::up(&txn, None).await?;
-                txn.commit().await?;
-            }
+        let txn = self.begin_write().await?;
+        if self.backend == Backend::Postgres {
+            txn.execute_unprepared(&format!(
+                "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
+            ))
+            .await?;
         }
+        Migrator::up(&*txn, None).await?;
+        txn.commit().await?;
         Ok(())
     }
 
@@ -180,8 +217,40 @@ impl Store {
         Ok(self.db.close().await?)
     }
 
+    /// The run writer's queue, starting the writer on first use. The writer holds a
+    /// copy of this store without the queue, so it stops once every store is dropped.
+    fn run_queue(&self) -> &run_batch::RunQueue {
+        self.run_queue.get_or_init(|| {
+            let writer_store = Store {
+                db: self.db.clone(),
+                backend: self.backend,
+                write_lane: self.write_lane.clone(),
+                run_queue: Arc::new(std::sync::OnceLock::new()),
+            };
+            run_batch::start(writer_store)
+        })
+    }
+
     pub(crate) fn conn(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// A transaction that will write. On SQLite it takes the write lock at `BEGIN`
+    /// (`IMMEDIATE`): a deferred transaction that reads first and then writes would
+    /// fail with `SQLITE_BUSY` instead of waiting when another writer is active.
+    pub(crate) async fn begin_write(&self) -> Result<WriteTxn, StoreError> {
+        let lane = match &self.write_lane {
+            Some(lane) => Some(lane.clone().lock_owned().await),
+            None => None,
+        };
+        let txn = self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        Ok(WriteTxn { txn, _lane: lane })
     }
 }
 

@@ -1,7 +1,6 @@
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
 };
 use vm0_api_types::ids::{IdKind, new_id};
 use vm0_api_types::runs::{LogLevel, LogType, RunEventType, RunStatus};
@@ -78,78 +77,51 @@ fn system_log(run_id: &str, now: i64, level: LogLevel, message: &str) -> run_log
 
 impl Store {
     /// Inserts a `pending` run with its session (new or continued), its first
-    /// `status` event and a system log line, in one transaction.
+    /// `status` event and a system log line, atomically, through the group-commit
+    /// writer (`run_batch`); returns once the run is committed.
     pub async fn create_run(&self, new: NewRun) -> Result<run::Model, StoreError> {
-        let run_id = new_id(IdKind::Run);
-        let txn = self.conn().begin().await?;
-        let session_id = match new.session_id {
-            Some(id) => {
-                session::Entity::update_many()
-                    .col_expr(session::Column::UpdatedAt, Expr::value(new.now))
-                    .col_expr(
-                        session::Column::Variables,
-                        Expr::value(new.variables.clone()),
-                    )
-                    .filter(session::Column::Id.eq(id.clone()))
-                    .exec(&txn)
-                    .await?;
-                id
-            }
-            None => {
-                let s = session::ActiveModel {
-                    id: Set(new_id(IdKind::Session)),
-                    org_id: Set(new.org_id.clone()),
-                    agent_id: Set(new.agent_id.clone()),
-                    variables: Set(new.variables.clone()),
-                    latest_checkpoint_id: Set(None),
-                    created_at: Set(new.now),
-                    updated_at: Set(new.now),
-                }
-                .insert(&txn)
-                .await?;
-                s.id
-            }
+        let run = run::Model {
+            id: new_id(IdKind::Run),
+            org_id: new.org_id,
+            agent_id: new.agent_id,
+            agent_name: new.agent_name,
+            agent_version_id: new.agent_version_id,
+            session_id: new
+                .session_id
+                .clone()
+                .unwrap_or_else(|| new_id(IdKind::Session)),
+            status: RunStatus::Pending.as_str().to_owned(),
+            prompt: new.prompt,
+            variables: new.variables,
+            secret_names: new.secret_names,
+            volumes: new.volumes,
+            artifact_name: new.artifact_name,
+            artifact_version: new.artifact_version,
+            error: None,
+            exit_code: None,
+            execution_time_ms: None,
+            checkpoint_id: None,
+            attempt: 0,
+            worker_id: None,
+            last_event_seq: 1,
+            created_at: new.now,
+            started_at: None,
+            completed_at: None,
         };
-        let run = run::ActiveModel {
-            id: Set(run_id.clone()),
-            org_id: Set(new.org_id),
-            agent_id: Set(new.agent_id),
-            agent_name: Set(new.agent_name),
-            agent_version_id: Set(new.agent_version_id),
-            session_id: Set(session_id),
-            status: Set(RunStatus::Pending.as_str().to_owned()),
-            prompt: Set(new.prompt),
-            variables: Set(new.variables),
-            secret_names: Set(new.secret_names),
-            volumes: Set(new.volumes),
-            artifact_name: Set(new.artifact_name),
-            artifact_version: Set(new.artifact_version),
-            error: Set(None),
-            exit_code: Set(None),
-            execution_time_ms: Set(None),
-            checkpoint_id: Set(None),
-            attempt: Set(0),
-            worker_id: Set(None),
-            last_event_seq: Set(1),
-            created_at: Set(new.now),
-            started_at: Set(None),
-            completed_at: Set(None),
-        }
-        .insert(&txn)
-        .await?;
-        status_event(
-            1,
-            &run_id,
-            serde_json::json!({"status": "pending"}),
-            new.now,
-            RunEventType::Status,
-        )
-        .insert(&txn)
-        .await?;
-        system_log(&run_id, new.now, LogLevel::Info, "run queued")
-            .insert(&txn)
-            .await?;
-        txn.commit().await?;
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let pending = super::run_batch::PendingRun {
+            run: run.clone(),
+            new_session: new.session_id.is_none(),
+            done,
+        };
+        self.run_queue()
+            .send(pending)
+            .await
+            .map_err(|_| super::run_batch::batch_error("the run writer has stopped".into()))?;
+        outcome
+            .await
+            .map_err(|_| super::run_batch::batch_error("the run writer has stopped".into()))?
+            .map_err(super::run_batch::batch_error)?;
         Ok(run)
     }
 
@@ -213,7 +185,7 @@ impl Store {
             }
             let execution_ms = current.started_at.map(|s| (now - s).max(0) / 1000);
             let seq = current.last_event_seq;
-            let txn = self.conn().begin().await?;
+            let txn = self.begin_write().await?;
             let res = run::Entity::update_many()
                 .col_expr(
                     run::Column::Status,
@@ -226,7 +198,7 @@ impl Store {
                 .filter(run::Column::Id.eq(id))
                 .filter(run::Column::Status.eq(current.status.clone()))
                 .filter(run::Column::LastEventSeq.eq(seq))
-                .exec(&txn)
+                .exec(&*txn)
                 .await?;
             if res.rows_affected != 1 {
                 // Something else changed the run meanwhile: look again.
@@ -240,7 +212,7 @@ impl Store {
                 now,
                 RunEventType::Status,
             )
-            .insert(&txn)
+            .insert(&*txn)
             .await?;
             status_event(
                 seq + 2,
@@ -249,10 +221,10 @@ impl Store {
                 now,
                 RunEventType::Complete,
             )
-            .insert(&txn)
+            .insert(&*txn)
             .await?;
             system_log(id, now, LogLevel::Info, "run cancelled by user")
-                .insert(&txn)
+                .insert(&*txn)
                 .await?;
             txn.commit().await?;
             let run = self

@@ -168,11 +168,11 @@ const INSERT_CHUNK: usize = 500;
 impl Store {
     /// Appends log lines of a run in one transaction, a few statements per batch.
     pub async fn append_logs(&self, run_id: &str, logs: &[NewLog]) -> Result<(), StoreError> {
-        use sea_orm::{Set, TransactionTrait};
+        use sea_orm::Set;
         if logs.is_empty() {
             return Ok(());
         }
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         for chunk in logs.chunks(INSERT_CHUNK) {
             let rows = chunk.iter().map(|l| run_log::ActiveModel {
                 run_id: Set(run_id.to_owned()),
@@ -184,7 +184,7 @@ impl Store {
                 ..Default::default()
             });
             run_log::Entity::insert_many(rows)
-                .exec_without_returning(&txn)
+                .exec_without_returning(&*txn)
                 .await?;
         }
         txn.commit().await?;
@@ -197,11 +197,11 @@ impl Store {
         run_id: &str,
         samples: &[NewMetric],
     ) -> Result<(), StoreError> {
-        use sea_orm::{Set, TransactionTrait};
+        use sea_orm::Set;
         if samples.is_empty() {
             return Ok(());
         }
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         for chunk in samples.chunks(INSERT_CHUNK) {
             let rows = chunk.iter().map(|m| run_metric::ActiveModel {
                 run_id: Set(run_id.to_owned()),
@@ -216,7 +216,7 @@ impl Store {
                 ..Default::default()
             });
             run_metric::Entity::insert_many(rows)
-                .exec_without_returning(&txn)
+                .exec_without_returning(&*txn)
                 .await?;
         }
         txn.commit().await?;

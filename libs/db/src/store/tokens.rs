@@ -1,6 +1,5 @@
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
 };
 use vm0_api_types::ids::{IdKind, new_id};
 
@@ -109,7 +108,7 @@ impl Store {
 
     /// Revokes a token of `org_id`; false if there is no such live token.
     pub async fn revoke_token(&self, org_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
-        let txn = self.conn().begin().await?;
+        let txn = self.begin_write().await?;
         let res = api_token::Entity::update_many()
             .col_expr(
                 api_token::Column::RevokedAt,
@@ -118,7 +117,7 @@ impl Store {
             .filter(api_token::Column::OrgId.eq(org_id))
             .filter(api_token::Column::Id.eq(id))
             .filter(api_token::Column::RevokedAt.is_null())
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
         txn.commit().await?;
         Ok(res.rows_affected == 1)

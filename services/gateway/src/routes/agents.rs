@@ -20,8 +20,13 @@ use crate::extract::{JsonBody, QueryParams, path_id};
 /// sorted env), so equal configs hash equally.
 fn canonical(config: &AgentConfig) -> ApiResult<(String, String)> {
     let json = serde_json::to_string(config).map_err(|e| ApiError::internal(&e))?;
-    let hash = hex::encode(Sha256::digest(json.as_bytes()));
+    let hash = config_hash(&json);
     Ok((json, hash))
+}
+
+/// Hash of a config's canonical JSON.
+pub fn config_hash(json: &str) -> String {
+    hex::encode(Sha256::digest(json.as_bytes()))
 }
 
 /// List agents

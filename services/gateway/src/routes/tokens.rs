@@ -112,6 +112,7 @@ pub async fn revoke(
         .revoke_token(&caller.org_id, &id, Timestamp::now().micros())
         .await?
     {
+        state.tokens.forget(&id);
         tracing::info!(token_id = %id, by = %caller.token_id, "token revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {

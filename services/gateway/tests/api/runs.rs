@@ -437,7 +437,45 @@ async fn logs_and_metrics(db: Db) {
     assert_eq!(page["pagination"]["hasMore"], true);
 }
 
+async fn concurrent_creates_are_all_stored(db: Db) {
+    let gw = TestGateway::start(db).await;
+    gw.create_agent("my-agent").await;
+    let n = 120;
+    let creates = (0..n).map(|i| {
+        let (client, url, token) = (gw.client.clone(), gw.url("/v1/runs"), gw.token.clone());
+        async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"agent": "my-agent", "prompt": format!("run {i}")}))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(resp.status(), StatusCode::ACCEPTED);
+            resp.json::<serde_json::Value>().await.expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        }
+    });
+    let ids: std::collections::HashSet<String> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ids.len(), n);
+    let listed = gw.walk("/v1/runs", 100).await;
+    assert_eq!(listed.len(), n);
+    for id in ids.iter().take(10) {
+        let (status, run) = gw.get(&format!("/v1/runs/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(run["status"], "pending");
+        let events = gw.store.events_after(id, 0, 10).await.expect("events");
+        assert_eq!(events.len(), 1, "each run has its first status event");
+    }
+}
+
 crate::on_both_databases!(
+    concurrent_creates_are_all_stored,
     create_get_list_cancel,
     create_run_errors,
     secrets_are_never_returned_or_stored,

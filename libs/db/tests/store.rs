@@ -1,0 +1,165 @@
+//! Store behaviour under concurrency, on SQLite and on a real PostgreSQL server.
+
+use vm0_api_types::Timestamp;
+use vm0_db::{CancelOutcome, NewRun, Store, StoreError, UpdateOutcome};
+
+#[derive(Clone, Copy)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+async fn url(db: Db, dir: &std::path::Path) -> String {
+    match db {
+        Db::Sqlite => format!("sqlite://{}", dir.join("t.db").display()),
+        Db::Postgres => {
+            let admin = std::env::var(vm0_db::testing::POSTGRES_URL_VAR)
+                .expect("VM0_TEST_POSTGRES_URL is not set: run scripts/test.sh");
+            let name = format!(
+                "s_{}",
+                vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request)
+                    .trim_start_matches("req_")
+            );
+            vm0_db::testing::create_postgres_database(&admin, &name)
+                .await
+                .expect("create db")
+        }
+    }
+}
+
+async fn store(db: Db, dir: &std::path::Path) -> Store {
+    let store = Store::connect(&url(db, dir).await, 8)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+fn now() -> i64 {
+    Timestamp::now().micros()
+}
+
+async fn migrations_are_idempotent_and_concurrent(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = url(db, dir.path()).await;
+    let a = Store::connect(&url, 2).await.expect("a");
+    let b = Store::connect(&url, 2).await.expect("b");
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.expect("first migrator");
+    rb.expect("second migrator");
+    a.migrate().await.expect("again");
+    a.ping().await.expect("ping");
+}
+
+async fn one_of_many_concurrent_cancels_wins(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = store(db, dir.path()).await;
+    let org = store.ensure_organization("acme", now()).await.expect("org");
+    let (agent, version) = store
+        .create_agent(&org.id, "a", r#"{"command":["true"]}"#, "h", now())
+        .await
+        .expect("agent");
+    let run = store
+        .create_run(NewRun {
+            org_id: org.id.clone(),
+            agent_id: agent.id.clone(),
+            agent_name: agent.name.clone(),
+            agent_version_id: version.id.clone(),
+            session_id: None,
+            prompt: "p".into(),
+            variables: "{}".into(),
+            secret_names: "[]".into(),
+            volumes: "{}".into(),
+            artifact_name: None,
+            artifact_version: None,
+            now: now(),
+        })
+        .await
+        .expect("run");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, org, id) = (store.clone(), org.id.clone(), run.id.clone());
+            tokio::spawn(async move { store.cancel_run(&org, &id, now()).await })
+        })
+        .collect();
+    let mut cancelled = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(CancelOutcome::Cancelled(_)) => cancelled += 1,
+            Ok(CancelOutcome::AlreadyFinished(r)) => assert_eq!(r.status, "cancelled"),
+            Ok(CancelOutcome::NotFound) => panic!("run vanished"),
+            Err(StoreError::Conflict) => {} // lost every retry: allowed, nothing written
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(cancelled, 1, "exactly one cancel wins");
+    let events = store.events_after(&run.id, 0, 100).await.expect("events");
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3], "no holes, no duplicates");
+    assert_eq!(events[2].event_type, "complete");
+}
+
+async fn concurrent_agent_updates_never_share_a_version_number(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = store(db, dir.path()).await;
+    let org = store.ensure_organization("acme", now()).await.expect("org");
+    let (agent, _) = store
+        .create_agent(&org.id, "a", "{}", "h0", now())
+        .await
+        .expect("agent");
+    let tasks: Vec<_> = (1..=8)
+        .map(|i| {
+            let (store, org, id) = (store.clone(), org.id.clone(), agent.id.clone());
+            tokio::spawn(async move {
+                store
+                    .update_agent_config(&org, &id, "{}", &format!("h{i}"), now())
+                    .await
+            })
+        })
+        .collect();
+    let mut new_versions = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(Some(UpdateOutcome::NewVersion(..))) => new_versions += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(StoreError::Conflict) | Err(StoreError::Db(_)) => {} // lost the race
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(new_versions >= 1);
+    let versions = store
+        .list_agent_versions(&org.id, &agent.id, None, 100)
+        .await
+        .expect("versions");
+    assert_eq!(versions.len(), new_versions + 1);
+    let mut numbers: Vec<i64> = versions.iter().map(|v| v.version_number).collect();
+    numbers.sort_unstable();
+    let expected: Vec<i64> = (1..=numbers.len() as i64).collect();
+    assert_eq!(
+        numbers, expected,
+        "version numbers are 1..n without gaps or duplicates"
+    );
+    let current = store
+        .get_agent(&org.id, &agent.id)
+        .await
+        .expect("q")
+        .expect("agent");
+    let newest = versions
+        .iter()
+        .max_by_key(|v| v.version_number)
+        .expect("newest");
+    assert_eq!(current.current_version_id, newest.id);
+}
+
+macro_rules! on_both {
+    ($($name:ident),*) => {
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Db::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Db::Postgres).await } )* }
+    };
+}
+
+on_both!(
+    migrations_are_idempotent_and_concurrent,
+    one_of_many_concurrent_cancels_wins,
+    concurrent_agent_updates_never_share_a_version_number
+);
