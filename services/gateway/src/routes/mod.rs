@@ -22,7 +22,9 @@ pub struct PageRequest {
 impl PageRequest {
     pub fn from_query(q: &QueryParams, scope: &str) -> Result<PageRequest, ApiError> {
         let limit = parse_limit(q.get("limit"))?;
-        let after = match q.get("cursor") {
+        // An empty cursor is the first page: scripts often pass `cursor=$NEXT` with an
+        // empty variable on their first call.
+        let after = match q.get("cursor").filter(|c| !c.is_empty()) {
             None => None,
             Some(raw) => {
                 let c = Cursor::decode(raw, scope)?;

@@ -5,6 +5,7 @@ mod common;
 
 mod agents;
 mod auth;
+mod doc_examples;
 mod events;
 mod http;
 mod pagination;
