@@ -17,6 +17,6 @@ pub mod store;
 pub mod testing;
 
 pub use store::{
-    Backend, CancelOutcome, KeysetAfter, LogFilter, NewLog, NewMetric, NewRun, RunFilter,
-    SortOrder, Store, StoreError, UpdateOutcome,
+    Backend, CancelOutcome, ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun, KeysetAfter,
+    LogFilter, NewLog, NewMetric, NewRun, RunFilter, SortOrder, Store, StoreError, UpdateOutcome,
 };

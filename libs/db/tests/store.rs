@@ -72,6 +72,8 @@ async fn one_of_many_concurrent_cancels_wins(db: Db) {
             volumes: "{}".into(),
             artifact_name: None,
             artifact_version: None,
+            secrets_sealed: None,
+            timeout_seconds: 600,
             now: now(),
         })
         .await
@@ -88,6 +90,7 @@ async fn one_of_many_concurrent_cancels_wins(db: Db) {
             Ok(CancelOutcome::Cancelled(_)) => cancelled += 1,
             Ok(CancelOutcome::AlreadyFinished(r)) => assert_eq!(r.status, "cancelled"),
             Ok(CancelOutcome::NotFound) => panic!("run vanished"),
+            Ok(CancelOutcome::Requested(_)) => panic!("the run is pending, not running"),
             Err(StoreError::Conflict) => {} // lost every retry: allowed, nothing written
             Err(e) => panic!("{e:?}"),
         }

@@ -7,7 +7,7 @@ use vm0_api_types::Timestamp;
 use vm0_api_types::agents::AgentConfig;
 use vm0_api_types::tokens::{display_prefix, is_token};
 use vm0_db::Store;
-use vm0_gateway::{GatewayConfig, auth, open_store, routes};
+use vm0_gateway::{GatewayConfig, auth, routes};
 
 /// Organization that owns what `vm0 dev` creates.
 const DEV_ORG: &str = "default";
@@ -15,29 +15,24 @@ const EXAMPLE_AGENT: &str = "example";
 
 pub async fn run() -> Result<()> {
     let config = GatewayConfig::from_env()?;
-    let store = open_store(&config).await?;
+    let secrets = vm0_gateway::secrets::SecretBox::from_env_or_file(&config.data_dir)?;
+    let gateway = vm0_gateway::Gateway::open(config, secrets).await?;
+    let store = gateway.store.clone();
     let now = Timestamp::now().micros();
     let org = store.ensure_organization(DEV_ORG, now).await?;
     let api_key = bootstrap_key(&store, &org.id).await?;
     ensure_example_agent(&store, &org.id).await?;
 
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
+    let http_addr = gateway.config.http_addr;
+    let listener = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| {
-            format!(
-                "binding {} (set VM0_HTTP_ADDR to use another address)",
-                config.http_addr
-            )
+            format!("binding {http_addr} (set VM0_HTTP_ADDR to use another address)")
         })?;
     let addr = listener.local_addr()?;
-    let data_dir = config.data_dir.display().to_string();
+    let data_dir = gateway.config.data_dir.display().to_string();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(vm0_gateway::serve(
-        store,
-        config,
-        listener,
-        shutdown.clone(),
-    ));
+    let server = tokio::spawn(gateway.serve(listener, None, shutdown.clone()));
 
     println!("vm0 dev is running (data in {data_dir}); Ctrl-C stops it");
     println!("  URL:      http://{addr}");

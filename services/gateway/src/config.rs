@@ -25,8 +25,83 @@ pub struct GatewayConfig {
     /// `VM0_AUTH_CACHE_SECS`: how long a verified token is trusted without asking
     /// the store again, default 5; 0 disables the cache.
     pub auth_cache_ttl: Duration,
-    /// `VM0_SSE_POLL_MS`: how often an open event stream looks for new events, default 250.
+    /// `VM0_SSE_POLL_MS`: how often an open event stream looks for new events
+    /// without NATS (with NATS, new events arrive live), default 250.
     pub sse_poll: Duration,
+    /// Dispatch: everything that needs NATS. `None` serves the API from the store
+    /// alone (runs stay pending).
+    pub dispatch: Option<DispatchConfig>,
+}
+
+/// Settings of the dispatch path: NATS, the gRPC control plane, the reaper.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// `VM0_NATS_URL`, e.g. `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// `VM0_GRPC_ADDR`, default `127.0.0.1:9090`: the control plane for workers.
+    pub grpc_addr: SocketAddr,
+    /// `VM0_WORKER_TOKEN`: the bearer token workers present (required).
+    pub worker_token: String,
+    /// `VM0_HEARTBEAT_INTERVAL_MS`, default 5000: asked of workers.
+    pub heartbeat_interval: Duration,
+    /// `VM0_WORKER_LOST_AFTER_SECS`, default 60: silence after which a worker's runs fail.
+    pub worker_lost_after: Duration,
+    /// `VM0_TIMEOUT_GRACE_SECS`, default 30: past a run's timeout, how long the
+    /// control plane waits for its worker before timing it out itself.
+    pub timeout_grace: Duration,
+    /// `VM0_PENDING_REPUBLISH_SECS`, default 30: a run pending this long has its job
+    /// published again (the first publish may have been lost).
+    pub pending_republish_after: Duration,
+    /// How often the reaper looks (1 s).
+    pub reaper_interval: Duration,
+    /// `VM0_CANCEL_WAIT_MS`, default 3000: how long `POST /cancel` of a running run
+    /// waits for its worker before cancelling it in the store itself.
+    pub cancel_wait: Duration,
+}
+
+impl DispatchConfig {
+    /// Defaults around a NATS URL and a worker token (tests, `vm0 dev`).
+    pub fn new(nats_url: impl Into<String>, worker_token: impl Into<String>) -> DispatchConfig {
+        DispatchConfig {
+            nats_url: nats_url.into(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            worker_token: worker_token.into(),
+            heartbeat_interval: Duration::from_secs(5),
+            worker_lost_after: Duration::from_secs(60),
+            timeout_grace: Duration::from_secs(30),
+            pending_republish_after: Duration::from_secs(30),
+            reaper_interval: Duration::from_secs(1),
+            cancel_wait: Duration::from_secs(3),
+        }
+    }
+
+    fn from_env() -> Result<Option<DispatchConfig>> {
+        let Ok(nats_url) = std::env::var("VM0_NATS_URL") else {
+            return Ok(None);
+        };
+        let worker_token = std::env::var("VM0_WORKER_TOKEN").map_err(|_| {
+            anyhow::anyhow!(
+                "VM0_WORKER_TOKEN must be set when VM0_NATS_URL is (workers present it)"
+            )
+        })?;
+        anyhow::ensure!(
+            worker_token.len() >= 16,
+            "VM0_WORKER_TOKEN must be at least 16 characters"
+        );
+        let mut c = DispatchConfig::new(nats_url, worker_token);
+        c.grpc_addr = env_parse("VM0_GRPC_ADDR", c.grpc_addr)?;
+        c.heartbeat_interval = Duration::from_millis(env_parse("VM0_HEARTBEAT_INTERVAL_MS", 5000)?);
+        c.worker_lost_after = Duration::from_secs(env_parse("VM0_WORKER_LOST_AFTER_SECS", 60)?);
+        c.timeout_grace = Duration::from_secs(env_parse("VM0_TIMEOUT_GRACE_SECS", 30)?);
+        c.pending_republish_after =
+            Duration::from_secs(env_parse("VM0_PENDING_REPUBLISH_SECS", 30)?);
+        c.cancel_wait = Duration::from_millis(env_parse("VM0_CANCEL_WAIT_MS", 3000)?);
+        anyhow::ensure!(
+            c.worker_lost_after > c.heartbeat_interval * 2,
+            "VM0_WORKER_LOST_AFTER_SECS must exceed two heartbeat intervals"
+        );
+        Ok(Some(c))
+    }
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
@@ -85,6 +160,7 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(heartbeat_secs),
             auth_cache_ttl: Duration::from_secs(auth_cache_secs),
             sse_poll: Duration::from_millis(poll_ms),
+            dispatch: DispatchConfig::from_env()?,
         })
     }
 
@@ -99,6 +175,7 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(15),
             auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
+            dispatch: None,
         }
     }
 }

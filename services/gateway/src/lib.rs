@@ -10,16 +10,26 @@
 pub mod auth;
 /// Configuration from the environment.
 pub mod config;
+/// The gRPC control plane workers talk to.
+pub mod control_plane;
+/// Publishing run jobs and the control plane's events.
+pub mod dispatch;
 /// `ApiError`: failures as HTTP responses in the error envelope.
 pub mod error;
 /// Extractors that reject bad input in the error envelope.
 pub mod extract;
 /// The OpenAPI 3.1 document, generated from the handlers and types.
 pub mod openapi;
+/// Stores telemetry from NATS in batches.
+pub mod persister;
+/// Backstops: lost workers, timeouts, pending runs whose job was lost.
+pub mod reaper;
 /// Request ids, per-request spans, common response headers.
 pub mod request_id;
 /// HTTP handlers.
 pub mod routes;
+/// Run secrets sealed at rest.
+pub mod secrets;
 
 use std::sync::Arc;
 
@@ -28,9 +38,11 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use secrets::SecretBox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use vm0_bus::Bus;
 use vm0_db::Store;
 
 pub use config::GatewayConfig;
@@ -46,6 +58,9 @@ pub struct AppState {
     pub tokens: Arc<auth::TokenCache>,
     /// Cancelled at shutdown; long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
+    /// NATS, when dispatch is configured.
+    pub bus: Option<Bus>,
+    pub secrets: SecretBox,
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
@@ -105,21 +120,89 @@ pub async fn open_store(config: &GatewayConfig) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve(
-    store: Store,
-    config: GatewayConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let state = AppState {
-        store,
-        tokens: Arc::new(auth::TokenCache::new(config.auth_cache_ttl)),
-        config: Arc::new(config),
-        shutdown: shutdown.clone(),
-    };
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+/// Everything a gateway process serves from.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub store: Store,
+    pub bus: Option<Bus>,
+    pub secrets: SecretBox,
+}
+
+impl Gateway {
+    /// Opens the store (migrating it), connects to NATS when dispatch is configured
+    /// (creating the streams), and loads the secrets key.
+    pub async fn open(config: GatewayConfig, secrets: SecretBox) -> anyhow::Result<Gateway> {
+        use anyhow::Context;
+        let store = open_store(&config).await?;
+        let bus = match &config.dispatch {
+            Some(d) => {
+                let bus = Bus::connect(&d.nats_url, "vm0-gateway").await?;
+                bus.ensure_streams()
+                    .await
+                    .context("creating JetStream streams")?;
+                Some(bus)
+            }
+            None => None,
+        };
+        Ok(Gateway {
+            config,
+            store,
+            bus,
+            secrets,
+        })
+    }
+
+    /// Serves the API on `http` (and the control plane on `grpc` when dispatch is
+    /// configured) until `shutdown` is cancelled; then drains and returns.
+    pub async fn serve(
+        self,
+        http: TcpListener,
+        grpc: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let dispatch = self.config.dispatch.clone().map(Arc::new);
+        let state = AppState {
+            store: self.store.clone(),
+            tokens: Arc::new(auth::TokenCache::new(self.config.auth_cache_ttl)),
+            config: Arc::new(self.config),
+            shutdown: shutdown.clone(),
+            bus: self.bus.clone(),
+            secrets: self.secrets.clone(),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(bus), Some(dispatch)) = (self.bus, dispatch) {
+            tasks.spawn(persister::run(
+                self.store.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(reaper::run(
+                self.store.clone(),
+                bus.clone(),
+                dispatch.clone(),
+                shutdown.clone(),
+            ));
+            if let Some(grpc) = grpc {
+                let svc = control_plane::server(self.store.clone(), bus, self.secrets, dispatch);
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    let incoming = tonic::transport::server::TcpIncoming::from(grpc);
+                    let served = tonic::transport::Server::builder()
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "control plane server failed");
+                    }
+                });
+            }
+        }
+        let served = axum::serve(http, app(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        served?;
+        Ok(())
+    }
 }

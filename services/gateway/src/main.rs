@@ -95,15 +95,29 @@ async fn main() -> Result<()> {
 }
 
 async fn serve(config: GatewayConfig) -> Result<()> {
-    let store = open_store(&config).await?;
+    let secrets = vm0_gateway::secrets::SecretBox::from_env_or_file(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
+    let grpc = match &config.dispatch {
+        Some(d) => Some(
+            tokio::net::TcpListener::bind(d.grpc_addr)
+                .await
+                .with_context(|| format!("binding {}", d.grpc_addr))?,
+        ),
+        None => {
+            tracing::warn!(
+                "VM0_NATS_URL is not set: runs are stored but not dispatched to workers"
+            );
+            None
+        }
+    };
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %vm0_db::store::redact_url(&config.database_url), "gateway listening");
+    let gateway = vm0_gateway::Gateway::open(config, secrets).await?;
+    tracing::info!(%addr, database = %vm0_db::store::redact_url(&gateway.config.database_url), "gateway listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
-    vm0_gateway::serve(store, config, listener, shutdown).await?;
+    gateway.serve(listener, grpc, shutdown).await?;
     tracing::info!("gateway stopped");
     Ok(())
 }

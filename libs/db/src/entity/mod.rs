@@ -14,3 +14,4 @@ pub mod run_metric;
 pub mod session;
 pub mod storage;
 pub mod storage_version;
+pub mod worker;

@@ -32,6 +32,13 @@ pub struct Model {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
+    /// Set when a cancel of the running run was requested; the worker finishes it.
+    pub cancel_requested_at: Option<i64>,
+    /// The run's secrets, sealed (see the gateway's `secrets` module); erased when
+    /// the run ends.
+    pub secrets_sealed: Option<String>,
+    /// The agent version's `timeoutSeconds`, copied for the control plane's backstop.
+    pub timeout_seconds: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,6 +7,8 @@ pub struct Model {
     pub id: i64,
     pub run_id: String,
     pub ts: i64,
+    /// Unique per run when set: a redelivered message is stored once.
+    pub dedupe_key: Option<String>,
     pub log_type: String,
     pub level: String,
     pub message: String,

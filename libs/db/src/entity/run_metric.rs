@@ -7,6 +7,8 @@ pub struct Model {
     pub id: i64,
     pub run_id: String,
     pub ts: i64,
+    /// Unique per run when set: a redelivered message is stored once.
+    pub dedupe_key: Option<String>,
     pub cpu_percent: f64,
     pub memory_used_bytes: i64,
     pub memory_total_bytes: i64,

@@ -6,6 +6,7 @@
 //! skips or repeats a row, even when rows are inserted meanwhile.
 
 mod agents;
+mod dispatch;
 mod run_batch;
 mod runs;
 mod telemetry;
@@ -25,6 +26,7 @@ pub use runs::{CancelOutcome, NewRun, RunFilter};
 pub use telemetry::{LogFilter, MetricAggregate, NewLog, NewMetric};
 
 pub use agents::UpdateOutcome;
+pub use dispatch::{ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun};
 
 use crate::migration::Migrator;
 

@@ -100,6 +100,7 @@ async fn insert_batch(store: &Store, batch: &[PendingRun]) -> Result<(), StoreEr
         level: Set(LogLevel::Info.as_str().to_owned()),
         message: Set("run queued".to_owned()),
         metadata: Set("{}".to_owned()),
+        dedupe_key: Set(None),
         ..Default::default()
     }))
     .exec_without_returning(&*txn)

@@ -26,6 +26,9 @@ pub struct NewRun {
     pub volumes: String,
     pub artifact_name: Option<String>,
     pub artifact_version: Option<String>,
+    /// Sealed secrets, opened by the control plane when a worker claims the run.
+    pub secrets_sealed: Option<String>,
+    pub timeout_seconds: i64,
     pub now: i64,
 }
 
@@ -42,6 +45,8 @@ pub struct RunFilter {
 #[derive(Debug, Clone)]
 pub enum CancelOutcome {
     Cancelled(run::Model),
+    /// The run is running: the request is recorded and its worker must stop it.
+    Requested(run::Model),
     /// The run had already ended; carries it as it is.
     AlreadyFinished(run::Model),
     NotFound,
@@ -71,6 +76,7 @@ fn system_log(run_id: &str, now: i64, level: LogLevel, message: &str) -> run_log
         level: Set(level.as_str().to_owned()),
         message: Set(message.to_owned()),
         metadata: Set("{}".to_owned()),
+        dedupe_key: Set(None),
         ..Default::default()
     }
 }
@@ -107,6 +113,9 @@ impl Store {
             created_at: new.now,
             started_at: None,
             completed_at: None,
+            cancel_requested_at: None,
+            secrets_sealed: new.secrets_sealed,
+            timeout_seconds: new.timeout_seconds,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
         let pending = super::run_batch::PendingRun {
@@ -165,8 +174,9 @@ impl Store {
             .await?)
     }
 
-    /// Cancels a `pending` or `running` run: status `cancelled`, then `status` and
-    /// `complete` events. A compare-and-set on (status, last event) makes concurrent
+    /// Cancels a `pending` run at once: status `cancelled`, then `status` and
+    /// `complete` events. For a `running` run it records the request
+    /// ([`CancelOutcome::Requested`]); the worker ends the run. A compare-and-set on (status, last event) makes concurrent
     /// cancels and status changes safe: exactly one transition wins.
     pub async fn cancel_run(
         &self,
@@ -182,6 +192,17 @@ impl Store {
             let status = crate::convert::run_status(&current.status)?;
             if status.is_terminal() {
                 return Ok(CancelOutcome::AlreadyFinished(current));
+            }
+            if status == RunStatus::Running {
+                if current.cancel_requested_at.is_none() {
+                    run::Entity::update_many()
+                        .col_expr(run::Column::CancelRequestedAt, Expr::value(now))
+                        .filter(run::Column::Id.eq(id))
+                        .filter(run::Column::CancelRequestedAt.is_null())
+                        .exec(self.conn())
+                        .await?;
+                }
+                return Ok(CancelOutcome::Requested(current));
             }
             let execution_ms = current.started_at.map(|s| (now - s).max(0) / 1000);
             let seq = current.last_event_seq;

@@ -142,6 +142,8 @@ impl Store {
 /// A log line to append.
 #[derive(Debug, Clone)]
 pub struct NewLog {
+    /// Unique per run when set (dedupes redelivered telemetry).
+    pub key: Option<String>,
     pub ts: i64,
     pub log_type: LogType,
     pub level: LogLevel,
@@ -152,6 +154,8 @@ pub struct NewLog {
 /// A resource sample to append.
 #[derive(Debug, Clone, Default)]
 pub struct NewMetric {
+    /// Unique per run when set (dedupes redelivered telemetry).
+    pub key: Option<String>,
     pub ts: i64,
     pub cpu_percent: f64,
     pub memory_used_bytes: i64,
@@ -177,6 +181,7 @@ impl Store {
             let rows = chunk.iter().map(|l| run_log::ActiveModel {
                 run_id: Set(run_id.to_owned()),
                 ts: Set(l.ts),
+                dedupe_key: Set(l.key.clone()),
                 log_type: Set(l.log_type.as_str().to_owned()),
                 level: Set(l.level.as_str().to_owned()),
                 message: Set(l.message.clone()),
@@ -206,6 +211,7 @@ impl Store {
             let rows = chunk.iter().map(|m| run_metric::ActiveModel {
                 run_id: Set(run_id.to_owned()),
                 ts: Set(m.ts),
+                dedupe_key: Set(m.key.clone()),
                 cpu_percent: Set(m.cpu_percent),
                 memory_used_bytes: Set(m.memory_used_bytes),
                 memory_total_bytes: Set(m.memory_total_bytes),

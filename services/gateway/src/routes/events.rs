@@ -5,16 +5,19 @@
 //! ends right after `complete`. Each event's `id:` is `evt_<seq>`, the per-run
 //! sequence number, so a resumed stream gets exactly the events it missed.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vm0_api_types::runs::{RunEventType, event_id, parse_event_id};
 use vm0_api_types::{ErrorEnvelope, Timestamp};
+use vm0_bus::Telemetry;
 use vm0_db::convert::{self, StoredEvent};
 
 use super::runs::load;
@@ -25,6 +28,11 @@ use crate::extract::QueryParams;
 
 /// Events fetched per store query while replaying.
 const REPLAY_BATCH: u64 = 500;
+/// With live events from NATS, the store is still read this often, in case a
+/// live message was lost.
+const LIVE_FALLBACK_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How soon to look in the store again when an event is missing before ones we hold.
+const GAP_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn resume_position(headers: &HeaderMap, q: &QueryParams) -> ApiResult<i64> {
     let (param, raw) = match headers.get("last-event-id") {
@@ -88,50 +96,77 @@ fn heartbeat() -> Event {
         .data(serde_json::json!({"timestamp": Timestamp::now()}).to_string())
 }
 
-/// Sends stored events after `after` until `complete` has been sent or the client
-/// goes away.
+/// Sends the run's events after `after`, in sequence order with no gap and no
+/// duplicate, until `complete` has been sent or the client goes away.
+///
+/// Two sources feed it: the store (replay, and whenever a gap must be filled) and,
+/// with NATS, the run's live subjects, subscribed to *before* the first store read
+/// so nothing published meanwhile is missed. Events are emitted strictly in order:
+/// one that arrives early waits in `ahead` until those before it are known.
 async fn pump(
     state: &AppState,
     org_id: &str,
     run_id: &str,
-    mut after: i64,
+    after: i64,
     tx: &mpsc::Sender<Result<Event, Infallible>>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut live = match &state.bus {
+        Some(bus) => Some(bus.subscribe_run(run_id).await?),
+        None => None,
+    };
+    let idle_poll = if live.is_some() {
+        LIVE_FALLBACK_POLL
+    } else {
+        state.config.sse_poll
+    };
+    let mut next = after + 1;
+    let mut ahead: BTreeMap<i64, StoredEvent> = BTreeMap::new();
     let mut heartbeat_tick = tokio::time::interval(state.config.sse_heartbeat);
     heartbeat_tick.reset(); // the first tick would fire at once
+    let mut read_store = true;
     loop {
-        let batch = state
-            .store
-            .events_after(run_id, after, REPLAY_BATCH)
-            .await?;
-        let got = batch.len() as u64;
-        for row in &batch {
-            let event = convert::run_event(row)?;
-            if tx.send(Ok(sse_event(&event))).await.is_err() {
-                return Ok(()); // client gone
-            }
-            after = event.seq;
-            if event.event_type == RunEventType::Complete {
-                return Ok(());
-            }
-        }
-        if got == REPLAY_BATCH {
-            continue; // more to replay
-        }
-        if got == 0 {
-            // Nothing new: a finished run whose `complete` the client already has
-            // ends here; otherwise wait.
-            let run = state.store.get_run(org_id, run_id).await?;
-            let finished = match &run {
-                None => true,
-                Some(r) => {
-                    convert::run_status(&r.status)?.is_terminal() && r.last_event_seq <= after
+        if read_store {
+            read_store = false;
+            loop {
+                let batch = state
+                    .store
+                    .events_after(run_id, next - 1, REPLAY_BATCH)
+                    .await?;
+                let full = batch.len() as u64 == REPLAY_BATCH;
+                for row in &batch {
+                    let event = convert::run_event(row)?;
+                    ahead.insert(event.seq, event);
                 }
-            };
-            if finished {
-                return Ok(());
+                if !full {
+                    break;
+                }
+                if emit_ready(&mut ahead, &mut next, tx).await? == Flow::Stop {
+                    return Ok(());
+                }
+            }
+            if ahead.is_empty() {
+                // Nothing new: a finished run whose `complete` the client already has
+                // ends here.
+                let finished = match state.store.get_run(org_id, run_id).await? {
+                    None => true,
+                    Some(r) => {
+                        convert::run_status(&r.status)?.is_terminal() && r.last_event_seq < next
+                    }
+                };
+                if finished {
+                    return Ok(());
+                }
             }
         }
+        if emit_ready(&mut ahead, &mut next, tx).await? == Flow::Stop {
+            return Ok(());
+        }
+        // Something is missing before what we hold: look in the store again soon.
+        let wait = if ahead.is_empty() {
+            idle_poll
+        } else {
+            GAP_POLL
+        };
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => return Ok(()),
@@ -140,7 +175,49 @@ async fn pump(
                     return Ok(());
                 }
             }
-            _ = tokio::time::sleep(state.config.sse_poll) => {}
+            msg = next_live(&mut live) => match msg {
+                Some(msg) => {
+                    if let Ok(Telemetry::Event { seq, event, data, .. }) = Telemetry::decode(&msg.payload)
+                        && seq >= next
+                    {
+                        ahead.insert(seq, StoredEvent { seq, event_type: event, data });
+                    }
+                }
+                None => live = None,
+            },
+            _ = tokio::time::sleep(wait) => read_store = true,
         }
+    }
+}
+
+#[derive(PartialEq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Emits the events of `ahead` that continue the sequence; drops stale ones.
+async fn emit_ready(
+    ahead: &mut BTreeMap<i64, StoredEvent>,
+    next: &mut i64,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<Flow, Box<dyn std::error::Error + Send + Sync>> {
+    ahead.retain(|seq, _| *seq >= *next);
+    while let Some(event) = ahead.remove(next) {
+        if tx.send(Ok(sse_event(&event))).await.is_err() {
+            return Ok(Flow::Stop); // client gone
+        }
+        *next += 1;
+        if event.event_type == RunEventType::Complete {
+            return Ok(Flow::Stop);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+async fn next_live(live: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match live.as_mut() {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
     }
 }

@@ -277,13 +277,19 @@ pub async fn create(
         (None, Some(inherited)) => inherited,
         (None, None) => "{}".to_owned(),
     };
-    // Secret values go no further than this handler until workers can receive them
-    // sealed; only their names are kept.
+    // Secrets are stored sealed (opened only for the worker that claims the run) and
+    // listed by name.
     let secret_names: Vec<&String> = req
         .secrets
         .as_ref()
         .map(|s| s.0.keys().collect())
         .unwrap_or_default();
+    let secrets_sealed = req
+        .secrets
+        .as_ref()
+        .filter(|s| !s.0.is_empty())
+        .map(|s| state.secrets.seal(&s.0));
+    let config = convert::agent_config(&target.version)?;
     let new = NewRun {
         org_id: caller.org_id.clone(),
         agent_id: target.agent.id.clone(),
@@ -296,10 +302,17 @@ pub async fn create(
         volumes: serde_json::to_string(&volumes).map_err(|e| ApiError::internal(&e))?,
         artifact_name: req.artifact_name.clone(),
         artifact_version,
+        secrets_sealed,
+        timeout_seconds: i64::try_from(config.timeout_seconds).unwrap_or(i64::MAX),
         now: Timestamp::now().micros(),
     };
     let run = state.store.create_run(new).await?;
     tracing::info!(run_id = %run.id, agent_id = %run.agent_id, "run created");
+    if let Some(bus) = state.bus.clone() {
+        let job =
+            crate::dispatch::job_for(&run, config.resources.vcpus, config.resources.memory_mb);
+        tokio::spawn(async move { crate::dispatch::publish_job(&bus, job).await });
+    }
     Ok((StatusCode::ACCEPTED, Json(convert::run(&run)?)))
 }
 
@@ -349,10 +362,67 @@ pub async fn cancel(
             tracing::info!(run_id = %run.id, "run cancelled");
             Ok(Json(convert::run(&run)?))
         }
+        CancelOutcome::Requested(run) => {
+            Ok(Json(convert::run(&cancel_running(&state, run).await?)?))
+        }
         CancelOutcome::AlreadyFinished(run) => Err(ApiError::invalid_state(format!(
             "Run '{id}' is {}; only pending and running runs can be cancelled",
             run.status
         ))),
         CancelOutcome::NotFound => Err(ApiError::not_found("run", &id, None)),
     }
+}
+
+/// Cancel of a running run: tell its worker, wait for it to report `cancelled`, and
+/// if it does not within `cancel_wait`, end the run in the store (the worker's late
+/// finish is then refused, and its next heartbeat tells it to stop).
+async fn cancel_running(
+    state: &AppState,
+    run: vm0_db::entity::run::Model,
+) -> ApiResult<vm0_db::entity::run::Model> {
+    let (Some(bus), Some(dispatch)) = (&state.bus, &state.config.dispatch) else {
+        return force_cancel(state, run).await;
+    };
+    if let Err(e) = bus.publish_cancel(&run.id).await {
+        tracing::warn!(run_id = %run.id, error = %crate::error::ErrorChain(&e), "cancel publish failed");
+    }
+    let deadline = tokio::time::Instant::now() + dispatch.cancel_wait;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if let Some(now) = state.store.get_run(&run.org_id, &run.id).await?
+            && convert::run_status(&now.status)?.is_terminal()
+        {
+            return Ok(now);
+        }
+    }
+    force_cancel(state, run).await
+}
+
+async fn force_cancel(
+    state: &AppState,
+    run: vm0_db::entity::run::Model,
+) -> ApiResult<vm0_db::entity::run::Model> {
+    let now = Timestamp::now().micros();
+    let finish = vm0_db::FinishRun {
+        run_id: run.id.clone(),
+        attempt: run.attempt,
+        worker_id: None,
+        status: RunStatus::Cancelled,
+        exit_code: None,
+        error: Some("cancelled by user".into()),
+        execution_time_ms: run.started_at.map(|s| (now - s).max(0) / 1000),
+        last_worker_seq: 0,
+        log: "run cancelled by user (the worker did not confirm in time)".into(),
+        now,
+    };
+    if let vm0_db::FinishOutcome::Finished { events, .. } = state.store.finish_run(finish).await?
+        && let Some(bus) = &state.bus
+    {
+        crate::dispatch::publish_events(bus, &events).await;
+    }
+    state
+        .store
+        .get_run(&run.org_id, &run.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run", &run.id, None))
 }

@@ -101,18 +101,16 @@ impl TestGateway {
         let mut config = GatewayConfig::for_database(database_url(db, dir.path()).await);
         config.data_dir = dir.path().to_owned();
         tweak(&mut config);
-        let store = vm0_gateway::open_store(&config).await.expect("open store");
+        let gateway = vm0_gateway::Gateway::open(config, vm0_gateway::secrets::SecretBox::random())
+            .await
+            .expect("open gateway");
+        let store = gateway.store.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
-        tokio::spawn(vm0_gateway::serve(
-            store.clone(),
-            config,
-            listener,
-            shutdown.clone(),
-        ));
+        tokio::spawn(gateway.serve(listener, None, shutdown.clone()));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()

@@ -304,6 +304,7 @@ async fn logs_and_metrics(db: Db) {
         .micros();
     let logs: Vec<NewLog> = (0..45)
         .map(|i| NewLog {
+            key: None,
             ts: base + i * 1_000_000,
             log_type: if i % 3 == 0 {
                 LogType::System
@@ -388,6 +389,7 @@ async fn logs_and_metrics(db: Db) {
     let mb = 1024 * 1024;
     let samples: Vec<NewMetric> = (0..5)
         .map(|i| NewMetric {
+            key: None,
             ts: base + i * 2_000_000,
             cpu_percent: 10.0 * (i + 1) as f64,
             memory_used_bytes: (100 + i * 100) * mb,

@@ -1,0 +1,243 @@
+//! Everything that crosses NATS: the connection, the two JetStream streams, their
+//! consumers, subject names and message encodings. Services use this crate and
+//! never spell a subject or a stream name themselves.
+//!
+//! - `RUN_JOBS` (work queue, subject `jobs.run`): protobuf [`RunJob`]s from gateways
+//!   to workers, `Nats-Msg-Id` = run id so a duplicate publish is dropped.
+//! - `RUN_TELEMETRY` (limits retention, subjects `runs.*.{output,logs,metrics,status}`):
+//!   JSON [`Telemetry`] from workers and the control plane; the gateways' persister
+//!   stores it, SSE handlers follow it live.
+//! - `runs.<id>.cancel` (core NATS, not stored): cancel requests to the owning worker.
+
+/// Subject names.
+pub mod subjects;
+/// The telemetry messages (JSON).
+pub mod telemetry;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use prost::Message;
+pub use vm0_proto::worker::RunJob;
+
+pub use telemetry::Telemetry;
+
+pub const JOBS_STREAM: &str = "RUN_JOBS";
+pub const TELEMETRY_STREAM: &str = "RUN_TELEMETRY";
+/// The durable consumer all workers pull jobs from.
+pub const WORKERS_CONSUMER: &str = "workers";
+/// The durable consumer all gateways' persisters pull telemetry from.
+pub const PERSISTER_CONSUMER: &str = "persister";
+
+/// How long a pulled job stays invisible to other workers without an ack or a
+/// progress ack; workers send progress acks while a run lives.
+pub const JOB_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries of a job before JetStream gives up on it (the gateway's sweeper
+/// republishes runs that stay pending).
+pub const JOB_MAX_DELIVER: i64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+    #[error("publish to {subject} failed: {message}")]
+    Publish { subject: String, message: String },
+    #[error("undecodable message on {subject}: {message}")]
+    Decode { subject: String, message: String },
+}
+
+fn js_err(e: impl std::fmt::Display) -> BusError {
+    BusError::JetStream(e.to_string())
+}
+
+/// A NATS connection with JetStream.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects (retrying in the background if the server goes away later).
+    pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        // Wait briefly for the first connection so that callers fail fast on a typo.
+        for _ in 0..100 {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let js = jetstream::new(client.clone());
+        Ok(Bus { client, js })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Creates the streams if missing (idempotent; every process calls it at start).
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: JOBS_STREAM.into(),
+                subjects: vec![subjects::JOBS.into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                max_age: Duration::from_secs(7 * 86_400),
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: TELEMETRY_STREAM.into(),
+                subjects: subjects::TELEMETRY_WILDCARDS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(7 * 86_400),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
+        Ok(())
+    }
+
+    /// Publishes a job and waits for JetStream to store it. Publishing the same run
+    /// twice within two minutes stores it once.
+    pub async fn publish_job(&self, job: &RunJob) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", job.run_id.as_str());
+        let err = |e: &dyn std::fmt::Display| BusError::Publish {
+            subject: subjects::JOBS.into(),
+            message: e.to_string(),
+        };
+        self.js
+            .publish_with_headers(subjects::JOBS, headers, job.encode_to_vec().into())
+            .await
+            .map_err(|e| err(&e))?
+            .await
+            .map_err(|e| err(&e))?;
+        Ok(())
+    }
+
+    /// The durable pull consumer workers share. Each worker fetches at most as many
+    /// jobs as it has free slots, which is what bounds its in-flight jobs.
+    pub async fn jobs_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self.js.get_stream(JOBS_STREAM).await.map_err(js_err)?;
+        stream
+            .get_or_create_consumer(
+                WORKERS_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(WORKERS_CONSUMER.into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: JOB_ACK_WAIT,
+                    max_deliver: JOB_MAX_DELIVER,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(js_err)
+    }
+
+    /// The durable pull consumer the gateways' persisters share.
+    pub async fn persister_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self.js.get_stream(TELEMETRY_STREAM).await.map_err(js_err)?;
+        stream
+            .get_or_create_consumer(
+                PERSISTER_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(PERSISTER_CONSUMER.into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(js_err)
+    }
+
+    /// Publishes telemetry of a run to its JetStream subject and waits for the ack.
+    pub async fn publish_telemetry(&self, run_id: &str, msg: &Telemetry) -> Result<(), BusError> {
+        let subject = subjects::telemetry(run_id, msg.channel());
+        let payload = serde_json::to_vec(msg).map_err(|e| BusError::Publish {
+            subject: subject.clone(),
+            message: e.to_string(),
+        })?;
+        let ack = self
+            .js
+            .publish(subject.clone(), payload.into())
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                message: e.to_string(),
+            })?;
+        ack.await.map_err(|e| BusError::Publish {
+            subject,
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Asks the worker running `run_id` to cancel it (fire and forget; the heartbeat
+    /// answer repeats it).
+    pub async fn publish_cancel(&self, run_id: &str) -> Result<(), BusError> {
+        self.client
+            .publish(subjects::cancel(run_id), bytes::Bytes::new())
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subjects::cancel(run_id),
+                message: e.to_string(),
+            })
+    }
+
+    /// Live telemetry of one run (core subscription; replay comes from the store).
+    pub async fn subscribe_run(&self, run_id: &str) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(subjects::run_all(run_id))
+            .await
+            .map_err(js_err)
+    }
+
+    /// Cancel requests for one run.
+    pub async fn subscribe_cancel(&self, run_id: &str) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(subjects::cancel(run_id))
+            .await
+            .map_err(js_err)
+    }
+}
+
+/// Decodes a job pulled from `RUN_JOBS`.
+pub fn decode_job(payload: &[u8]) -> Result<RunJob, BusError> {
+    RunJob::decode(payload).map_err(|e| BusError::Decode {
+        subject: subjects::JOBS.into(),
+        message: e.to_string(),
+    })
+}

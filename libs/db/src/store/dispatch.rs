@@ -1,0 +1,505 @@
+//! What the control plane writes: workers, claims (the fence), finishes, and the
+//! telemetry the persister stores.
+//!
+//! Event sequence numbers: the control plane numbers the events it writes
+//! (`status`, `complete`) from `runs.last_event_seq`; a claim reserves the numbers
+//! after its `running` event for the worker, which numbers its own events
+//! (`output`, `error`) from `next_event_seq`. A finish continues after the larger of
+//! the worker's last number and anything stored, so `complete` is always last.
+
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use vm0_api_types::runs::{LogLevel, LogType, RunEventType, RunStatus};
+
+use super::telemetry::{NewLog, NewMetric};
+use super::{Store, StoreError, unique_or};
+use crate::entity::{run, run_event, run_log, run_metric, worker};
+
+/// A run a worker now owns.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub run: run::Model,
+    pub attempt: i32,
+    /// First sequence number the worker may use for its events.
+    pub next_event_seq: i64,
+    /// Events the claim wrote (to publish live).
+    pub events: Vec<run_event::Model>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    Claimed(Box<ClaimedRun>),
+    /// Running under another claim, or already ended.
+    AlreadyClaimed,
+    /// Cancelled while pending.
+    Cancelled,
+    NotFound,
+}
+
+/// How a run ends.
+#[derive(Debug, Clone)]
+pub struct FinishRun {
+    pub run_id: String,
+    /// The claim's attempt; a finish with another attempt is stale.
+    pub attempt: i32,
+    /// When set, the run must be owned by this worker.
+    pub worker_id: Option<String>,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub execution_time_ms: Option<i64>,
+    /// The worker's last event number (0 when unknown).
+    pub last_worker_seq: i64,
+    /// A system log line saying why.
+    pub log: String,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum FinishOutcome {
+    Finished {
+        run: Box<run::Model>,
+        events: Vec<run_event::Model>,
+    },
+    /// Not running with that attempt (and owner): nothing was written.
+    Stale,
+}
+
+fn event(
+    run_id: &str,
+    seq: i64,
+    kind: RunEventType,
+    data: serde_json::Value,
+    now: i64,
+) -> run_event::Model {
+    run_event::Model {
+        run_id: run_id.to_owned(),
+        seq,
+        event_type: kind.as_str().to_owned(),
+        data: data.to_string(),
+        created_at: now,
+    }
+}
+
+fn system_log(run_id: &str, now: i64, level: LogLevel, message: String) -> run_log::ActiveModel {
+    run_log::ActiveModel {
+        run_id: Set(run_id.to_owned()),
+        ts: Set(now),
+        dedupe_key: Set(None),
+        log_type: Set(LogType::System.as_str().to_owned()),
+        level: Set(level.as_str().to_owned()),
+        message: Set(message),
+        metadata: Set("{}".to_owned()),
+        ..Default::default()
+    }
+}
+
+impl Store {
+    /// Registers (or re-registers) a worker.
+    pub async fn register_worker(
+        &self,
+        id: &str,
+        hostname: &str,
+        sandbox: &str,
+        capacity: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        let existing = worker::Entity::find_by_id(id.to_owned()).one(&*txn).await?;
+        let row = worker::ActiveModel {
+            id: Set(id.to_owned()),
+            hostname: Set(hostname.to_owned()),
+            sandbox: Set(sandbox.to_owned()),
+            capacity: Set(capacity.to_owned()),
+            free: Set(capacity.to_owned()),
+            registered_at: Set(now),
+            last_heartbeat_at: Set(now),
+        };
+        if existing.is_some() {
+            row.update(&*txn).await?;
+        } else {
+            row.insert(&*txn)
+                .await
+                .map_err(|e| unique_or(e, || StoreError::Conflict))?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records a heartbeat; false when the worker is unknown (it must register).
+    pub async fn heartbeat_worker(
+        &self,
+        id: &str,
+        free: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let res = worker::Entity::update_many()
+            .col_expr(worker::Column::LastHeartbeatAt, Expr::value(now))
+            .col_expr(worker::Column::Free, Expr::value(free))
+            .filter(worker::Column::Id.eq(id))
+            .exec(self.conn())
+            .await?;
+        Ok(res.rows_affected == 1)
+    }
+
+    pub async fn get_worker(&self, id: &str) -> Result<Option<worker::Model>, StoreError> {
+        Ok(worker::Entity::find_by_id(id.to_owned())
+            .one(self.conn())
+            .await?)
+    }
+
+    /// A run by id, whatever its organization (control plane only).
+    pub async fn get_run_by_id(&self, id: &str) -> Result<Option<run::Model>, StoreError> {
+        Ok(run::Entity::find_by_id(id.to_owned())
+            .one(self.conn())
+            .await?)
+    }
+
+    /// An agent version by id, whatever its organization (control plane only).
+    pub async fn get_agent_version_by_id(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::entity::agent_version::Model>, StoreError> {
+        Ok(
+            crate::entity::agent_version::Entity::find_by_id(id.to_owned())
+                .one(self.conn())
+                .await?,
+        )
+    }
+
+    /// `pending → running` for `worker_id`, atomically: of concurrent claims exactly
+    /// one wins. Writes the `running` status event and a system log line.
+    pub async fn claim_run(
+        &self,
+        run_id: &str,
+        worker_id: &str,
+        now: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let txn = self.begin_write().await?;
+        let Some(current) = run::Entity::find_by_id(run_id.to_owned())
+            .one(&*txn)
+            .await?
+        else {
+            return Ok(ClaimOutcome::NotFound);
+        };
+        match crate::convert::run_status(&current.status)? {
+            RunStatus::Pending => {}
+            RunStatus::Cancelled if current.started_at.is_none() => {
+                return Ok(ClaimOutcome::Cancelled);
+            }
+            _ => return Ok(ClaimOutcome::AlreadyClaimed),
+        }
+        let attempt = current.attempt + 1;
+        let seq = current.last_event_seq + 1;
+        let res = run::Entity::update_many()
+            .col_expr(
+                run::Column::Status,
+                Expr::value(RunStatus::Running.as_str()),
+            )
+            .col_expr(run::Column::Attempt, Expr::value(attempt))
+            .col_expr(run::Column::WorkerId, Expr::value(worker_id))
+            .col_expr(run::Column::StartedAt, Expr::value(now))
+            .col_expr(run::Column::LastEventSeq, Expr::value(seq))
+            .filter(run::Column::Id.eq(run_id))
+            .filter(run::Column::Status.eq(RunStatus::Pending.as_str()))
+            .filter(run::Column::Attempt.eq(current.attempt))
+            .exec(&*txn)
+            .await?;
+        if res.rows_affected != 1 {
+            return Ok(ClaimOutcome::AlreadyClaimed);
+        }
+        let running = event(
+            run_id,
+            seq,
+            RunEventType::Status,
+            serde_json::json!({"status": "running"}),
+            now,
+        );
+        run_event::Entity::insert(run_event::ActiveModel::from(running.clone()))
+            .exec_without_returning(&*txn)
+            .await?;
+        system_log(
+            run_id,
+            now,
+            LogLevel::Info,
+            format!("claimed by worker {worker_id} (attempt {attempt})"),
+        )
+        .insert(&*txn)
+        .await?;
+        txn.commit().await?;
+        let run = run::Model {
+            status: RunStatus::Running.as_str().to_owned(),
+            attempt,
+            worker_id: Some(worker_id.to_owned()),
+            started_at: Some(now),
+            last_event_seq: seq,
+            ..current
+        };
+        Ok(ClaimOutcome::Claimed(Box::new(ClaimedRun {
+            run,
+            attempt,
+            next_event_seq: seq + 1,
+            events: vec![running],
+        })))
+    }
+
+    /// Fails a pending run that no worker can take (e.g. it asks for more than any
+    /// worker has).
+    pub async fn reject_pending_run(
+        &self,
+        run_id: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<FinishOutcome, StoreError> {
+        let Some(current) = self.get_run_by_id(run_id).await? else {
+            return Ok(FinishOutcome::Stale);
+        };
+        if current.status != RunStatus::Pending.as_str() {
+            return Ok(FinishOutcome::Stale);
+        }
+        self.end_run(
+            current,
+            RunStatus::Pending,
+            FinishRun {
+                run_id: run_id.to_owned(),
+                attempt: 0,
+                worker_id: None,
+                status: RunStatus::Failed,
+                exit_code: None,
+                error: Some(error.to_owned()),
+                execution_time_ms: None,
+                last_worker_seq: 0,
+                log: error.to_owned(),
+                now,
+            },
+        )
+        .await
+    }
+
+    /// `running → <final>` if the run is running with `attempt` (and owned by
+    /// `worker_id` when given). Writes `status` and `complete` after every event
+    /// numbered so far, erases the run's sealed secrets.
+    pub async fn finish_run(&self, finish: FinishRun) -> Result<FinishOutcome, StoreError> {
+        let Some(current) = self.get_run_by_id(&finish.run_id).await? else {
+            return Ok(FinishOutcome::Stale);
+        };
+        let owner_ok = finish
+            .worker_id
+            .as_ref()
+            .is_none_or(|w| current.worker_id.as_ref() == Some(w));
+        if current.status != RunStatus::Running.as_str()
+            || current.attempt != finish.attempt
+            || !owner_ok
+        {
+            return Ok(FinishOutcome::Stale);
+        }
+        self.end_run(current, RunStatus::Running, finish).await
+    }
+
+    async fn end_run(
+        &self,
+        current: run::Model,
+        from: RunStatus,
+        f: FinishRun,
+    ) -> Result<FinishOutcome, StoreError> {
+        let stored_max = self.max_event_seq(&f.run_id).await?;
+        let base = current
+            .last_event_seq
+            .max(f.last_worker_seq)
+            .max(stored_max);
+        let txn = self.begin_write().await?;
+        let res = run::Entity::update_many()
+            .col_expr(run::Column::Status, Expr::value(f.status.as_str()))
+            .col_expr(run::Column::ExitCode, Expr::value(f.exit_code))
+            .col_expr(run::Column::Error, Expr::value(f.error.clone()))
+            .col_expr(
+                run::Column::ExecutionTimeMs,
+                Expr::value(f.execution_time_ms),
+            )
+            .col_expr(run::Column::CompletedAt, Expr::value(f.now))
+            .col_expr(run::Column::LastEventSeq, Expr::value(base + 2))
+            .col_expr(
+                run::Column::SecretsSealed,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(run::Column::Id.eq(f.run_id.clone()))
+            .filter(run::Column::Status.eq(from.as_str()))
+            .filter(run::Column::Attempt.eq(current.attempt))
+            .filter(run::Column::LastEventSeq.eq(current.last_event_seq))
+            .exec(&*txn)
+            .await?;
+        if res.rows_affected != 1 {
+            return Ok(FinishOutcome::Stale);
+        }
+        let mut status_data = serde_json::json!({"status": f.status.as_str()});
+        let mut complete = serde_json::json!({"status": f.status.as_str(), "executionTimeMs": f.execution_time_ms});
+        if let Some(code) = f.exit_code {
+            status_data["exitCode"] = code.into();
+            complete["exitCode"] = code.into();
+        }
+        if let Some(err) = &f.error {
+            complete["error"] = err.clone().into();
+        }
+        let events = vec![
+            event(
+                &f.run_id,
+                base + 1,
+                RunEventType::Status,
+                status_data,
+                f.now,
+            ),
+            event(&f.run_id, base + 2, RunEventType::Complete, complete, f.now),
+        ];
+        run_event::Entity::insert_many(events.iter().cloned().map(run_event::ActiveModel::from))
+            .on_conflict(
+                OnConflict::columns([run_event::Column::RunId, run_event::Column::Seq])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&*txn)
+            .await?;
+        let level = if f.status == RunStatus::Completed {
+            LogLevel::Info
+        } else {
+            LogLevel::Warn
+        };
+        system_log(&f.run_id, f.now, level, f.log.clone())
+            .insert(&*txn)
+            .await?;
+        txn.commit().await?;
+        let run = self
+            .get_run_by_id(&f.run_id)
+            .await?
+            .ok_or(StoreError::Conflict)?;
+        Ok(FinishOutcome::Finished {
+            run: Box::new(run),
+            events,
+        })
+    }
+
+    /// Highest stored event number of a run (0 when none).
+    pub async fn max_event_seq(&self, run_id: &str) -> Result<i64, StoreError> {
+        let last = run_event::Entity::find()
+            .filter(run_event::Column::RunId.eq(run_id))
+            .order_by_desc(run_event::Column::Seq)
+            .limit(1)
+            .one(self.conn())
+            .await?;
+        Ok(last.map_or(0, |e| e.seq))
+    }
+
+    /// Runs currently `running`, oldest first (for the reaper: lost workers, timeouts).
+    pub async fn running_runs(&self, limit: u64) -> Result<Vec<run::Model>, StoreError> {
+        Ok(run::Entity::find()
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+            .order_by_asc(run::Column::StartedAt)
+            .limit(limit)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Workers whose last heartbeat is older than `cutoff`.
+    pub async fn silent_workers(&self, cutoff: i64) -> Result<Vec<worker::Model>, StoreError> {
+        Ok(worker::Entity::find()
+            .filter(worker::Column::LastHeartbeatAt.lt(cutoff))
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Runs `pending` since before `cutoff` (the sweeper republishes them).
+    pub async fn stale_pending_runs(
+        &self,
+        cutoff: i64,
+        limit: u64,
+    ) -> Result<Vec<run::Model>, StoreError> {
+        Ok(run::Entity::find()
+            .filter(run::Column::Status.eq(RunStatus::Pending.as_str()))
+            .filter(run::Column::CreatedAt.lt(cutoff))
+            .order_by_asc(run::Column::CreatedAt)
+            .limit(limit)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Running runs of `worker_id` whose cancellation was requested.
+    pub async fn cancel_requested_runs(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(run::Entity::find()
+            .filter(run::Column::WorkerId.eq(worker_id))
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+            .filter(run::Column::CancelRequestedAt.is_not_null())
+            .all(self.conn())
+            .await?
+            .into_iter()
+            .map(|r| r.id)
+            .collect())
+    }
+
+    /// Stores telemetry in one transaction. Everything is idempotent: an event
+    /// number, a log key or a metric key already stored is skipped, so redelivered
+    /// messages change nothing.
+    pub async fn insert_telemetry(
+        &self,
+        events: &[run_event::Model],
+        logs: &[(String, NewLog)],
+        metrics: &[(String, NewMetric)],
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        for chunk in events.chunks(500) {
+            run_event::Entity::insert_many(chunk.iter().cloned().map(run_event::ActiveModel::from))
+                .on_conflict(
+                    OnConflict::columns([run_event::Column::RunId, run_event::Column::Seq])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&*txn)
+                .await?;
+        }
+        for chunk in logs.chunks(500) {
+            run_log::Entity::insert_many(chunk.iter().map(|(run_id, l)| run_log::ActiveModel {
+                run_id: Set(run_id.clone()),
+                ts: Set(l.ts),
+                dedupe_key: Set(l.key.clone()),
+                log_type: Set(l.log_type.as_str().to_owned()),
+                level: Set(l.level.as_str().to_owned()),
+                message: Set(l.message.clone()),
+                metadata: Set(l.metadata.to_string()),
+                ..Default::default()
+            }))
+            .on_conflict(
+                OnConflict::columns([run_log::Column::RunId, run_log::Column::DedupeKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&*txn)
+            .await?;
+        }
+        for chunk in metrics.chunks(500) {
+            run_metric::Entity::insert_many(chunk.iter().map(|(run_id, m)| {
+                run_metric::ActiveModel {
+                    run_id: Set(run_id.clone()),
+                    ts: Set(m.ts),
+                    dedupe_key: Set(m.key.clone()),
+                    cpu_percent: Set(m.cpu_percent),
+                    memory_used_bytes: Set(m.memory_used_bytes),
+                    memory_total_bytes: Set(m.memory_total_bytes),
+                    disk_used_bytes: Set(m.disk_used_bytes),
+                    disk_total_bytes: Set(m.disk_total_bytes),
+                    network_rx_bytes: Set(m.network_rx_bytes),
+                    network_tx_bytes: Set(m.network_tx_bytes),
+                    ..Default::default()
+                }
+            }))
+            .on_conflict(
+                OnConflict::columns([run_metric::Column::RunId, run_metric::Column::DedupeKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&*txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,375 @@
+//! The gRPC control plane workers talk to: registration, heartbeats, claims (the
+//! fence), status reports and finishes. Served by every gateway; all state is in
+//! the store, so a worker may talk to any replica.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+use vm0_api_types::Timestamp;
+use vm0_api_types::agents::AgentConfig;
+use vm0_api_types::ids::{IdKind, is_id};
+use vm0_api_types::runs::RunStatus;
+use vm0_bus::Bus;
+use vm0_db::{ClaimOutcome, FinishOutcome, FinishRun, NewLog, Store, convert};
+use vm0_proto::worker::control_plane_server::{ControlPlane, ControlPlaneServer};
+use vm0_proto::worker::{self as pb, ClaimOutcome as PbClaim, FinalStatus};
+
+use crate::config::DispatchConfig;
+use crate::dispatch::publish_events;
+use crate::error::ErrorChain;
+use crate::secrets::SecretBox;
+
+pub struct ControlPlaneService {
+    store: Store,
+    bus: Bus,
+    secrets: SecretBox,
+    config: Arc<DispatchConfig>,
+}
+
+/// The service wrapped in the worker-token check.
+pub fn server(
+    store: Store,
+    bus: Bus,
+    secrets: SecretBox,
+    config: Arc<DispatchConfig>,
+) -> tonic::service::interceptor::InterceptedService<
+    ControlPlaneServer<ControlPlaneService>,
+    impl tonic::service::Interceptor + Clone,
+> {
+    let expected = format!("Bearer {}", config.worker_token).into_bytes();
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        if bool::from(given.ct_eq(&expected)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong worker token"))
+        }
+    };
+    let svc = ControlPlaneService {
+        store,
+        bus,
+        secrets,
+        config,
+    };
+    ControlPlaneServer::with_interceptor(svc, check)
+}
+
+fn internal(e: &dyn std::error::Error) -> Status {
+    tracing::error!(error = %ErrorChain(e), "control plane request failed");
+    Status::internal("control plane error; see the gateway's log")
+}
+
+fn check_worker_id(id: &str) -> Result<(), Status> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then_some(()).ok_or_else(|| {
+        Status::invalid_argument("worker_id must be 1-128 characters of [A-Za-z0-9-_.]")
+    })
+}
+
+fn check_run_id(id: &str) -> Result<(), Status> {
+    is_id(IdKind::Run, id)
+        .then_some(())
+        .ok_or_else(|| Status::invalid_argument("run_id is not a run id"))
+}
+
+fn capacity_json(c: Option<pb::Capacity>) -> String {
+    let c = c.unwrap_or_default();
+    serde_json::json!({"slots": c.slots, "vcpus": c.vcpus, "memoryMb": c.memory_mb, "diskMb": c.disk_mb}).to_string()
+}
+
+fn final_status(s: i32) -> Result<RunStatus, Status> {
+    match FinalStatus::try_from(s) {
+        Ok(FinalStatus::Completed) => Ok(RunStatus::Completed),
+        Ok(FinalStatus::Failed) => Ok(RunStatus::Failed),
+        Ok(FinalStatus::Timeout) => Ok(RunStatus::Timeout),
+        Ok(FinalStatus::Cancelled) => Ok(RunStatus::Cancelled),
+        _ => Err(Status::invalid_argument("status must be a final status")),
+    }
+}
+
+impl ControlPlaneService {
+    /// What the worker executes: the agent version's recipe plus the run's
+    /// variables and secrets.
+    async fn spec(
+        &self,
+        run: &vm0_db::entity::run::Model,
+        next_event_seq: i64,
+    ) -> Result<pb::RunSpec, Status> {
+        let version = self
+            .store
+            .get_agent_version_by_id(&run.agent_version_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| Status::failed_precondition("the run's agent version is gone"))?;
+        let config: AgentConfig = convert::agent_config(&version).map_err(|e| internal(&e))?;
+        let variables: BTreeMap<String, String> =
+            serde_json::from_str(&run.variables).unwrap_or_default();
+        let secrets = match &run.secrets_sealed {
+            Some(sealed) => self.secrets.open(sealed).map_err(|e| internal(&e))?,
+            None => BTreeMap::new(),
+        };
+        let mut env: std::collections::HashMap<String, String> = config.env.into_iter().collect();
+        env.extend(variables);
+        let secret_values = secrets
+            .values()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .collect();
+        env.extend(secrets);
+        Ok(pb::RunSpec {
+            run_id: run.id.clone(),
+            agent_id: run.agent_id.clone(),
+            argv: config.command,
+            env,
+            secret_values,
+            working_dir: config.working_dir.unwrap_or_default(),
+            prompt: run.prompt.clone(),
+            vcpus: config.resources.vcpus,
+            memory_mb: config.resources.memory_mb,
+            disk_mb: config.resources.disk_mb,
+            timeout_seconds: config.timeout_seconds,
+            image: config.image.unwrap_or_default(),
+            next_event_seq,
+        })
+    }
+
+    async fn reject(
+        &self,
+        run_id: &str,
+        message: String,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
+        let now = Timestamp::now().micros();
+        if let FinishOutcome::Finished { events, .. } = self
+            .store
+            .reject_pending_run(run_id, &message, now)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            publish_events(&self.bus, &events).await;
+        }
+        Ok(Response::new(pb::ClaimResponse {
+            outcome: PbClaim::Rejected.into(),
+            message,
+            ..Default::default()
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ControlPlane for ControlPlaneService {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let r = req.into_inner();
+        check_worker_id(&r.worker_id)?;
+        self.store
+            .register_worker(
+                &r.worker_id,
+                &r.hostname,
+                &r.sandbox,
+                &capacity_json(r.capacity),
+                Timestamp::now().micros(),
+            )
+            .await
+            .map_err(|e| internal(&e))?;
+        tracing::info!(worker_id = %r.worker_id, sandbox = %r.sandbox, capacity = ?r.capacity, "worker registered");
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            lost_after_ms: u32::try_from(self.config.worker_lost_after.as_millis())
+                .unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        check_worker_id(&r.worker_id)?;
+        let known = self
+            .store
+            .heartbeat_worker(
+                &r.worker_id,
+                &capacity_json(r.free),
+                Timestamp::now().micros(),
+            )
+            .await
+            .map_err(|e| internal(&e))?;
+        if !known {
+            return Ok(Response::new(pb::HeartbeatResponse {
+                reregister: true,
+                ..Default::default()
+            }));
+        }
+        let cancel_run_ids = self
+            .store
+            .cancel_requested_runs(&r.worker_id)
+            .await
+            .map_err(|e| internal(&e))?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            cancel_run_ids,
+            reregister: false,
+        }))
+    }
+
+    async fn claim(
+        &self,
+        req: Request<pb::ClaimRequest>,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
+        let r = req.into_inner();
+        check_worker_id(&r.worker_id)?;
+        check_run_id(&r.run_id)?;
+        let worker = self
+            .store
+            .get_worker(&r.worker_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| Status::failed_precondition("unknown worker: register first"))?;
+        // A run that asks for more than this worker has would wait forever.
+        if let Some(run) = self
+            .store
+            .get_run_by_id(&r.run_id)
+            .await
+            .map_err(|e| internal(&e))?
+            && run.status == RunStatus::Pending.as_str()
+        {
+            let capacity: serde_json::Value =
+                serde_json::from_str(&worker.capacity).unwrap_or_default();
+            let version = self
+                .store
+                .get_agent_version_by_id(&run.agent_version_id)
+                .await
+                .map_err(|e| internal(&e))?;
+            if let Some(version) = version {
+                let config = convert::agent_config(&version).map_err(|e| internal(&e))?;
+                let (vcpus, mem) = (
+                    capacity["vcpus"].as_u64().unwrap_or(0),
+                    capacity["memoryMb"].as_u64().unwrap_or(0),
+                );
+                if u64::from(config.resources.vcpus) > vcpus || config.resources.memory_mb > mem {
+                    return self
+                        .reject(
+                            &r.run_id,
+                            format!(
+                                "the agent asks for {} vCPUs and {} MB, more than worker {} has ({vcpus} vCPUs, {mem} MB)",
+                                config.resources.vcpus, config.resources.memory_mb, r.worker_id
+                            ),
+                        )
+                        .await;
+                }
+            }
+        }
+        let now = Timestamp::now().micros();
+        let outcome = self
+            .store
+            .claim_run(&r.run_id, &r.worker_id, now)
+            .await
+            .map_err(|e| internal(&e))?;
+        let (outcome, attempt, spec, events) = match outcome {
+            ClaimOutcome::Claimed(c) => {
+                let spec = self.spec(&c.run, c.next_event_seq).await?;
+                (PbClaim::Claimed, c.attempt, Some(spec), c.events)
+            }
+            ClaimOutcome::AlreadyClaimed => (PbClaim::AlreadyClaimed, 0, None, vec![]),
+            ClaimOutcome::Cancelled => (PbClaim::Cancelled, 0, None, vec![]),
+            ClaimOutcome::NotFound => (PbClaim::NotFound, 0, None, vec![]),
+        };
+        publish_events(&self.bus, &events).await;
+        tracing::info!(run_id = %r.run_id, worker_id = %r.worker_id, outcome = ?outcome, "claim");
+        Ok(Response::new(pb::ClaimResponse {
+            outcome: outcome.into(),
+            attempt: u32::try_from(attempt).unwrap_or(0),
+            spec,
+            message: String::new(),
+        }))
+    }
+
+    async fn report_status(
+        &self,
+        req: Request<pb::ReportStatusRequest>,
+    ) -> Result<Response<pb::ReportStatusResponse>, Status> {
+        let r = req.into_inner();
+        check_worker_id(&r.worker_id)?;
+        check_run_id(&r.run_id)?;
+        let run = self
+            .store
+            .get_run_by_id(&r.run_id)
+            .await
+            .map_err(|e| internal(&e))?;
+        let current = run.is_some_and(|run| {
+            run.status == RunStatus::Running.as_str()
+                && run.worker_id.as_deref() == Some(r.worker_id.as_str())
+                && i64::from(run.attempt) == i64::from(r.attempt)
+        });
+        if current && !r.message.is_empty() {
+            let line = NewLog {
+                key: None,
+                ts: Timestamp::now().micros(),
+                log_type: vm0_api_types::runs::LogType::System,
+                level: vm0_api_types::runs::LogLevel::Info,
+                message: r.message.chars().take(4096).collect(),
+                metadata: serde_json::json!({"workerId": r.worker_id}),
+            };
+            self.store
+                .append_logs(&r.run_id, &[line])
+                .await
+                .map_err(|e| internal(&e))?;
+        }
+        Ok(Response::new(pb::ReportStatusResponse {
+            accepted: current,
+        }))
+    }
+
+    async fn finish(
+        &self,
+        req: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let r = req.into_inner();
+        check_worker_id(&r.worker_id)?;
+        check_run_id(&r.run_id)?;
+        let status = final_status(r.status)?;
+        let error = (!r.error.is_empty()).then(|| r.error.chars().take(4096).collect::<String>());
+        let log = match (&error, r.exit_code) {
+            (Some(e), _) => format!("run {status}: {e}"),
+            (None, Some(code)) => format!("run {status} (exit code {code})"),
+            (None, None) => format!("run {status}"),
+        };
+        let finish = FinishRun {
+            run_id: r.run_id.clone(),
+            attempt: i32::try_from(r.attempt).unwrap_or(-1),
+            worker_id: Some(r.worker_id.clone()),
+            status,
+            exit_code: r.exit_code,
+            error,
+            execution_time_ms: Some(r.execution_time_ms.max(0)),
+            last_worker_seq: r.last_event_seq,
+            log,
+            now: Timestamp::now().micros(),
+        };
+        let accepted = match self
+            .store
+            .finish_run(finish)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            FinishOutcome::Finished { events, .. } => {
+                publish_events(&self.bus, &events).await;
+                true
+            }
+            FinishOutcome::Stale => false,
+        };
+        tracing::info!(run_id = %r.run_id, worker_id = %r.worker_id, %status, accepted, "finish");
+        Ok(Response::new(pb::FinishResponse { accepted }))
+    }
+}

@@ -1,0 +1,138 @@
+//! The reaper: the control plane's backstops, run by every gateway (the store's
+//! compare-and-set makes concurrent reapers safe).
+//!
+//! - Runs of a worker silent for `worker_lost_after` end `failed`, error `worker_lost`.
+//! - Runs past their timeout plus `timeout_grace` end `timeout` (the worker enforces
+//!   timeouts itself; this catches workers that never report).
+//! - Runs `pending` for `pending_republish_after` get their job published again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use vm0_api_types::Timestamp;
+use vm0_api_types::runs::RunStatus;
+use vm0_bus::Bus;
+use vm0_db::{FinishOutcome, FinishRun, Store};
+
+use crate::config::DispatchConfig;
+use crate::dispatch::{job_for, publish_events};
+use crate::error::ErrorChain;
+
+/// Runs examined per pass at most.
+const SCAN_LIMIT: u64 = 1000;
+/// A pending run's job is republished at most this often by one gateway.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(300);
+
+pub async fn run(store: Store, bus: Bus, config: Arc<DispatchConfig>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(config.reaper_interval);
+    let mut republished: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = pass(&store, &bus, &config, &mut republished).await {
+            tracing::warn!(error = %ErrorChain(e.as_ref()), "reaper pass failed");
+        }
+    }
+}
+
+async fn end(store: &Store, bus: &Bus, finish: FinishRun) -> Result<(), vm0_db::StoreError> {
+    let run_id = finish.run_id.clone();
+    let status = finish.status;
+    if let FinishOutcome::Finished { events, .. } = store.finish_run(finish).await? {
+        tracing::warn!(%run_id, %status, "run ended by the control plane");
+        publish_events(bus, &events).await;
+    }
+    Ok(())
+}
+
+async fn pass(
+    store: &Store,
+    bus: &Bus,
+    config: &DispatchConfig,
+    republished: &mut HashMap<String, Instant>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let now = Timestamp::now().micros();
+    let lost_after = i64::try_from(config.worker_lost_after.as_micros())?;
+    let grace = i64::try_from(config.timeout_grace.as_micros())?;
+    let silent: HashSet<String> = store
+        .silent_workers(now - lost_after)
+        .await?
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    for run in store.running_runs(SCAN_LIMIT).await? {
+        let started = run.started_at.unwrap_or(run.created_at);
+        let elapsed_ms = (now - started).max(0) / 1000;
+        let worker = run.worker_id.clone().unwrap_or_default();
+        let base = FinishRun {
+            run_id: run.id.clone(),
+            attempt: run.attempt,
+            worker_id: None,
+            status: RunStatus::Failed,
+            exit_code: None,
+            error: None,
+            execution_time_ms: Some(elapsed_ms),
+            last_worker_seq: 0,
+            log: String::new(),
+            now,
+        };
+        if silent.contains(&worker) {
+            let log = format!(
+                "worker {worker} stopped heartbeating for {} s; the run is lost",
+                config.worker_lost_after.as_secs()
+            );
+            end(
+                store,
+                bus,
+                FinishRun {
+                    error: Some("worker_lost".into()),
+                    log,
+                    ..base
+                },
+            )
+            .await?;
+        } else if now > started + run.timeout_seconds * 1_000_000 + grace {
+            let log = format!(
+                "timed out after {} s and worker {worker} did not report it",
+                run.timeout_seconds
+            );
+            let error = Some(format!("timed out after {} s", run.timeout_seconds));
+            end(
+                store,
+                bus,
+                FinishRun {
+                    status: RunStatus::Timeout,
+                    error,
+                    log,
+                    ..base
+                },
+            )
+            .await?;
+        }
+    }
+    let cutoff = now - i64::try_from(config.pending_republish_after.as_micros())?;
+    republished.retain(|_, at| at.elapsed() < REPUBLISH_EVERY);
+    for run in store.stale_pending_runs(cutoff, SCAN_LIMIT).await? {
+        if republished.contains_key(&run.id) {
+            continue;
+        }
+        let resources = match store.get_agent_version_by_id(&run.agent_version_id).await? {
+            Some(v) => vm0_db::convert::agent_config(&v)?.resources,
+            None => Default::default(),
+        };
+        tracing::info!(run_id = %run.id, "republishing the job of a run still pending");
+        if let Err(e) = bus
+            .publish_job(&job_for(&run, resources.vcpus, resources.memory_mb))
+            .await
+        {
+            tracing::warn!(run_id = %run.id, error = %ErrorChain(&e), "republish failed");
+            continue;
+        }
+        republished.insert(run.id, Instant::now());
+    }
+    Ok(())
+}
