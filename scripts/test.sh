@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 source scripts/test-postgres.sh
 
-ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq
+ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
+  nats-server:nats-server bwrap:bubblewrap
 
 trap stop_test_postgres EXIT
 start_test_postgres

@@ -1,0 +1,168 @@
+//! The bubblewrap backend on this machine: output, exit codes, isolation, kill, and
+//! that nothing of a run remains afterwards.
+
+use std::time::Duration;
+
+use vm0_sandbox::bubblewrap::Bubblewrap;
+use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+
+fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
+    SandboxSpec {
+        run_id: "run_test".into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![
+            ("VM0_PROMPT".into(), "hello prompt".into()),
+            ("GREETING".into(), "hi".into()),
+        ],
+        working_dir: None,
+        stdin: b"from stdin\n".to_vec(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_mb: 256,
+        scratch_dir: dir.join("scratch"),
+        sample_interval: Duration::from_millis(100),
+    }
+}
+
+struct Outcome {
+    stdout: String,
+    stderr: String,
+    samples: usize,
+    exit: ExitReport,
+}
+
+async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
+    let bwrap = Bubblewrap::detect()
+        .await
+        .expect("bubblewrap works on this machine (scripts/test.sh installs it)");
+    let mut sb = bwrap.start(spec).await.expect("start");
+    let (mut stdout, mut stderr, mut samples) = (Vec::new(), Vec::new(), 0);
+    let killer = tokio::time::sleep(kill_after.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(killer);
+    loop {
+        tokio::select! {
+            _ = &mut killer => sb.kill(),
+            ev = sb.next_event() => match ev.expect("events end with Exited") {
+                SandboxEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                SandboxEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                SandboxEvent::Sample(_) => samples += 1,
+                SandboxEvent::Log(_) => {}
+                SandboxEvent::Exited(exit) => {
+                    return Outcome {
+                        stdout: String::from_utf8_lossy(&stdout).into(),
+                        stderr: String::from_utf8_lossy(&stderr).into(),
+                        samples,
+                        exit,
+                    };
+                }
+            },
+        }
+    }
+}
+
+fn marker_processes(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn runs_a_command_with_env_stdin_and_exit_code() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run(
+        spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "echo \"$VM0_PROMPT $GREETING\"; cat; echo oops >&2; pwd; exit 3",
+            ],
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(out.stdout, "hello prompt hi\nfrom stdin\n/work\n");
+    assert_eq!(out.stderr, "oops\n");
+    assert_eq!(out.exit.code, Some(3));
+    assert!(!dir.path().join("scratch").exists(), "scratch dir removed");
+}
+
+#[tokio::test]
+async fn the_host_is_read_only_and_the_network_is_gone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run(
+        spec(
+            dir.path(),
+            &["sh", "-c", "touch /usr/x 2>/dev/null && echo wrote-usr; touch /work/ok && echo wrote-work; ls /sys/class/net 2>/dev/null | tr '\\n' ' '; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' | tr '\\n' ' '; echo; test -e /etc/shadow && echo shadow-visible; echo pid=$$"],
+        ),
+        None,
+    )
+    .await;
+    assert!(!out.stdout.contains("wrote-usr"), "{}", out.stdout);
+    assert!(out.stdout.contains("wrote-work"), "{}", out.stdout);
+    assert!(out.stdout.contains("lo"), "only loopback: {}", out.stdout);
+    assert!(
+        !out.stdout.contains("eth") && !out.stdout.contains("ens"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("shadow-visible"));
+    assert!(
+        out.stdout.contains("pid=2") || out.stdout.contains("pid=1"),
+        "own pid namespace: {}",
+        out.stdout
+    );
+    assert_eq!(out.exit.code, Some(0));
+}
+
+#[tokio::test]
+async fn kill_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("dir");
+    let marker = "vm0-leak-marker-4711";
+    let argv = [
+        "sh",
+        "-c",
+        &format!("sleep 300 & sleep 301 & echo started; wait # {marker}"),
+    ];
+    let out = run(spec(dir.path(), &argv), Some(Duration::from_millis(500))).await;
+    assert!(out.stdout.contains("started"));
+    assert_eq!(out.exit.code, None);
+    assert_eq!(out.exit.signal, Some(9));
+    // The kernel tears the pid namespace down asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while marker_processes(marker) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(marker_processes(marker), 0, "processes of the run remain");
+    assert_eq!(
+        marker_processes("sleep 30"),
+        0,
+        "children of the run remain"
+    );
+    assert!(!dir.path().join("scratch").exists());
+}
+
+#[tokio::test]
+async fn samples_resources_while_running() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run(
+        spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/work/f bs=1M count=2 2>/dev/null; sleep 0.5",
+            ],
+        ),
+        None,
+    )
+    .await;
+    assert!(out.samples >= 2, "{} samples", out.samples);
+    assert_eq!(out.exit.code, Some(0));
+}

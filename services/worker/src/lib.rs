@@ -1,0 +1,285 @@
+//! The vm0 worker: pulls run jobs from JetStream, claims each run from the control
+//! plane, runs it in a sandbox, streams its output, logs and metrics to NATS, and
+//! reports how it ended.
+//!
+//! Tasks (each ends on the shutdown token): the job loop (fetches at most as many
+//! jobs as there are free slots), one task per run, the heartbeat, and the cancel
+//! listener. On SIGTERM the job loop stops first; running runs get
+//! `drain_timeout` to finish, then are stopped and reported failed.
+
+/// Configuration from the environment.
+pub mod config;
+/// The control plane client.
+pub mod control;
+/// Secret masking of output.
+pub mod mask;
+/// One run, from claim to finish.
+pub mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use vm0_bus::Bus;
+use vm0_proto::worker as pb;
+use vm0_sandbox::Sandbox;
+
+pub use config::WorkerConfig;
+
+/// How long one fetch waits for jobs before asking again.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// What every task of a worker shares.
+pub struct WorkerCtx<S> {
+    pub config: WorkerConfig,
+    pub bus: Bus,
+    pub control: control::Client,
+    pub sandbox: S,
+    /// Runs in progress: run id → token that stops it.
+    pub running: Mutex<HashMap<String, CancellationToken>>,
+    pub slots: Arc<Semaphore>,
+    /// Cancelled when running runs must stop (drain timeout passed).
+    pub stop_runs: CancellationToken,
+}
+
+impl<S> WorkerCtx<S> {
+    fn running_ids(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn cancel(&self, run_id: &str) {
+        if let Some(token) = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|m| m.get(run_id).cloned())
+        {
+            tracing::info!(%run_id, "cancel requested");
+            token.cancel();
+        }
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains.
+pub async fn run<S: Sandbox>(
+    config: WorkerConfig,
+    sandbox: S,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let bus = Bus::connect(
+        &config.nats_url,
+        &format!("vm0-worker {}", config.worker_id),
+    )
+    .await?;
+    bus.ensure_streams()
+        .await
+        .context("creating JetStream streams")?;
+    let control = control::connect(&config.control_plane_url, &config.worker_token)?;
+    let ctx = Arc::new(WorkerCtx {
+        slots: Arc::new(Semaphore::new(config.slots as usize)),
+        config,
+        bus,
+        control,
+        sandbox,
+        running: Mutex::new(HashMap::new()),
+        stop_runs: CancellationToken::new(),
+    });
+    let heartbeat_every = register(&ctx).await?;
+    tracing::info!(
+        worker_id = %ctx.config.worker_id,
+        slots = ctx.config.slots,
+        sandbox = ctx.sandbox.name(),
+        "worker ready"
+    );
+    let background = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        ctx.clone(),
+        heartbeat_every,
+        background.clone(),
+    ));
+    let cancels = tokio::spawn(cancel_listener(ctx.clone(), background.clone()));
+    let mut runs = tokio::task::JoinSet::new();
+    let pulled = job_loop(&ctx, &mut runs, &shutdown).await;
+
+    // Drain: no new jobs; let running runs finish, then stop them.
+    let in_flight = runs.len();
+    if in_flight > 0 {
+        tracing::info!(
+            runs = in_flight,
+            timeout_s = ctx.config.drain_timeout.as_secs(),
+            "draining"
+        );
+    }
+    let drained = tokio::time::timeout(ctx.config.drain_timeout, async {
+        while runs.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            runs = runs.len(),
+            "drain timeout: stopping the remaining runs"
+        );
+        ctx.stop_runs.cancel();
+        while runs.join_next().await.is_some() {}
+    }
+    background.cancel();
+    let _ = heartbeat.await;
+    let _ = cancels.await;
+    tracing::info!("worker stopped");
+    pulled
+}
+
+async fn register<S: Sandbox>(ctx: &WorkerCtx<S>) -> anyhow::Result<Duration> {
+    let c = &ctx.config;
+    let req = pb::RegisterWorkerRequest {
+        worker_id: c.worker_id.clone(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        capacity: Some(pb::Capacity {
+            slots: c.slots,
+            vcpus: c.vcpus,
+            memory_mb: c.memory_mb,
+            disk_mb: c.disk_mb,
+        }),
+        sandbox: ctx.sandbox.name().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let resp = control::retry("register", || {
+        let mut client = ctx.control.clone();
+        let req = req.clone();
+        async move { client.register_worker(req).await }
+    })
+    .await
+    .context("registering with the control plane")?;
+    Ok(Duration::from_millis(u64::from(
+        resp.heartbeat_interval_ms.max(100),
+    )))
+}
+
+async fn heartbeat_loop<S: Sandbox>(
+    ctx: Arc<WorkerCtx<S>>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let free = u32::try_from(ctx.slots.available_permits()).unwrap_or(0);
+        let req = pb::HeartbeatRequest {
+            worker_id: ctx.config.worker_id.clone(),
+            free: Some(pb::Capacity {
+                slots: free,
+                ..Default::default()
+            }),
+            running_run_ids: ctx.running_ids(),
+        };
+        match ctx.control.clone().heartbeat(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                for id in &resp.cancel_run_ids {
+                    ctx.cancel(id);
+                }
+                if resp.reregister
+                    && let Err(e) = register(&ctx).await
+                {
+                    tracing::warn!(error = %e, "re-registering failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Cancel requests over NATS (the heartbeat answer repeats them as a backstop).
+async fn cancel_listener<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, stop: CancellationToken) {
+    let mut sub = match ctx.bus.client().subscribe("runs.*.cancel").await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to cancel requests; relying on heartbeats");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = sub.next() => match msg {
+                Some(msg) => {
+                    if let Some(run_id) = vm0_bus::subjects::run_id_of(msg.subject.as_str()) {
+                        ctx.cancel(run_id);
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// Fetches jobs while there are free slots, until shutdown.
+async fn job_loop<S: Sandbox>(
+    ctx: &Arc<WorkerCtx<S>>,
+    runs: &mut tokio::task::JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = ctx.bus.jobs_consumer().await?;
+    loop {
+        // Wait for a free slot (or shutdown) before asking for work.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            permit = ctx.slots.clone().acquire_owned() => permit?,
+        };
+        let free = ctx.slots.available_permits() + 1;
+        let batch = consumer
+            .batch()
+            .max_messages(free)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "fetching jobs failed");
+                drop(first);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut permit = Some(first);
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                msg = batch.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job fetch error");
+                    break;
+                }
+            };
+            let slot = match permit.take() {
+                Some(p) => p,
+                None => ctx.slots.clone().acquire_owned().await?,
+            };
+            let ctx = ctx.clone();
+            runs.spawn(async move {
+                run::execute(ctx, msg).await;
+                drop(slot);
+            });
+        }
+        // Reap finished run tasks so the set does not grow.
+        while runs.try_join_next().is_some() {}
+    }
+}

@@ -1,0 +1,346 @@
+//! One run on this worker: claim, sandbox, telemetry, finish, ack.
+//!
+//! The job message stays unacked while the run lives (progress acks keep it from
+//! being redelivered); it is acked once the control plane knows how the run ended,
+//! or at once when the claim says the job is not ours to run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+use vm0_api_types::Timestamp;
+use vm0_api_types::runs::{LogLevel, LogType, RunEventType};
+use vm0_bus::Telemetry;
+use vm0_proto::worker::{self as pb, ClaimOutcome, FinalStatus};
+use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+
+use crate::WorkerCtx;
+use crate::control::retry;
+use crate::mask::{Masker, Stream};
+
+/// Progress acks are sent this often (well under the job's ack wait).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+pub async fn execute<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message) {
+    let job = match vm0_bus::decode_job(&msg.payload) {
+        Ok(job) => job,
+        Err(e) => {
+            tracing::warn!(error = %e, "dropping an undecodable job");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let req = pb::ClaimRequest {
+        run_id: job.run_id.clone(),
+        worker_id: ctx.config.worker_id.clone(),
+    };
+    let claim = retry("claim", || {
+        let mut client = ctx.control.clone();
+        let req = req.clone();
+        async move { client.claim(req).await }
+    })
+    .await;
+    let claim = match claim {
+        Ok(c) => c,
+        Err(status) => {
+            // Let another delivery try later.
+            tracing::warn!(run_id = %job.run_id, error = %status, "claim failed");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+            return;
+        }
+    };
+    match (ClaimOutcome::try_from(claim.outcome), claim.spec) {
+        (Ok(ClaimOutcome::Claimed), Some(spec)) => {
+            let progress = CancellationToken::new();
+            let keepalive = tokio::spawn(keep_in_progress(msg.clone(), progress.clone()));
+            run_claimed(&ctx, spec, claim.attempt).await;
+            progress.cancel();
+            let _ = keepalive.await;
+        }
+        (outcome, _) => {
+            tracing::info!(run_id = %job.run_id, ?outcome, message = %claim.message, "job dropped");
+        }
+    }
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(run_id = %job.run_id, error = %e, "job ack failed (a redelivery will find the run claimed)");
+    }
+}
+
+async fn keep_in_progress(msg: jetstream::Message, done: CancellationToken) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.reset();
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// Why a run stopped before its command ended by itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    Cancelled,
+    Timeout,
+    Shutdown,
+}
+
+/// Publishes a run's telemetry, numbering its events.
+struct RunTelemetry<'a, S> {
+    ctx: &'a WorkerCtx<S>,
+    run_id: String,
+    attempt: u32,
+    next_seq: i64,
+    counter: u64,
+    masker: Masker,
+}
+
+impl<S> RunTelemetry<'_, S> {
+    async fn publish(&self, msg: Telemetry) {
+        if let Err(e) = self.ctx.bus.publish_telemetry(&self.run_id, &msg).await {
+            tracing::warn!(run_id = %self.run_id, error = %e, "telemetry publish failed");
+        }
+    }
+
+    fn key(&mut self, prefix: char) -> String {
+        self.counter += 1;
+        format!("{}:{prefix}{}", self.attempt, self.counter)
+    }
+
+    async fn output(&mut self, stream: Stream, content: String) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let msg = Telemetry::Event {
+            seq,
+            event: RunEventType::Output,
+            data: serde_json::json!({"content": content, "stream": stream.as_str()}),
+            ts: Timestamp::now().micros(),
+        };
+        self.publish(msg).await;
+    }
+
+    async fn system_log(&mut self, level: LogLevel, message: &str) {
+        let msg = Telemetry::Log {
+            key: self.key('l'),
+            ts: Timestamp::now().micros(),
+            log_type: LogType::System,
+            level,
+            message: self.masker.mask(message),
+            metadata: serde_json::json!({"workerId": self.ctx.config.worker_id}),
+        };
+        self.publish(msg).await;
+    }
+
+    async fn sample(&mut self, s: vm0_sandbox::ResourceSample) {
+        let msg = Telemetry::Metric {
+            key: self.key('m'),
+            ts: Timestamp::now().micros(),
+            cpu_percent: s.cpu_percent,
+            memory_used_bytes: s.memory_used_bytes,
+            memory_total_bytes: s.memory_total_bytes,
+            disk_used_bytes: s.disk_used_bytes,
+            disk_total_bytes: s.disk_total_bytes,
+            network_rx_bytes: s.network_rx_bytes,
+            network_tx_bytes: s.network_tx_bytes,
+        };
+        self.publish(msg).await;
+    }
+}
+
+fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.sort();
+    env.push(("VM0_PROMPT".into(), spec.prompt.clone()));
+    env.push(("VM0_RUN_ID".into(), spec.run_id.clone()));
+    SandboxSpec {
+        run_id: spec.run_id.clone(),
+        argv: spec.argv.clone(),
+        env,
+        working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+        stdin: spec.prompt.clone().into_bytes(),
+        vcpus: spec.vcpus,
+        memory_mb: spec.memory_mb,
+        disk_mb: spec.disk_mb,
+        scratch_dir: ctx
+            .config
+            .data_dir
+            .join("worker")
+            .join(&ctx.config.worker_id)
+            .join("runs")
+            .join(&spec.run_id),
+        sample_interval: ctx.config.sample_interval,
+    }
+}
+
+async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt: u32) {
+    let run_id = spec.run_id.clone();
+    let cancel = CancellationToken::new();
+    if let Ok(mut running) = ctx.running.lock() {
+        running.insert(run_id.clone(), cancel.clone());
+    }
+    let started = Instant::now();
+    let mut t = RunTelemetry {
+        ctx,
+        run_id: run_id.clone(),
+        attempt,
+        next_seq: spec.next_event_seq,
+        counter: 0,
+        masker: Masker::new(spec.secret_values.iter().cloned()),
+    };
+    let backend = ctx.sandbox.name();
+    t.system_log(
+        LogLevel::Info,
+        &format!(
+            "worker {} runs this with the {backend} sandbox",
+            ctx.config.worker_id
+        ),
+    )
+    .await;
+    let (status, exit_code, error) = match ctx.sandbox.start(sandbox_spec(ctx, &spec)).await {
+        Ok(sandbox) => {
+            let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
+            let (exit, stop) = supervise(&mut t, sandbox, &cancel, &ctx.stop_runs, timeout).await;
+            outcome(exit, stop, spec.timeout_seconds)
+        }
+        Err(e) => {
+            let message = format!("the sandbox failed to start: {}", error_chain(&e));
+            t.system_log(LogLevel::Error, &message).await;
+            (FinalStatus::Failed, None, message)
+        }
+    };
+    if let Ok(mut running) = ctx.running.lock() {
+        running.remove(&run_id);
+    }
+    let finish = pb::FinishRequest {
+        run_id: run_id.clone(),
+        worker_id: ctx.config.worker_id.clone(),
+        attempt,
+        status: status.into(),
+        exit_code,
+        error,
+        execution_time_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+        last_event_seq: t.next_seq - 1,
+    };
+    let done = retry("finish", || {
+        let mut client = ctx.control.clone();
+        let req = finish.clone();
+        async move { client.finish(req).await }
+    })
+    .await;
+    match done {
+        Ok(resp) if !resp.accepted => {
+            tracing::warn!(%run_id, "finish refused: the run was ended by the control plane meanwhile")
+        }
+        Ok(_) => tracing::info!(%run_id, ?status, "run finished"),
+        Err(e) => {
+            tracing::warn!(%run_id, error = %e, "finish failed; the control plane's reaper will end the run")
+        }
+    }
+}
+
+/// Streams the sandbox's events until it exits, stopping it on cancel, timeout or
+/// worker shutdown.
+async fn supervise<S>(
+    t: &mut RunTelemetry<'_, S>,
+    mut sandbox: vm0_sandbox::RunningSandbox,
+    cancel: &CancellationToken,
+    shutdown: &CancellationToken,
+    timeout: Duration,
+) -> (ExitReport, Option<Stop>) {
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut stop: Option<Stop> = None;
+    loop {
+        tokio::select! {
+            ev = sandbox.next_event() => match ev {
+                Some(SandboxEvent::Stdout(b)) => emit(t, Stream::Stdout, &b).await,
+                Some(SandboxEvent::Stderr(b)) => emit(t, Stream::Stderr, &b).await,
+                Some(SandboxEvent::Sample(s)) => t.sample(s).await,
+                Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
+                Some(SandboxEvent::Exited(exit)) => {
+                    for (stream, rest) in t.masker.flush() {
+                        t.output(stream, rest).await;
+                    }
+                    return (exit, stop);
+                }
+                None => {
+                    let lost = ExitReport { code: None, signal: None, oom_killed: false };
+                    return (lost, stop);
+                }
+            },
+            _ = cancel.cancelled(), if stop.is_none() => {
+                stop = Some(Stop::Cancelled);
+                sandbox.kill();
+            }
+            _ = shutdown.cancelled(), if stop.is_none() => {
+                stop = Some(Stop::Shutdown);
+                sandbox.kill();
+            }
+            _ = &mut deadline, if stop.is_none() => {
+                stop = Some(Stop::Timeout);
+                sandbox.kill();
+            }
+        }
+    }
+}
+
+async fn emit<S>(t: &mut RunTelemetry<'_, S>, stream: Stream, bytes: &[u8]) {
+    for line in t.masker.push(stream, bytes) {
+        t.output(stream, line).await;
+    }
+}
+
+fn outcome(
+    exit: ExitReport,
+    stop: Option<Stop>,
+    timeout_s: u64,
+) -> (FinalStatus, Option<i32>, String) {
+    match stop {
+        Some(Stop::Cancelled) => (FinalStatus::Cancelled, None, "cancelled by user".into()),
+        Some(Stop::Timeout) => (
+            FinalStatus::Timeout,
+            None,
+            format!("timed out after {timeout_s} s"),
+        ),
+        Some(Stop::Shutdown) => (FinalStatus::Failed, None, "worker_shutdown".into()),
+        None if exit.oom_killed => (
+            FinalStatus::Failed,
+            exit.code,
+            "out of memory: the kernel killed the agent".into(),
+        ),
+        None => match (exit.code, exit.signal) {
+            (Some(0), _) => (FinalStatus::Completed, Some(0), String::new()),
+            (Some(code), _) => (
+                FinalStatus::Failed,
+                Some(code),
+                format!("exited with code {code}"),
+            ),
+            (None, Some(sig)) => (FinalStatus::Failed, None, format!("killed by signal {sig}")),
+            (None, None) => (
+                FinalStatus::Failed,
+                None,
+                "the sandbox ended without an exit status".into(),
+            ),
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

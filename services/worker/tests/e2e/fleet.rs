@@ -1,0 +1,185 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Db, Stack, StackOptions, processes_with};
+
+async fn two_gateways_two_workers_run_50_runs_exactly_once(db: Db) {
+    let stack = Stack::start(
+        db,
+        StackOptions {
+            gateways: 2,
+            workers: 2,
+            worker_slots: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "once",
+            json!({"command": ["sh", "-c", "echo \"ran $VM0_RUN_ID\"; sleep 0.2"]}),
+        )
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(
+            stack
+                .create_run(i % 2, json!({"agent": "once", "prompt": format!("n{i}")}))
+                .await,
+        );
+    }
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let run = stack.wait_finished(id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    // Exactly one claim and one execution per run, on either gateway's view.
+    for (i, id) in ids.iter().enumerate() {
+        let events = stack.events(i % 2, id, None).await;
+        let ran: Vec<_> = events.iter().filter(|e| e.0 == "output").collect();
+        assert_eq!(ran.len(), 1, "run {id} output {ran:?}");
+        assert_eq!(ran[0].2["content"], format!("ran {id}\n"));
+        let claims: Vec<String> = stack
+            .logs(id)
+            .await
+            .iter()
+            .filter_map(|l| {
+                l["message"]
+                    .as_str()
+                    .filter(|m| m.starts_with("claimed by"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(claims.len(), 1, "{id}: {claims:?}");
+        *per_worker
+            .entry(
+                claims[0]
+                    .clone()
+                    .split_whitespace()
+                    .nth(3)
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(per_worker.values().sum::<usize>(), 50);
+    assert_eq!(
+        per_worker.len(),
+        2,
+        "both workers took runs: {per_worker:?}"
+    );
+    assert_eq!(stack.scratch_dirs(), 0, "no scratch dir remains");
+}
+
+async fn a_killed_worker_loses_its_run_and_the_others_complete(db: Db) {
+    let e2e_lost_marker = crate::harness::marker("lost");
+    let mut stack = Stack::start(
+        db,
+        StackOptions {
+            workers: 1,
+            worker_slots: 1,
+            worker_lost_after: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "long",
+            json!({"command": ["sh", "-c", format!("echo up; sleep 600 # {e2e_lost_marker}")]}),
+        )
+        .await;
+    stack
+        .create_agent("short", json!({"command": ["sh", "-c", "echo quick"]}))
+        .await;
+    let doomed = stack
+        .create_run(0, json!({"agent": "long", "prompt": "p"}))
+        .await;
+    stack
+        .wait_for(&doomed, Duration::from_secs(30), |s| s == "running")
+        .await;
+    // Its first output is stored: it really runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !stack
+        .logs(&doomed)
+        .await
+        .iter()
+        .any(|l| l["message"] == "up\n")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no output from the run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.workers[0].kill_9();
+    // The sandbox dies with its worker (bubblewrap --die-with-parent).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while processes_with(&e2e_lost_marker) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        processes_with(&e2e_lost_marker),
+        0,
+        "the sandbox outlived its worker"
+    );
+    let survivor = stack.add_worker();
+    let others: Vec<String> = futures_ids(&stack, 3).await;
+    let lost = stack.wait_finished(&doomed, Duration::from_secs(30)).await;
+    assert_eq!(lost["status"], "failed");
+    assert_eq!(lost["error"], "worker_lost");
+    for id in &others {
+        let run = stack.wait_finished(id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    // The redelivered job of the lost run was not executed again.
+    let events = stack.events(0, &doomed, None).await;
+    assert_eq!(events.iter().filter(|e| e.0 == "output").count(), 1);
+    assert!(stack.workers[survivor].id.starts_with('w'));
+}
+
+async fn futures_ids(stack: &Stack, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(
+            stack
+                .create_run(0, json!({"agent": "short", "prompt": "p"}))
+                .await,
+        );
+    }
+    ids
+}
+
+async fn sigterm_drains_running_runs(db: Db) {
+    let mut stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "brief",
+            json!({"command": ["sh", "-c", "sleep 1; echo finished"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "brief", "prompt": "p"}))
+        .await;
+    stack
+        .wait_for(&id, Duration::from_secs(30), |s| s == "running")
+        .await;
+    stack.workers[0].terminate();
+    let status = stack.workers[0]
+        .wait_exit(Duration::from_secs(20))
+        .expect("the worker exits after draining");
+    assert!(status.success(), "{status:?}");
+    let run = stack.run(&id).await;
+    assert_eq!(
+        run["status"], "completed",
+        "the running run finished before the worker left: {run}"
+    );
+}
+
+crate::on_both_databases!(
+    two_gateways_two_workers_run_50_runs_exactly_once,
+    a_killed_worker_loses_its_run_and_the_others_complete,
+    sigterm_drains_running_runs,
+);

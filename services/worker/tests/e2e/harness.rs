@@ -1,0 +1,483 @@
+//! A whole stack for end-to-end tests: a real nats-server on a free port, gateways
+//! in this process (HTTP + gRPC on free ports) over SQLite or PostgreSQL, and
+//! workers as real `vm0-worker` processes, so that a test can `kill -9` one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use vm0_db::Store;
+use vm0_gateway::config::DispatchConfig;
+use vm0_gateway::{Gateway, GatewayConfig};
+
+pub const WORKER_TOKEN: &str = "e2e-worker-token-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each listed `async fn name(db: Db)` on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name($crate::harness::Db::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name($crate::harness::Db::Postgres).await } )*
+        }
+    };
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed: run the tests with scripts/test.sh, which installs it")
+        })
+}
+
+/// A nats-server with JetStream, stopped on drop.
+pub struct Nats {
+    pub url: String,
+    child: Child,
+}
+
+impl Nats {
+    pub async fn start(dir: &Path) -> Nats {
+        let port = free_port();
+        let child = Command::new(find_program("nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let nats = Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            child,
+        };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return nats;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("nats-server did not start");
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A worker process.
+pub struct WorkerProc {
+    pub id: String,
+    child: Child,
+}
+
+impl WorkerProc {
+    /// SIGKILL, as a crash would.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM: drain.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct GatewayProc {
+    pub base: String,
+    pub grpc: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Options of a stack.
+#[derive(Clone)]
+pub struct StackOptions {
+    pub gateways: usize,
+    pub workers: usize,
+    pub worker_slots: u32,
+    pub worker_lost_after: Duration,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            gateways: 1,
+            workers: 1,
+            worker_slots: 4,
+            worker_lost_after: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub nats: Nats,
+    pub store: Store,
+    pub gateways: Vec<GatewayProc>,
+    pub workers: Vec<WorkerProc>,
+    pub token: String,
+    pub client: reqwest::Client,
+    database_url: String,
+    secrets_key: [u8; 32],
+    options: StackOptions,
+}
+
+async fn database_url(db: Db, dir: &Path) -> String {
+    match db {
+        Db::Sqlite => format!("sqlite://{}", dir.join("vm0.db").display()),
+        Db::Postgres => {
+            let admin = std::env::var(vm0_db::testing::POSTGRES_URL_VAR).expect(
+                "VM0_TEST_POSTGRES_URL is not set: run scripts/test.sh, which starts PostgreSQL",
+            );
+            let name = format!(
+                "e_{}",
+                vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request)
+                    .trim_start_matches("req_")
+            );
+            vm0_db::testing::create_postgres_database(&admin, &name)
+                .await
+                .expect("create db")
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start(db: Db, options: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().expect("dir");
+        let nats = Nats::start(dir.path()).await;
+        let database_url = database_url(db, dir.path()).await;
+        let mut stack = Stack {
+            nats,
+            store: Store::connect(&database_url, 4).await.expect("store"),
+            gateways: Vec::new(),
+            workers: Vec::new(),
+            token: String::new(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+            database_url,
+            secrets_key: rand_key(),
+            options: options.clone(),
+            dir,
+        };
+        for _ in 0..options.gateways {
+            stack.add_gateway().await;
+        }
+        stack.token = stack.mint_token("acme").await;
+        for _ in 0..options.workers {
+            stack.add_worker();
+        }
+        stack
+    }
+
+    pub async fn add_gateway(&mut self) {
+        let mut config = GatewayConfig::for_database(self.database_url.clone());
+        config.data_dir = self.dir.path().join(format!("gw{}", self.gateways.len()));
+        let mut dispatch = DispatchConfig::new(self.nats.url.clone(), WORKER_TOKEN);
+        dispatch.worker_lost_after = self.options.worker_lost_after;
+        dispatch.heartbeat_interval = Duration::from_millis(300);
+        dispatch.reaper_interval = Duration::from_millis(200);
+        config.dispatch = Some(dispatch);
+        let gateway = Gateway::open(
+            config,
+            vm0_gateway::secrets::SecretBox::new(self.secrets_key),
+        )
+        .await
+        .expect("open gateway");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", http.local_addr().expect("addr"));
+        let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
+        self.gateways.push(GatewayProc {
+            base,
+            grpc: grpc_url,
+            shutdown,
+        });
+    }
+
+    /// Starts a worker process talking to gateway `i % n`.
+    pub fn add_worker(&mut self) -> usize {
+        let n = self.workers.len();
+        let id = format!("w{n}-{}", std::process::id());
+        let gateway = &self.gateways[n % self.gateways.len()];
+        let child = Command::new(env!("CARGO_BIN_EXE_vm0-worker"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn,vm0_worker=info")
+            .env("VM0_WORKER_ID", &id)
+            .env("VM0_NATS_URL", &self.nats.url)
+            .env("VM0_CONTROL_PLANE_URL", &gateway.grpc)
+            .env("VM0_WORKER_TOKEN", WORKER_TOKEN)
+            .env("VM0_WORKER_SLOTS", self.options.worker_slots.to_string())
+            .env("VM0_DATA_DIR", self.dir.path().join("workers"))
+            .env("VM0_SAMPLE_INTERVAL_MS", "200")
+            .env("VM0_DRAIN_TIMEOUT_SECS", "20")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vm0-worker");
+        self.workers.push(WorkerProc { id, child });
+        n
+    }
+
+    /// The scratch directories left under the workers' data dir.
+    pub fn scratch_dirs(&self) -> usize {
+        let root = self.dir.path().join("workers").join("worker");
+        let Ok(workers) = std::fs::read_dir(root) else {
+            return 0;
+        };
+        workers
+            .flatten()
+            .filter_map(|w| std::fs::read_dir(w.path().join("runs")).ok())
+            .map(|runs| runs.count())
+            .sum()
+    }
+
+    pub async fn mint_token(&self, org: &str) -> String {
+        let now = vm0_api_types::Timestamp::now().micros();
+        let org = self.store.ensure_organization(org, now).await.expect("org");
+        vm0_gateway::routes::tokens::create_token(&self.store, &org.id, "e2e", None)
+            .await
+            .expect("token")
+            .token
+    }
+
+    pub fn url(&self, gateway: usize, path: &str) -> String {
+        format!("{}{}", self.gateways[gateway].base, path)
+    }
+
+    pub async fn call(
+        &self,
+        gateway: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .request(method, self.url(gateway, path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let bytes = resp.bytes().await.expect("body");
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("json")
+        };
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call(0, reqwest::Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn create_agent(&self, name: &str, config: Value) {
+        let (status, body) = self
+            .call(
+                0,
+                reqwest::Method::POST,
+                "/v1/agents",
+                Some(json!({"name": name, "config": config})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    pub async fn create_run(&self, gateway: usize, body: Value) -> String {
+        let (status, run) = self
+            .call(gateway, reqwest::Method::POST, "/v1/runs", Some(body))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        run["id"].as_str().expect("id").to_owned()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        self.get(&format!("/v1/runs/{id}")).await
+    }
+
+    /// Waits until the run's status satisfies `done`; returns the run.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let run = self.run(id).await;
+            if done(run["status"].as_str().unwrap_or_default()) {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} stuck: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_for(id, timeout, |s| !matches!(s, "pending" | "running"))
+            .await
+    }
+
+    /// Every log line of a run.
+    pub async fn logs(&self, id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self
+                .get(&format!("/v1/runs/{id}/logs?limit=100&cursor={cursor}"))
+                .await;
+            out.extend(page["data"].as_array().expect("data").iter().cloned());
+            match page["pagination"]["nextCursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => return out,
+            }
+        }
+    }
+
+    /// The whole SSE stream of a finished run (or until it ends), from `gateway`.
+    pub async fn events(
+        &self,
+        gateway: usize,
+        id: &str,
+        last_event_id: Option<&str>,
+    ) -> Vec<(String, Option<String>, Value)> {
+        let mut req = self
+            .client
+            .get(self.url(gateway, &format!("/v1/runs/{id}/events")))
+            .bearer_auth(&self.token);
+        if let Some(l) = last_event_id {
+            req = req.header("last-event-id", l);
+        }
+        let text = tokio::time::timeout(Duration::from_secs(60), async {
+            req.send().await.expect("send").text().await.expect("text")
+        })
+        .await
+        .expect("the stream ends");
+        parse_sse(&text)
+    }
+}
+
+/// `(event, id, data)` of each SSE block.
+pub fn parse_sse(text: &str) -> Vec<(String, Option<String>, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let (mut ev, mut id, mut data) = (None, None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    ev = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            Some((ev?, id, serde_json::from_str(&data).unwrap_or(Value::Null)))
+        })
+        .collect()
+}
+
+fn rand_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = (std::process::id() as u8)
+            .wrapping_mul(31)
+            .wrapping_add(i as u8);
+    }
+    k
+}
+
+/// Processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A string unique to one test invocation, to find its processes.
+pub fn marker(what: &str) -> String {
+    format!(
+        "e2e-{what}-{}",
+        vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request).trim_start_matches("req_")
+    )
+}

@@ -1,0 +1,243 @@
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::{Db, Stack, StackOptions, processes_with};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn run_completes_with_output_in_sse_logs_and_metrics(db: Db) {
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "greeter",
+            json!({"command": ["sh", "-c", "echo \"prompt: $VM0_PROMPT\"; read line; echo \"stdin: $line\"; echo \"var: $GREETING secret: $API_KEY\"; echo to-stderr >&2; sleep 0.5"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "greeter", "prompt": "hello there", "variables": {"GREETING": "hi"}, "secrets": {"API_KEY": "sk-very-secret"}}))
+        .await;
+    let events = stack.events(0, &id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"status"));
+    assert_eq!(kinds.last(), Some(&"complete"), "{kinds:?}");
+    let ids: Vec<String> = events.iter().filter_map(|e| e.1.clone()).collect();
+    let expected: Vec<String> = (1..=ids.len()).map(|n| format!("evt_{n}")).collect();
+    assert_eq!(ids, expected, "ids are contiguous");
+    let output: String = events
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default())
+        .collect();
+    assert!(output.contains("prompt: hello there\n"), "{output}");
+    assert!(output.contains("stdin: hello there\n"), "{output}");
+    assert!(
+        output.contains("var: hi secret: ***\n"),
+        "secret masked: {output}"
+    );
+    assert!(!format!("{events:?}").contains("sk-very-secret"));
+    let complete = &events.last().expect("complete").2;
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["exitCode"], 0);
+
+    let run = stack.run(&id).await;
+    assert_eq!(run["status"], "completed");
+    assert!(run["startedAt"].is_string() && run["completedAt"].is_string());
+    assert!(run["executionTimeMs"].as_i64().is_some_and(|ms| ms >= 500));
+
+    // Logs and metrics are written by the persister, shortly after.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let logs = stack.logs(&id).await;
+        let agent: Vec<_> = logs.iter().filter(|l| l["type"] == "agent").collect();
+        let metrics = stack.get(&format!("/v1/runs/{id}/metrics")).await;
+        if agent.len() >= 4 && metrics["summary"]["sampleCount"].as_i64().unwrap_or(0) >= 1 {
+            assert!(
+                agent
+                    .iter()
+                    .any(|l| l["level"] == "warn" && l["message"] == "to-stderr\n")
+            );
+            let system: Vec<_> = logs
+                .iter()
+                .filter(|l| l["type"] == "system")
+                .map(|l| l["message"].as_str().unwrap_or_default())
+                .collect();
+            assert!(
+                system.iter().any(|m| m.contains("bubblewrap")),
+                "the backend is named: {system:?}"
+            );
+            assert!(!format!("{logs:?}").contains("sk-very-secret"));
+            let sample = &metrics["data"][0];
+            assert!(
+                sample["memoryUsedMb"].is_i64() && sample["memoryTotalMb"] == 512,
+                "{sample}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs/metrics not persisted: {logs:?} {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn failing_command_ends_failed_with_its_exit_code(db: Db) {
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "broken",
+            json!({"command": ["sh", "-c", "echo bad >&2; exit 7"]}),
+        )
+        .await;
+    stack
+        .create_agent("missing", json!({"command": ["/no/such/program"]}))
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "broken", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["error"], "exited with code 7");
+    let id = stack
+        .create_run(0, json!({"agent": "missing", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("exited with code")),
+        "{run}"
+    );
+}
+
+async fn timeout_kills_the_run(db: Db) {
+    let e2e_timeout_marker = crate::harness::marker("timeout");
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent("slow", json!({"command": ["sh", "-c", format!("echo started; sleep 600 # {e2e_timeout_marker}")], "timeoutSeconds": 1}))
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "slow", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "timeout");
+    assert_eq!(run["error"], "timed out after 1 s");
+    let ms = run["executionTimeMs"].as_i64().expect("ms");
+    assert!((1000..3000).contains(&ms), "{ms} ms");
+    assert_eq!(
+        processes_with(&e2e_timeout_marker),
+        0,
+        "the sandbox is gone"
+    );
+}
+
+async fn cancel_of_a_running_run_ends_it_within_2s(db: Db) {
+    let e2e_cancel_marker = crate::harness::marker("cancel");
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "sleeper",
+            json!({"command": ["sh", "-c", format!("echo up; sleep 600 # {e2e_cancel_marker}")]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "sleeper", "prompt": "p"}))
+        .await;
+    stack.wait_for(&id, WAIT, |s| s == "running").await;
+    let started = Instant::now();
+    let (status, run) = stack
+        .call(0, Method::POST, &format!("/v1/runs/{id}/cancel"), None)
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status.as_u16(), 200, "{run}");
+    assert_eq!(run["status"], "cancelled");
+    assert!(took < Duration::from_secs(2), "cancel took {took:?}");
+    let logs = stack.logs(&id).await;
+    let confirmed = logs.iter().any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("run cancelled"))
+    });
+    assert!(confirmed, "the worker confirmed the cancel: {logs:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(&e2e_cancel_marker) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(processes_with(&e2e_cancel_marker), 0, "the sandbox is gone");
+    let events = stack.events(0, &id, None).await;
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("complete"));
+}
+
+async fn cancel_of_a_pending_run_means_it_never_starts(db: Db) {
+    let mut stack = Stack::start(
+        db,
+        StackOptions {
+            workers: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "never",
+            json!({"command": ["sh", "-c", "echo should-not-run"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "never", "prompt": "p"}))
+        .await;
+    let (status, run) = stack
+        .call(0, Method::POST, &format!("/v1/runs/{id}/cancel"), None)
+        .await;
+    assert_eq!(status.as_u16(), 200);
+    assert_eq!(run["status"], "cancelled");
+    // A worker arrives and finds the job: it must drop it.
+    let other = stack
+        .create_run(0, json!({"agent": "never", "prompt": "p"}))
+        .await;
+    stack.add_worker();
+    stack.wait_finished(&other, WAIT).await;
+    let run = stack.run(&id).await;
+    assert_eq!(run["status"], "cancelled");
+    assert!(run["startedAt"].is_null(), "never started: {run}");
+    let logs = stack.logs(&id).await;
+    assert!(logs.iter().all(|l| l["type"] != "agent"), "{logs:?}");
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l["message"].as_str().is_some_and(|m| m.contains("claimed")))
+    );
+}
+
+async fn sse_resume_at_every_event_gives_exactly_the_rest(db: Db) {
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "lines",
+            json!({"command": ["sh", "-c", "for i in 1 2 3 4 5; do echo line $i; done"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "lines", "prompt": "p"}))
+        .await;
+    stack.wait_finished(&id, WAIT).await;
+    let all = stack.events(0, &id, None).await;
+    assert!(all.len() >= 9, "{all:?}");
+    for (k, event) in all.iter().enumerate() {
+        let resume = event.1.as_deref().expect("id");
+        let rest = stack.events(0, &id, Some(resume)).await;
+        assert_eq!(rest, all[k + 1..].to_vec(), "after {resume}");
+    }
+}
+
+crate::on_both_databases!(
+    run_completes_with_output_in_sse_logs_and_metrics,
+    failing_command_ends_failed_with_its_exit_code,
+    timeout_kills_the_run,
+    cancel_of_a_running_run_ends_it_within_2s,
+    cancel_of_a_pending_run_means_it_never_starts,
+    sse_resume_at_every_event_gives_exactly_the_rest,
+);

@@ -1,0 +1,7 @@
+//! End-to-end: runs dispatched over a real nats-server to real worker processes,
+//! executed in bubblewrap sandboxes, watched through the gateway's API.
+
+mod harness;
+
+mod fleet;
+mod lifecycle;
