@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-ensure_packages curl:curl jq:jq
+ensure_packages curl:curl jq:jq nats-server:nats-server bwrap:bubblewrap
 cargo build -q -p vm0-cli
 exec target/debug/vm0 dev "$@"

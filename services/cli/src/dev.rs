@@ -1,5 +1,12 @@
-//! `vm0 dev`: one gateway on SQLite under the data dir, a bootstrap API key and an
-//! example agent. Ctrl-C (or SIGTERM) stops everything.
+//! `vm0 dev`: the whole stack on one machine. A nats-server (JetStream, data under
+//! the data dir), one gateway (SQLite under the data dir) and one worker in this
+//! process, a bootstrap API key and an example agent. Ctrl-C stops everything:
+//! the worker drains, the gateway stops, nats-server is terminated.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
@@ -7,6 +14,7 @@ use vm0_api_types::Timestamp;
 use vm0_api_types::agents::AgentConfig;
 use vm0_api_types::tokens::{display_prefix, is_token};
 use vm0_db::Store;
+use vm0_gateway::config::DispatchConfig;
 use vm0_gateway::{GatewayConfig, auth, routes};
 
 /// Organization that owns what `vm0 dev` creates.
@@ -14,41 +22,132 @@ const DEV_ORG: &str = "default";
 const EXAMPLE_AGENT: &str = "example";
 
 pub async fn run() -> Result<()> {
-    let config = GatewayConfig::from_env()?;
-    let secrets = vm0_gateway::secrets::SecretBox::from_env_or_file(&config.data_dir)?;
+    let mut config = GatewayConfig::from_env()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)?;
+    let shutdown = CancellationToken::new();
+
+    // NATS: the one given, or our own.
+    let (nats_url, nats) = match std::env::var("VM0_NATS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let (url, child) = start_nats(&data_dir).await?;
+            (url, Some(child))
+        }
+    };
+    let worker_token = hex::encode(rand::random::<[u8; 24]>());
+    let grpc_addr: SocketAddr = match std::env::var("VM0_GRPC_ADDR") {
+        Ok(a) => a.parse().context("VM0_GRPC_ADDR")?,
+        Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let mut dispatch = DispatchConfig::new(nats_url.clone(), worker_token.clone());
+    dispatch.grpc_addr = grpc_addr;
+    config.dispatch = Some(dispatch);
+
+    let secrets = vm0_gateway::secrets::SecretBox::from_env_or_file(&data_dir)?;
     let gateway = vm0_gateway::Gateway::open(config, secrets).await?;
     let store = gateway.store.clone();
-    let now = Timestamp::now().micros();
-    let org = store.ensure_organization(DEV_ORG, now).await?;
+    let org = store
+        .ensure_organization(DEV_ORG, Timestamp::now().micros())
+        .await?;
     let api_key = bootstrap_key(&store, &org.id).await?;
     ensure_example_agent(&store, &org.id).await?;
 
     let http_addr = gateway.config.http_addr;
-    let listener = tokio::net::TcpListener::bind(http_addr)
+    let http = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| {
             format!("binding {http_addr} (set VM0_HTTP_ADDR to use another address)")
         })?;
-    let addr = listener.local_addr()?;
-    let data_dir = gateway.config.data_dir.display().to_string();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(gateway.serve(listener, None, shutdown.clone()));
+    let grpc = tokio::net::TcpListener::bind(grpc_addr).await?;
+    let addr = http.local_addr()?;
+    let control_plane = format!("http://{}", grpc.local_addr()?);
+    let server = tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
 
-    println!("vm0 dev is running (data in {data_dir}); Ctrl-C stops it");
+    let worker_config = vm0_worker::WorkerConfig {
+        worker_id: format!("dev-{}", hex::encode(rand::random::<[u8; 3]>())),
+        nats_url,
+        control_plane_url: control_plane,
+        worker_token,
+        data_dir: data_dir.clone(),
+        drain_timeout: Duration::from_secs(10),
+        ..vm0_worker::WorkerConfig::defaults()
+    };
+    let worker_stop = CancellationToken::new();
+    let worker = match worker_config.sandbox.as_str() {
+        "auto" | "bubblewrap" => {
+            let sandbox = vm0_sandbox::bubblewrap::Bubblewrap::detect().await?;
+            tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()))
+        }
+        other => {
+            anyhow::bail!("VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap)")
+        }
+    };
+
+    println!(
+        "vm0 dev is running (data in {}); Ctrl-C stops it",
+        data_dir.display()
+    );
     println!("  URL:      http://{addr}");
     println!("  API key:  {api_key}");
     println!("  try:      export VM0_API_KEY={api_key}");
     println!(
-        "            curl -s http://{addr}/v1/agents -H \"Authorization: Bearer $VM0_API_KEY\" | jq"
+        "            curl -s -X POST http://{addr}/v1/runs -H \"Authorization: Bearer $VM0_API_KEY\" -H 'Content-Type: application/json' -d '{{\"agent\": \"example\", \"prompt\": \"hello\"}}' | jq"
     );
 
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    tracing::info!("stopping");
+    tracing::info!("stopping: draining the worker");
+    worker_stop.cancel();
+    let _ = worker.await;
     shutdown.cancel();
     server.await.context("gateway task")??;
+    if let Some(mut nats) = nats {
+        let _ = nats.start_kill();
+        let _ = nats.wait().await;
+    }
     Ok(())
+}
+
+fn nats_server() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// Starts nats-server with JetStream on the first free port from 4222.
+async fn start_nats(data_dir: &Path) -> Result<(String, tokio::process::Child)> {
+    let program = nats_server().context(
+        "nats-server is not installed (scripts/dev.sh installs it: apt-get install nats-server)",
+    )?;
+    let port = (4222..4322)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .context("no free port for nats-server in 4222-4321")?;
+    let log = std::fs::File::create(data_dir.join("nats.log"))?;
+    let child = tokio::process::Command::new(program)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(data_dir.join("nats"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nats-server")?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok((format!("nats://127.0.0.1:{port}"), child));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!(
+        "nats-server did not start; see {}",
+        data_dir.join("nats.log").display()
+    )
 }
 
 /// `VM0_BOOTSTRAP_API_KEY` when set (registered once), otherwise a fresh key.

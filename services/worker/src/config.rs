@@ -66,6 +66,29 @@ fn memory_mb() -> u64 {
 }
 
 impl WorkerConfig {
+    /// Defaults sized to this machine, with an empty token (for embedding: `vm0 dev`).
+    pub fn defaults() -> WorkerConfig {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        WorkerConfig {
+            worker_id: hostname(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            control_plane_url: "http://127.0.0.1:9090".into(),
+            worker_token: String::new(),
+            slots: std::env::var("VM0_WORKER_SLOTS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(cpus)
+                .max(1),
+            vcpus: cpus,
+            memory_mb: memory_mb(),
+            disk_mb: 100_000,
+            data_dir: PathBuf::from(".vm0"),
+            sample_interval: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(60),
+            sandbox: std::env::var("VM0_SANDBOX").unwrap_or_else(|_| "auto".into()),
+        }
+    }
+
     pub fn from_env() -> Result<WorkerConfig> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let suffix: String = (0..6)
