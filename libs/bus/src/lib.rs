@@ -185,24 +185,33 @@ impl Bus {
 
     /// Publishes telemetry of a run to its JetStream subject and waits for the ack.
     pub async fn publish_telemetry(&self, run_id: &str, msg: &Telemetry) -> Result<(), BusError> {
+        let ack = self.send_telemetry(run_id, msg).await?;
+        ack.await.map_err(|e| BusError::Publish {
+            subject: subjects::telemetry(run_id, msg.channel()),
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Sends telemetry without waiting for JetStream's ack; the returned future
+    /// resolves when it is stored. Lets a busy run pipeline its publishes.
+    pub async fn send_telemetry(
+        &self,
+        run_id: &str,
+        msg: &Telemetry,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, BusError> {
         let subject = subjects::telemetry(run_id, msg.channel());
         let payload = serde_json::to_vec(msg).map_err(|e| BusError::Publish {
             subject: subject.clone(),
             message: e.to_string(),
         })?;
-        let ack = self
-            .js
+        self.js
             .publish(subject.clone(), payload.into())
             .await
             .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
+                subject,
                 message: e.to_string(),
-            })?;
-        ack.await.map_err(|e| BusError::Publish {
-            subject,
-            message: e.to_string(),
-        })?;
-        Ok(())
+            })
     }
 
     /// Asks the worker running `run_id` to cancel it (fire and forget; the heartbeat

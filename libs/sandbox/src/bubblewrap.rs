@@ -22,25 +22,23 @@ use crate::{
     ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec,
 };
 
-/// Host paths made visible read-only (when they exist). `/etc` is not mounted
-/// whole: only what programs need to run.
-const RO_PATHS: &[&str] = &[
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/etc/alternatives",
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/ssl",
-    "/etc/ca-certificates",
-    "/etc/passwd",
-    "/etc/group",
-    "/etc/nsswitch.conf",
-    "/etc/localtime",
+/// Host paths made visible read-only (when they exist).
+const RO_PATHS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
+
+/// What of the host's `/etc` the sandbox sees: a copy made once per worker, mounted
+/// as one read-only `/etc` (one bind instead of one per file; bwrap re-reads the
+/// mount table for every bind), and without the host's secrets (`shadow`, keys).
+const ETC_ENTRIES: &[&str] = &[
+    "alternatives",
+    "ca-certificates",
+    "group",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "nsswitch.conf",
+    "passwd",
+    "ssl",
 ];
 
 const EVENT_QUEUE: usize = 256;
@@ -49,6 +47,40 @@ const READ_CHUNK: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct Bubblewrap {
     program: PathBuf,
+    /// The sandbox's `/etc`, removed when the last clone is dropped.
+    etc: std::sync::Arc<tempfile::TempDir>,
+}
+
+/// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
+/// skipped (the sandbox simply does not get them).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)?.flatten() {
+            let _ = copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+        Ok(())
+    } else {
+        std::fs::copy(from, to).map(|_| ())
+    }
+}
+
+fn prepare_etc() -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("vm0-sandbox-etc-")
+        .tempdir()?;
+    for name in ETC_ENTRIES {
+        let _ = copy_tree(&Path::new("/etc").join(name), &dir.path().join(name));
+    }
+    std::fs::write(dir.path().join("hostname"), "vm0-sandbox\n")?;
+    std::fs::write(
+        dir.path().join("hosts"),
+        "127.0.0.1 localhost vm0-sandbox\n::1 localhost\n",
+    )?;
+    Ok(dir)
 }
 
 impl Bubblewrap {
@@ -83,7 +115,11 @@ impl Bubblewrap {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        Ok(Bubblewrap { program })
+        let etc = prepare_etc().map_err(SandboxError::Prepare)?;
+        Ok(Bubblewrap {
+            program,
+            etc: std::sync::Arc::new(etc),
+        })
     }
 
     fn command(&self, spec: &SandboxSpec, work: &Path) -> Command {
@@ -113,6 +149,7 @@ impl Bubblewrap {
                 Err(_) => {}
             }
         }
+        cmd.arg("--ro-bind").arg(self.etc.path()).arg("/etc");
         cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
         cmd.arg("--bind").arg(work).arg("/work");
         let cwd = spec.working_dir.clone().unwrap_or_else(|| "/work".into());

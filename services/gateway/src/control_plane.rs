@@ -21,8 +21,12 @@ use crate::dispatch::publish_events;
 use crate::error::ErrorChain;
 use crate::secrets::SecretBox;
 
+/// Agent versions cached at most.
+const VERSION_CACHE: usize = 10_000;
+
 pub struct ControlPlaneService {
     store: Store,
+    versions: std::sync::Mutex<std::collections::HashMap<String, AgentConfig>>,
     bus: Bus,
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
@@ -53,6 +57,7 @@ pub fn server(
     };
     let svc = ControlPlaneService {
         store,
+        versions: Default::default(),
         bus,
         secrets,
         config,
@@ -97,6 +102,44 @@ fn final_status(s: i32) -> Result<RunStatus, Status> {
 }
 
 impl ControlPlaneService {
+    /// Publishes stored events for live subscribers without holding up the worker's
+    /// call (subscribers order events by sequence number, and read the store on a gap).
+    fn publish_later(&self, events: Vec<vm0_db::entity::run_event::Model>) {
+        if events.is_empty() {
+            return;
+        }
+        let bus = self.bus.clone();
+        tokio::spawn(async move { publish_events(&bus, &events).await });
+    }
+
+    /// An agent version's config. Versions never change, so they are cached.
+    async fn agent_config(&self, version_id: &str) -> Result<Option<AgentConfig>, Status> {
+        if let Some(config) = self
+            .versions
+            .lock()
+            .ok()
+            .and_then(|c| c.get(version_id).cloned())
+        {
+            return Ok(Some(config));
+        }
+        let Some(version) = self
+            .store
+            .get_agent_version_by_id(version_id)
+            .await
+            .map_err(|e| internal(&e))?
+        else {
+            return Ok(None);
+        };
+        let config = convert::agent_config(&version).map_err(|e| internal(&e))?;
+        if let Ok(mut cache) = self.versions.lock() {
+            if cache.len() >= VERSION_CACHE {
+                cache.clear();
+            }
+            cache.insert(version_id.to_owned(), config.clone());
+        }
+        Ok(Some(config))
+    }
+
     /// What the worker executes: the agent version's recipe plus the run's
     /// variables and secrets.
     async fn spec(
@@ -104,13 +147,10 @@ impl ControlPlaneService {
         run: &vm0_db::entity::run::Model,
         next_event_seq: i64,
     ) -> Result<pb::RunSpec, Status> {
-        let version = self
-            .store
-            .get_agent_version_by_id(&run.agent_version_id)
-            .await
-            .map_err(|e| internal(&e))?
+        let config = self
+            .agent_config(&run.agent_version_id)
+            .await?
             .ok_or_else(|| Status::failed_precondition("the run's agent version is gone"))?;
-        let config: AgentConfig = convert::agent_config(&version).map_err(|e| internal(&e))?;
         let variables: BTreeMap<String, String> =
             serde_json::from_str(&run.variables).unwrap_or_default();
         let secrets = match &run.secrets_sealed {
@@ -285,8 +325,8 @@ impl ControlPlane for ControlPlaneService {
             ClaimOutcome::Cancelled => (PbClaim::Cancelled, 0, None, vec![]),
             ClaimOutcome::NotFound => (PbClaim::NotFound, 0, None, vec![]),
         };
-        publish_events(&self.bus, &events).await;
-        tracing::info!(run_id = %r.run_id, worker_id = %r.worker_id, outcome = ?outcome, "claim");
+        self.publish_later(events);
+        tracing::debug!(run_id = %r.run_id, worker_id = %r.worker_id, outcome = ?outcome, "claim");
         Ok(Response::new(pb::ClaimResponse {
             outcome: outcome.into(),
             attempt: u32::try_from(attempt).unwrap_or(0),
@@ -364,12 +404,12 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?
         {
             FinishOutcome::Finished { events, .. } => {
-                publish_events(&self.bus, &events).await;
+                self.publish_later(events);
                 true
             }
             FinishOutcome::Stale => false,
         };
-        tracing::info!(run_id = %r.run_id, worker_id = %r.worker_id, %status, accepted, "finish");
+        tracing::debug!(run_id = %r.run_id, worker_id = %r.worker_id, %status, accepted, "finish");
         Ok(Response::new(pb::FinishResponse { accepted }))
     }
 }

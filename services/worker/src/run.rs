@@ -19,6 +19,8 @@ use crate::WorkerCtx;
 use crate::control::retry;
 use crate::mask::{Masker, Stream};
 
+/// Telemetry messages sent but not yet acknowledged by JetStream, at most.
+const MAX_PENDING_ACKS: usize = 256;
 /// Progress acks are sent this often (well under the job's ack wait).
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -93,6 +95,9 @@ enum Stop {
 /// Publishes a run's telemetry, numbering its events.
 struct RunTelemetry<'a, S> {
     ctx: &'a WorkerCtx<S>,
+    /// Acks of sent telemetry, awaited before the finish is reported, so that
+    /// everything the run produced is stored in JetStream first.
+    pending_acks: Vec<async_nats::jetstream::context::PublishAckFuture>,
     run_id: String,
     attempt: u32,
     next_seq: i64,
@@ -101,9 +106,29 @@ struct RunTelemetry<'a, S> {
 }
 
 impl<S> RunTelemetry<'_, S> {
-    async fn publish(&self, msg: Telemetry) {
-        if let Err(e) = self.ctx.bus.publish_telemetry(&self.run_id, &msg).await {
-            tracing::warn!(run_id = %self.run_id, error = %e, "telemetry publish failed");
+    async fn publish(&mut self, msg: Telemetry) {
+        match self.ctx.bus.send_telemetry(&self.run_id, &msg).await {
+            Ok(ack) => self.pending_acks.push(ack),
+            Err(e) => tracing::warn!(run_id = %self.run_id, error = %e, "telemetry publish failed"),
+        }
+        // Bound the acks in flight.
+        if self.pending_acks.len() >= MAX_PENDING_ACKS {
+            self.settle().await;
+        }
+    }
+
+    /// Waits for every sent message to be stored.
+    async fn settle(&mut self) {
+        for result in futures::future::join_all(
+            self.pending_acks
+                .drain(..)
+                .map(std::future::IntoFuture::into_future),
+        )
+        .await
+        {
+            if let Err(e) = result {
+                tracing::warn!(run_id = %self.run_id, error = %e, "telemetry not stored");
+            }
         }
     }
 
@@ -190,21 +215,13 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
     let started = Instant::now();
     let mut t = RunTelemetry {
         ctx,
+        pending_acks: Vec::new(),
         run_id: run_id.clone(),
         attempt,
         next_seq: spec.next_event_seq,
         counter: 0,
         masker: Masker::new(spec.secret_values.iter().cloned()),
     };
-    let backend = ctx.sandbox.name();
-    t.system_log(
-        LogLevel::Info,
-        &format!(
-            "worker {} runs this with the {backend} sandbox",
-            ctx.config.worker_id
-        ),
-    )
-    .await;
     let (status, exit_code, error) = match ctx.sandbox.start(sandbox_spec(ctx, &spec)).await {
         Ok(sandbox) => {
             let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
@@ -220,6 +237,7 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
     if let Ok(mut running) = ctx.running.lock() {
         running.remove(&run_id);
     }
+    t.settle().await;
     let finish = pb::FinishRequest {
         run_id: run_id.clone(),
         worker_id: ctx.config.worker_id.clone(),

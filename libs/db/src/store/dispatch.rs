@@ -365,14 +365,20 @@ impl Store {
         } else {
             LogLevel::Warn
         };
-        system_log(&f.run_id, f.now, level, f.log.clone())
+        system_log(&f.run_id, f.now, level, f.log)
             .insert(&*txn)
             .await?;
         txn.commit().await?;
-        let run = self
-            .get_run_by_id(&f.run_id)
-            .await?
-            .ok_or(StoreError::Conflict)?;
+        let run = run::Model {
+            status: f.status.as_str().to_owned(),
+            exit_code: f.exit_code,
+            error: f.error,
+            execution_time_ms: f.execution_time_ms,
+            completed_at: Some(f.now),
+            last_event_seq: base + 2,
+            secrets_sealed: None,
+            ..current
+        };
         Ok(FinishOutcome::Finished {
             run: Box::new(run),
             events,
