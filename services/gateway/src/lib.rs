@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -197,6 +198,11 @@ impl Gateway {
                 });
             }
         }
+        // Event streams write small frames: without TCP_NODELAY, Nagle holds each one
+        // back until the client's delayed ACK (about 40 ms).
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(http, app(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await;
