@@ -35,10 +35,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use secrets::SecretBox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -187,7 +187,8 @@ impl Gateway {
                 let svc = control_plane::server(self.store.clone(), bus, self.secrets, dispatch);
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
-                    let incoming = tonic::transport::server::TcpIncoming::from(grpc);
+                    let incoming =
+                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
                     let served = tonic::transport::Server::builder()
                         .add_service(svc)
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
