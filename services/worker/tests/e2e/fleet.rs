@@ -178,7 +178,36 @@ async fn sigterm_drains_running_runs(db: Db) {
     );
 }
 
+async fn runs_created_while_nats_is_down_are_not_lost(db: Db) {
+    let mut stack = Stack::start(
+        db,
+        StackOptions {
+            pending_republish_after: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent("hello", json!({"command": ["echo", "hello"]}))
+        .await;
+    stack.nats.stop();
+    // The store takes the run; its job cannot be published.
+    let id = stack
+        .create_run(0, json!({"agent": "hello", "prompt": "p"}))
+        .await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // past every publish retry
+    assert_eq!(stack.run(&id).await["status"], "pending");
+    stack.nats.resume().await;
+    // The sweeper republishes it and a worker runs it, once.
+    let run = stack.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let events = stack.events(0, &id, None).await;
+    let outputs: Vec<_> = events.iter().filter(|e| e.0 == "output").collect();
+    assert_eq!(outputs.len(), 1, "{events:?}");
+}
+
 crate::on_both_databases!(
+    runs_created_while_nats_is_down_are_not_lost,
     two_gateways_two_workers_run_50_runs_exactly_once,
     a_killed_worker_loses_its_run_and_the_others_complete,
     sigterm_drains_running_runs,

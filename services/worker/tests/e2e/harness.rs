@@ -57,40 +57,65 @@ fn find_program(name: &str) -> PathBuf {
 /// A nats-server with JetStream, stopped on drop.
 pub struct Nats {
     pub url: String,
-    child: Child,
+    port: u16,
+    store_dir: PathBuf,
+    child: Option<Child>,
 }
 
 impl Nats {
     pub async fn start(dir: &Path) -> Nats {
         let port = free_port();
+        let mut nats = Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store_dir: dir.join("nats"),
+            child: None,
+        };
+        nats.resume().await;
+        nats
+    }
+
+    /// Starts the server again (same port, same JetStream store) after `stop`.
+    pub async fn resume(&mut self) {
         let child = Command::new(find_program("nats-server"))
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("nats"))
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        let nats = Nats {
-            url: format!("nats://127.0.0.1:{port}"),
-            child,
-        };
+        self.child = Some(child);
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return nats;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("nats-server did not start");
     }
+
+    /// Kills the server, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Drop for Nats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -153,6 +178,7 @@ pub struct StackOptions {
     pub workers: usize,
     pub worker_slots: u32,
     pub worker_lost_after: Duration,
+    pub pending_republish_after: Duration,
 }
 
 impl Default for StackOptions {
@@ -162,6 +188,7 @@ impl Default for StackOptions {
             workers: 1,
             worker_slots: 4,
             worker_lost_after: Duration::from_secs(60),
+            pending_republish_after: Duration::from_secs(30),
         }
     }
 }
@@ -233,6 +260,7 @@ impl Stack {
         config.data_dir = self.dir.path().join(format!("gw{}", self.gateways.len()));
         let mut dispatch = DispatchConfig::new(self.nats.url.clone(), WORKER_TOKEN);
         dispatch.worker_lost_after = self.options.worker_lost_after;
+        dispatch.pending_republish_after = self.options.pending_republish_after;
         dispatch.heartbeat_interval = Duration::from_millis(300);
         dispatch.reaper_interval = Duration::from_millis(200);
         config.dispatch = Some(dispatch);
