@@ -3,29 +3,7 @@
 use vm0_api_types::Timestamp;
 use vm0_db::{CancelOutcome, NewRun, Store, StoreError, UpdateOutcome};
 
-#[derive(Clone, Copy)]
-enum Db {
-    Sqlite,
-    Postgres,
-}
-
-async fn url(db: Db, dir: &std::path::Path) -> String {
-    match db {
-        Db::Sqlite => format!("sqlite://{}", dir.join("t.db").display()),
-        Db::Postgres => {
-            let admin = std::env::var(vm0_db::testing::POSTGRES_URL_VAR)
-                .expect("VM0_TEST_POSTGRES_URL is not set: run scripts/test.sh");
-            let name = format!(
-                "s_{}",
-                vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request)
-                    .trim_start_matches("req_")
-            );
-            vm0_db::testing::create_postgres_database(&admin, &name)
-                .await
-                .expect("create db")
-        }
-    }
-}
+use vm0_db::testing::{TestDb as Db, fresh_database_url as url};
 
 async fn store(db: Db, dir: &std::path::Path) -> Store {
     let store = Store::connect(&url(db, dir).await, 8)
@@ -154,14 +132,7 @@ async fn concurrent_agent_updates_never_share_a_version_number(db: Db) {
     assert_eq!(current.current_version_id, newest.id);
 }
 
-macro_rules! on_both {
-    ($($name:ident),*) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Db::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Db::Postgres).await } )* }
-    };
-}
-
-on_both!(
+vm0_db::on_both_databases!(
     migrations_are_idempotent_and_concurrent,
     one_of_many_concurrent_cancels_wins,
     concurrent_agent_updates_never_share_a_version_number

@@ -451,6 +451,9 @@ impl Store {
         logs: &[(String, NewLog)],
         metrics: &[(String, NewMetric)],
     ) -> Result<(), StoreError> {
+        if events.is_empty() && logs.is_empty() && metrics.is_empty() {
+            return Ok(());
+        }
         let txn = self.begin_write().await?;
         for chunk in events.chunks(500) {
             run_event::Entity::insert_many(chunk.iter().cloned().map(run_event::ActiveModel::from))
@@ -463,47 +466,24 @@ impl Store {
                 .await?;
         }
         for chunk in logs.chunks(500) {
-            run_log::Entity::insert_many(chunk.iter().map(|(run_id, l)| run_log::ActiveModel {
-                run_id: Set(run_id.clone()),
-                ts: Set(l.ts),
-                dedupe_key: Set(l.key.clone()),
-                log_type: Set(l.log_type.as_str().to_owned()),
-                level: Set(l.level.as_str().to_owned()),
-                message: Set(l.message.clone()),
-                metadata: Set(l.metadata.to_string()),
-                ..Default::default()
-            }))
-            .on_conflict(
-                OnConflict::columns([run_log::Column::RunId, run_log::Column::DedupeKey])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&*txn)
-            .await?;
+            run_log::Entity::insert_many(chunk.iter().map(|(run_id, l)| l.row(run_id)))
+                .on_conflict(
+                    OnConflict::columns([run_log::Column::RunId, run_log::Column::DedupeKey])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&*txn)
+                .await?;
         }
         for chunk in metrics.chunks(500) {
-            run_metric::Entity::insert_many(chunk.iter().map(|(run_id, m)| {
-                run_metric::ActiveModel {
-                    run_id: Set(run_id.clone()),
-                    ts: Set(m.ts),
-                    dedupe_key: Set(m.key.clone()),
-                    cpu_percent: Set(m.cpu_percent),
-                    memory_used_bytes: Set(m.memory_used_bytes),
-                    memory_total_bytes: Set(m.memory_total_bytes),
-                    disk_used_bytes: Set(m.disk_used_bytes),
-                    disk_total_bytes: Set(m.disk_total_bytes),
-                    network_rx_bytes: Set(m.network_rx_bytes),
-                    network_tx_bytes: Set(m.network_tx_bytes),
-                    ..Default::default()
-                }
-            }))
-            .on_conflict(
-                OnConflict::columns([run_metric::Column::RunId, run_metric::Column::DedupeKey])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(&*txn)
-            .await?;
+            run_metric::Entity::insert_many(chunk.iter().map(|(run_id, m)| m.row(run_id)))
+                .on_conflict(
+                    OnConflict::columns([run_metric::Column::RunId, run_metric::Column::DedupeKey])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&*txn)
+                .await?;
         }
         txn.commit().await?;
         Ok(())

@@ -166,34 +166,49 @@ pub struct NewMetric {
     pub network_tx_bytes: i64,
 }
 
-/// Rows per INSERT statement: well under SQLite's bound-parameter limit.
-const INSERT_CHUNK: usize = 500;
+impl NewLog {
+    pub(crate) fn row(&self, run_id: &str) -> run_log::ActiveModel {
+        use sea_orm::Set;
+        run_log::ActiveModel {
+            run_id: Set(run_id.to_owned()),
+            ts: Set(self.ts),
+            dedupe_key: Set(self.key.clone()),
+            log_type: Set(self.log_type.as_str().to_owned()),
+            level: Set(self.level.as_str().to_owned()),
+            message: Set(self.message.clone()),
+            metadata: Set(self.metadata.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+impl NewMetric {
+    pub(crate) fn row(&self, run_id: &str) -> run_metric::ActiveModel {
+        use sea_orm::Set;
+        run_metric::ActiveModel {
+            run_id: Set(run_id.to_owned()),
+            ts: Set(self.ts),
+            dedupe_key: Set(self.key.clone()),
+            cpu_percent: Set(self.cpu_percent),
+            memory_used_bytes: Set(self.memory_used_bytes),
+            memory_total_bytes: Set(self.memory_total_bytes),
+            disk_used_bytes: Set(self.disk_used_bytes),
+            disk_total_bytes: Set(self.disk_total_bytes),
+            network_rx_bytes: Set(self.network_rx_bytes),
+            network_tx_bytes: Set(self.network_tx_bytes),
+            ..Default::default()
+        }
+    }
+}
 
 impl Store {
-    /// Appends log lines of a run in one transaction, a few statements per batch.
+    /// Appends log lines of a run in one transaction.
     pub async fn append_logs(&self, run_id: &str, logs: &[NewLog]) -> Result<(), StoreError> {
-        use sea_orm::Set;
-        if logs.is_empty() {
-            return Ok(());
-        }
-        let txn = self.begin_write().await?;
-        for chunk in logs.chunks(INSERT_CHUNK) {
-            let rows = chunk.iter().map(|l| run_log::ActiveModel {
-                run_id: Set(run_id.to_owned()),
-                ts: Set(l.ts),
-                dedupe_key: Set(l.key.clone()),
-                log_type: Set(l.log_type.as_str().to_owned()),
-                level: Set(l.level.as_str().to_owned()),
-                message: Set(l.message.clone()),
-                metadata: Set(l.metadata.to_string()),
-                ..Default::default()
-            });
-            run_log::Entity::insert_many(rows)
-                .exec_without_returning(&*txn)
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(())
+        let rows: Vec<_> = logs
+            .iter()
+            .map(|l| (run_id.to_owned(), l.clone()))
+            .collect();
+        self.insert_telemetry(&[], &rows, &[]).await
     }
 
     /// Appends resource samples of a run in one transaction.
@@ -202,30 +217,10 @@ impl Store {
         run_id: &str,
         samples: &[NewMetric],
     ) -> Result<(), StoreError> {
-        use sea_orm::Set;
-        if samples.is_empty() {
-            return Ok(());
-        }
-        let txn = self.begin_write().await?;
-        for chunk in samples.chunks(INSERT_CHUNK) {
-            let rows = chunk.iter().map(|m| run_metric::ActiveModel {
-                run_id: Set(run_id.to_owned()),
-                ts: Set(m.ts),
-                dedupe_key: Set(m.key.clone()),
-                cpu_percent: Set(m.cpu_percent),
-                memory_used_bytes: Set(m.memory_used_bytes),
-                memory_total_bytes: Set(m.memory_total_bytes),
-                disk_used_bytes: Set(m.disk_used_bytes),
-                disk_total_bytes: Set(m.disk_total_bytes),
-                network_rx_bytes: Set(m.network_rx_bytes),
-                network_tx_bytes: Set(m.network_tx_bytes),
-                ..Default::default()
-            });
-            run_metric::Entity::insert_many(rows)
-                .exec_without_returning(&*txn)
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(())
+        let rows: Vec<_> = samples
+            .iter()
+            .map(|m| (run_id.to_owned(), m.clone()))
+            .collect();
+        self.insert_telemetry(&[], &[], &rows).await
     }
 }

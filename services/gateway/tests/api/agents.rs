@@ -240,4 +240,4 @@ async fn agent_validation(db: Db) {
     );
 }
 
-crate::on_both_databases!(agent_lifecycle, agent_validation);
+vm0_db::on_both_databases!(agent_lifecycle, agent_validation);

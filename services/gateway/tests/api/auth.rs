@@ -176,7 +176,7 @@ async fn health_endpoints_need_no_auth(db: Db) {
     }
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     missing_malformed_unknown_tokens_are_401,
     expired_and_revoked_tokens_are_401,
     tokens_are_listed_without_secrets,

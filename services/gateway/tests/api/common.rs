@@ -9,27 +9,7 @@ use tokio_util::sync::CancellationToken;
 use vm0_db::Store;
 use vm0_gateway::GatewayConfig;
 
-/// Which database a test runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
-
-/// Runs each listed `async fn name(db: Db)` once on SQLite and once on PostgreSQL.
-#[macro_export]
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Db::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Db::Postgres).await } )*
-        }
-    };
-}
+pub use vm0_db::testing::TestDb as Db;
 
 static ERRORS_LOGGED: AtomicUsize = AtomicUsize::new(0);
 
@@ -68,28 +48,6 @@ pub struct TestGateway {
     _dir: tempfile::TempDir,
 }
 
-async fn database_url(db: Db, dir: &std::path::Path) -> String {
-    match db {
-        Db::Sqlite => format!("sqlite://{}", dir.join("vm0.db").display()),
-        Db::Postgres => {
-            let admin = std::env::var(vm0_db::testing::POSTGRES_URL_VAR).unwrap_or_else(|_| {
-                panic!(
-                    "{} is not set: run the tests with scripts/test.sh, which starts PostgreSQL",
-                    vm0_db::testing::POSTGRES_URL_VAR
-                )
-            });
-            let name = format!(
-                "t_{}",
-                vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request)
-                    .trim_start_matches("req_")
-            );
-            vm0_db::testing::create_postgres_database(&admin, &name)
-                .await
-                .expect("create test database")
-        }
-    }
-}
-
 impl TestGateway {
     pub async fn start(db: Db) -> TestGateway {
         Self::start_with(db, |_| {}).await
@@ -98,7 +56,8 @@ impl TestGateway {
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = GatewayConfig::for_database(database_url(db, dir.path()).await);
+        let mut config =
+            GatewayConfig::for_database(vm0_db::testing::fresh_database_url(db, dir.path()).await);
         config.data_dir = dir.path().to_owned();
         tweak(&mut config);
         let gateway = vm0_gateway::Gateway::open(config, vm0_gateway::secrets::SecretBox::random())

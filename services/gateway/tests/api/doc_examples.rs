@@ -27,4 +27,4 @@ async fn documented_curl_commands_give_documented_shapes(db: Db) {
     );
 }
 
-crate::on_both_databases!(documented_curl_commands_give_documented_shapes);
+vm0_db::on_both_databases!(documented_curl_commands_give_documented_shapes);

@@ -197,7 +197,7 @@ async fn open_stream_sends_heartbeats_then_follows_a_cancel(db: Db) {
     );
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     finished_run_replays_and_resumes_exactly,
     open_stream_sends_heartbeats_then_follows_a_cancel
 );

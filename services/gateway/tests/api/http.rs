@@ -231,7 +231,7 @@ async fn openapi_document_covers_the_api(db: Db) {
     );
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     bad_bodies_get_clear_errors,
     unknown_routes_and_methods,
     request_ids,

@@ -109,4 +109,4 @@ async fn bad_limits_and_forged_cursors(db: Db) {
     );
 }
 
-crate::on_both_databases!(walks_of_250_runs_and_agents, bad_limits_and_forged_cursors);
+vm0_db::on_both_databases!(walks_of_250_runs_and_agents, bad_limits_and_forged_cursors);

@@ -476,7 +476,7 @@ async fn concurrent_creates_are_all_stored(db: Db) {
     }
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     concurrent_creates_are_all_stored,
     create_get_list_cancel,
     create_run_errors,

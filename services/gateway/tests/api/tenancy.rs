@@ -76,4 +76,4 @@ async fn another_organization_sees_nothing(db: Db) {
     assert_eq!(still["status"], "pending");
 }
 
-crate::on_both_databases!(another_organization_sees_nothing);
+vm0_db::on_both_databases!(another_organization_sees_nothing);

@@ -206,7 +206,7 @@ async fn runs_created_while_nats_is_down_are_not_lost(db: Db) {
     assert_eq!(outputs.len(), 1, "{events:?}");
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     runs_created_while_nats_is_down_are_not_lost,
     two_gateways_two_workers_run_50_runs_exactly_once,
     a_killed_worker_loses_its_run_and_the_others_complete,

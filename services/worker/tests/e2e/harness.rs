@@ -15,26 +15,7 @@ use vm0_gateway::{Gateway, GatewayConfig};
 
 pub const WORKER_TOKEN: &str = "e2e-worker-token-0123456789";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
-
-/// Runs each listed `async fn name(db: Db)` on SQLite and on PostgreSQL.
-#[macro_export]
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::harness::Db::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::harness::Db::Postgres).await } )*
-        }
-    };
-}
+pub use vm0_db::testing::TestDb as Db;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -206,30 +187,11 @@ pub struct Stack {
     options: StackOptions,
 }
 
-async fn database_url(db: Db, dir: &Path) -> String {
-    match db {
-        Db::Sqlite => format!("sqlite://{}", dir.join("vm0.db").display()),
-        Db::Postgres => {
-            let admin = std::env::var(vm0_db::testing::POSTGRES_URL_VAR).expect(
-                "VM0_TEST_POSTGRES_URL is not set: run scripts/test.sh, which starts PostgreSQL",
-            );
-            let name = format!(
-                "e_{}",
-                vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Request)
-                    .trim_start_matches("req_")
-            );
-            vm0_db::testing::create_postgres_database(&admin, &name)
-                .await
-                .expect("create db")
-        }
-    }
-}
-
 impl Stack {
     pub async fn start(db: Db, options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().expect("dir");
         let nats = Nats::start(dir.path()).await;
-        let database_url = database_url(db, dir.path()).await;
+        let database_url = vm0_db::testing::fresh_database_url(db, dir.path()).await;
         let mut stack = Stack {
             nats,
             store: Store::connect(&database_url, 4).await.expect("store"),

@@ -233,7 +233,7 @@ async fn sse_resume_at_every_event_gives_exactly_the_rest(db: Db) {
     }
 }
 
-crate::on_both_databases!(
+vm0_db::on_both_databases!(
     run_completes_with_output_in_sse_logs_and_metrics,
     failing_command_ends_failed_with_its_exit_code,
     timeout_kills_the_run,
