@@ -1,0 +1,274 @@
+//! The guest agent's session: `Ready`, then one `Start`, then output, samples and
+//! finally `Exited`; `Cancel` and `Ping` are answered at any time.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use vm0_proto::frame;
+use vm0_proto::guest::{
+    Exited, GuestError, GuestMessage, HostMessage, Output, OutputStream, Pong, Ready, Start,
+    guest_message, host_message,
+};
+
+use crate::sample::{Sampler, oom_kills};
+
+/// Grace between SIGTERM and SIGKILL when `Cancel` does not say.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const READ_CHUNK: usize = 16 * 1024;
+
+fn msg(kind: guest_message::Kind) -> GuestMessage {
+    GuestMessage { kind: Some(kind) }
+}
+
+/// Writes frames in order from a queue (one writer for every task).
+async fn writer_task<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<GuestMessage>) {
+    while let Some(m) = rx.recv().await {
+        if frame::write(&mut w, &m).await.is_err() {
+            return; // the host is gone
+        }
+    }
+}
+
+/// Reads host frames into a queue; ends (dropping the sender) at end of stream or
+/// on a frame that does not decode, after reporting it.
+async fn reader_task<R: AsyncRead + Unpin>(
+    mut r: R,
+    tx: mpsc::Sender<HostMessage>,
+    out: mpsc::Sender<GuestMessage>,
+) {
+    loop {
+        match frame::read::<HostMessage, _>(&mut r).await {
+            Ok(Some(m)) => {
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = out
+                    .send(msg(guest_message::Kind::Error(GuestError {
+                        message: format!("unreadable host frame: {e}"),
+                    })))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    stream: OutputStream,
+    to: mpsc::Sender<(OutputStream, Vec<u8>)>,
+) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.send((stream, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pub async fn serve<R, W>(reader: R, writer: W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::channel(256);
+    let writer = tokio::spawn(writer_task(writer, out_rx));
+    let (host_tx, mut host_rx) = mpsc::channel(16);
+    tokio::spawn(reader_task(reader, host_tx, out_tx.clone()));
+    let send = |m: GuestMessage| {
+        let out = out_tx.clone();
+        async move {
+            let _ = out.send(m).await;
+        }
+    };
+    send(msg(guest_message::Kind::Ready(Ready {
+        version: env!("CARGO_PKG_VERSION").into(),
+    })))
+    .await;
+
+    // Wait for Start, answering pings.
+    let start = loop {
+        match host_rx.recv().await {
+            Some(HostMessage {
+                kind: Some(host_message::Kind::Start(s)),
+            }) => break s,
+            Some(HostMessage {
+                kind: Some(host_message::Kind::Ping(p)),
+            }) => {
+                send(msg(guest_message::Kind::Pong(Pong { nonce: p.nonce }))).await;
+            }
+            Some(_) => {
+                send(msg(guest_message::Kind::Error(GuestError {
+                    message: "expected Start".into(),
+                })))
+                .await;
+            }
+            None => {
+                drop(out_tx);
+                let _ = writer.await;
+                return Ok(());
+            }
+        }
+    };
+    let exited = run(start, &mut host_rx, &out_tx).await;
+    let _ = out_tx.send(msg(guest_message::Kind::Exited(exited))).await;
+    drop(out_tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+fn signal_group(pgid: Option<u32>, sig: Signal) {
+    if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = killpg(Pid::from_raw(pid), sig);
+    }
+}
+
+/// Runs the command until it ends; returns how it ended.
+async fn run(
+    start: Start,
+    host_rx: &mut mpsc::Receiver<HostMessage>,
+    out: &mpsc::Sender<GuestMessage>,
+) -> Exited {
+    let failed = |message: String| {
+        let out = out.clone();
+        async move {
+            let _ = out
+                .send(msg(guest_message::Kind::Error(GuestError { message })))
+                .await;
+            Exited {
+                code: Some(127),
+                signal: None,
+                oom_killed: false,
+            }
+        }
+    };
+    let Some(program) = start.argv.first() else {
+        return failed("Start has an empty argv".into()).await;
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(&start.argv[1..])
+        .env_clear()
+        .envs(&start.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if !start.working_dir.is_empty() {
+        cmd.current_dir(&start.working_dir);
+    }
+    let oom_before = oom_kills();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("cannot start {program}: {e}")).await,
+    };
+    let pgid = child.id();
+    if let Some(mut stdin) = child.stdin.take() {
+        let input = start.stdin.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&input).await;
+        });
+    }
+    let (chunk_tx, mut chunk_rx) = mpsc::channel(64);
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(pump(s, OutputStream::Stdout, chunk_tx.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(pump(s, OutputStream::Stderr, chunk_tx.clone()))),
+    ];
+    drop(chunk_tx);
+    let mut sampler = Sampler::new(&start.working_dir);
+    let interval = Duration::from_millis(u64::from(start.sample_interval_ms.max(100)));
+    let mut tick = tokio::time::interval(interval);
+    tick.reset();
+    let sampling = start.sample_interval_ms > 0;
+    let mut seq = 0u64;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut host_open = true;
+    let status = loop {
+        let kill_deadline = async {
+            match kill_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = child.wait() => break status,
+            Some((stream, data)) = chunk_rx.recv() => {
+                let _ = out.send(msg(guest_message::Kind::Output(Output { stream: stream.into(), seq, data }))).await;
+                seq += 1;
+            }
+            _ = tick.tick(), if sampling => {
+                let _ = out.send(msg(guest_message::Kind::Sample(sampler.sample()))).await;
+            }
+            m = host_rx.recv(), if host_open => match m {
+                Some(HostMessage { kind: Some(host_message::Kind::Cancel(c)) }) => {
+                    signal_group(pgid, Signal::SIGTERM);
+                    let grace = if c.grace_ms == 0 { DEFAULT_GRACE } else { Duration::from_millis(u64::from(c.grace_ms)) };
+                    kill_at.get_or_insert(tokio::time::Instant::now() + grace);
+                }
+                Some(HostMessage { kind: Some(host_message::Kind::Ping(p)) }) => {
+                    let _ = out.send(msg(guest_message::Kind::Pong(Pong { nonce: p.nonce }))).await;
+                }
+                Some(_) => {
+                    let _ = out.send(msg(guest_message::Kind::Error(GuestError { message: "unexpected message while running".into() }))).await;
+                }
+                None => {
+                    // The host is gone: nobody will read the result.
+                    host_open = false;
+                    signal_group(pgid, Signal::SIGKILL);
+                }
+            },
+            _ = kill_deadline => {
+                signal_group(pgid, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    // Whatever is still in the pipes comes before Exited (bounded: a descendant
+    // may keep a pipe open).
+    signal_group(pgid, Signal::SIGKILL);
+    let drain = async {
+        while let Some((stream, data)) = chunk_rx.recv().await {
+            let _ = out
+                .send(msg(guest_message::Kind::Output(Output {
+                    stream: stream.into(),
+                    seq,
+                    data,
+                })))
+                .await;
+            seq += 1;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    for r in readers.into_iter().flatten() {
+        r.abort();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => Exited {
+            code: s.code(),
+            signal: s.signal(),
+            oom_killed: s.signal() == Some(9) && oom_kills() > oom_before,
+        },
+        Err(e) => failed(format!("waiting for the command failed: {e}")).await,
+    }
+}
