@@ -7,7 +7,14 @@ source scripts/deps.sh
 source scripts/test-postgres.sh
 
 ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
-  nats-server:nats-server bwrap:bubblewrap
+  nats-server:nats-server bwrap:bubblewrap qemu-system-x86_64:qemu-system-x86
+# The guest images need a *static* busybox (Debian's plain busybox is dynamic).
+dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static-probe-absent:busybox-static
+
+# The guest agent is PID 1 of the microVMs' initramfs: a static (musl) binary.
+source scripts/guest-agent.sh
+build_guest_agent
+export VM0_IMAGE_CACHE=${VM0_IMAGE_CACHE:-$PWD/target/vm0-images}
 
 trap stop_test_postgres EXIT
 start_test_postgres

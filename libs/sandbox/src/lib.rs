@@ -11,6 +11,10 @@
 
 /// The bubblewrap backend.
 pub mod bubblewrap;
+/// Guest images: kernel and initramfs, built from Debian packages.
+pub mod image;
+/// The QEMU backend.
+pub mod qemu;
 /// Resource samples from `/proc`.
 pub mod sample;
 

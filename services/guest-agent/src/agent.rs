@@ -17,6 +17,17 @@ use vm0_proto::guest::{
 
 use crate::sample::{Sampler, oom_kills};
 
+/// Pid of the command being run (0: none), so that PID 1's orphan reaper leaves it
+/// to tokio.
+static MAIN_CHILD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+pub fn main_child() -> Option<u32> {
+    match MAIN_CHILD.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        pid => Some(pid),
+    }
+}
+
 /// Grace between SIGTERM and SIGKILL when `Cancel` does not say.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 16 * 1024;
@@ -87,7 +98,7 @@ where
     let (out_tx, out_rx) = mpsc::channel(256);
     let writer = tokio::spawn(writer_task(writer, out_rx));
     let (host_tx, mut host_rx) = mpsc::channel(16);
-    tokio::spawn(reader_task(reader, host_tx, out_tx.clone()));
+    let reader = tokio::spawn(reader_task(reader, host_tx, out_tx.clone()));
     let send = |m: GuestMessage| {
         let out = out_tx.clone();
         async move {
@@ -117,6 +128,7 @@ where
                 .await;
             }
             None => {
+                reader.abort();
                 drop(out_tx);
                 let _ = writer.await;
                 return Ok(());
@@ -125,6 +137,8 @@ where
     };
     let exited = run(start, &mut host_rx, &out_tx).await;
     let _ = out_tx.send(msg(guest_message::Kind::Exited(exited))).await;
+    // The reader holds a sender too: stop it so the writer ends once Exited is out.
+    reader.abort();
     drop(out_tx);
     let _ = writer.await;
     Ok(())
@@ -176,6 +190,7 @@ async fn run(
         Err(e) => return failed(format!("cannot start {program}: {e}")).await,
     };
     let pgid = child.id();
+    MAIN_CHILD.store(pgid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
     if let Some(mut stdin) = child.stdin.take() {
         let input = start.stdin.clone();
         tokio::spawn(async move {

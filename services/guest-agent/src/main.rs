@@ -8,6 +8,7 @@
 //! arrive with the microVM backends.
 
 mod agent;
+mod init;
 mod sample;
 
 use std::process::ExitCode;
@@ -19,6 +20,36 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As a VM's init: set the machine up, serve the host on the serial port, power off.
+    if std::process::id() == 1 {
+        let port = init::boot();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime {
+            let served = runtime.block_on(async {
+                let reaper = tokio::spawn(async {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        init::reap_orphans(agent::main_child());
+                    }
+                });
+                let device = tokio::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&port)
+                    .await?;
+                let reader = device.try_clone().await?;
+                let result = agent::serve(reader, device).await;
+                reaper.abort();
+                result
+            });
+            if let Err(e) = served {
+                eprintln!("vm0-guest-agent: {e}");
+            }
+        }
+        init::power_off();
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -14,12 +14,21 @@ async fn main() -> Result<()> {
     match config.sandbox.as_str() {
         "auto" | "bubblewrap" => {
             let sandbox = Bubblewrap::detect().await?;
-            tracing::info!(sandbox = "bubblewrap", reason = %"the microVM backends are not built yet", "sandbox chosen");
+            tracing::info!(
+                sandbox = "bubblewrap",
+                reason = %"auto picks bubblewrap until the microVM backends can probe KVM; VM0_SANDBOX=qemu selects microVMs",
+                "sandbox chosen"
+            );
             vm0_worker::run(config, sandbox, shutdown).await
         }
-        other => {
-            anyhow::bail!("VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap)")
+        "qemu" => {
+            let sandbox = vm0_worker::qemu_sandbox(&config)?;
+            tracing::info!(sandbox = "qemu", accel = "tcg", "sandbox chosen");
+            vm0_worker::run(config, sandbox, shutdown).await
         }
+        other => anyhow::bail!(
+            "VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap, qemu)"
+        ),
     }
 }
 

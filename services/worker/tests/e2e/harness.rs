@@ -160,6 +160,8 @@ pub struct StackOptions {
     pub worker_slots: u32,
     pub worker_lost_after: Duration,
     pub pending_republish_after: Duration,
+    /// `VM0_SANDBOX` of the workers.
+    pub sandbox: &'static str,
 }
 
 impl Default for StackOptions {
@@ -170,6 +172,7 @@ impl Default for StackOptions {
             worker_slots: 4,
             worker_lost_after: Duration::from_secs(60),
             pending_republish_after: Duration::from_secs(30),
+            sandbox: "bubblewrap",
         }
     }
 }
@@ -266,6 +269,12 @@ impl Stack {
             .env("VM0_DATA_DIR", self.dir.path().join("workers"))
             .env("VM0_SAMPLE_INTERVAL_MS", "200")
             .env("VM0_DRAIN_TIMEOUT_SECS", "20")
+            .env("VM0_SANDBOX", self.options.sandbox)
+            .envs(
+                ["VM0_GUEST_AGENT", "VM0_IMAGE_CACHE"]
+                    .iter()
+                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -5,3 +5,4 @@ mod harness;
 
 mod fleet;
 mod lifecycle;
+mod microvm;

@@ -1,0 +1,280 @@
+//! Guest images: a Debian kernel and an initramfs (cpio newc, gzip) holding the
+//! static guest agent as `/init`, busybox, and the virtio modules it loads at boot.
+//! Built from packages fetched with `apt-get download` (never installed on the
+//! host), content-addressed and cached under the data dir.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// Modules the guest loads, in dependency order, relative to the kernel's module dir.
+const MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_mmio.ko",
+    "kernel/drivers/char/virtio_console.ko",
+];
+
+/// A bootable guest: kernel and initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// Hex SHA-256 over the kernel and the initramfs.
+    pub id: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{0} not found")]
+    Missing(String),
+    #[error("image file operation failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// What goes into an image.
+#[derive(Debug, Clone)]
+pub struct ImageRecipe {
+    /// The static guest agent binary (becomes `/init`).
+    pub guest_agent: PathBuf,
+    /// A static busybox (`busybox-static` installs `/bin/busybox`).
+    pub busybox: PathBuf,
+    /// Debian kernel package; default: what `linux-image-amd64` depends on.
+    pub kernel_package: Option<String>,
+    /// Cache root (`<data dir>/images`).
+    pub cache_dir: PathBuf,
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<String, ImageError> {
+    let out = cmd.output().map_err(|e| ImageError::Command {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            what: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The kernel package `linux-image-amd64` points at.
+fn default_kernel_package() -> Result<String, ImageError> {
+    let deps = run(
+        "apt-cache depends linux-image-amd64",
+        Command::new("apt-cache").args(["depends", "linux-image-amd64"]),
+    )?;
+    deps.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+        .ok_or_else(|| ImageError::Missing("a linux-image package (apt-get update?)".into()))
+}
+
+/// Unpacks the kernel package once: `<cache>/kernels/<package>/{boot,lib}`.
+fn kernel_tree(recipe: &ImageRecipe) -> Result<(PathBuf, PathBuf), ImageError> {
+    let package = match &recipe.kernel_package {
+        Some(p) => p.clone(),
+        None => default_kernel_package()?,
+    };
+    let root = recipe.cache_dir.join("kernels").join(&package);
+    if !root.join("boot").exists() {
+        let download = tempfile::tempdir_in(&recipe.cache_dir)?;
+        run(
+            &format!("apt-get download {package}"),
+            Command::new("apt-get")
+                .arg("download")
+                .arg(&package)
+                .current_dir(download.path()),
+        )?;
+        let deb = std::fs::read_dir(download.path())?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| ImageError::Missing(format!("{package}.deb")))?;
+        let unpack = tempfile::tempdir_in(&recipe.cache_dir)?;
+        run(
+            "dpkg-deb -x",
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(unpack.path()),
+        )?;
+        std::fs::create_dir_all(root.parent().unwrap_or(&recipe.cache_dir))?;
+        let unpacked = unpack.keep();
+        // A concurrent builder may have unpacked the same package first.
+        if std::fs::rename(&unpacked, &root).is_err() {
+            let _ = std::fs::remove_dir_all(&unpacked);
+            if !root.join("boot").exists() {
+                return Err(ImageError::Missing(root.display().to_string()));
+            }
+        }
+    }
+    let vmlinuz = std::fs::read_dir(root.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or_else(|| ImageError::Missing(format!("vmlinuz in {package}")))?;
+    let modules = std::fs::read_dir(root.join("lib/modules"))?
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .ok_or_else(|| ImageError::Missing(format!("modules in {package}")))?;
+    Ok((vmlinuz, modules))
+}
+
+/// A cpio "newc" archive writer (the initramfs format).
+struct Cpio<W: Write> {
+    out: W,
+    ino: u32,
+}
+
+impl<W: Write> Cpio<W> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        data: &[u8],
+        rdev: (u32, u32),
+    ) -> std::io::Result<()> {
+        self.ino += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
+        );
+        self.out.write_all(header.as_bytes())?;
+        self.out.write_all(name.as_bytes())?;
+        self.out.write_all(&[0])?;
+        self.pad(110 + name.len() + 1)?;
+        self.out.write_all(data)?;
+        self.pad(data.len())
+    }
+
+    fn pad(&mut self, len: usize) -> std::io::Result<()> {
+        let pad = (4 - len % 4) % 4;
+        self.out.write_all(&[0u8; 3][..pad])
+    }
+
+    fn dir(&mut self, name: &str) -> std::io::Result<()> {
+        self.entry(name, 0o040755, &[], (0, 0))
+    }
+
+    fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+        self.entry(name, 0o100000 | mode, data, (0, 0))
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) -> std::io::Result<()> {
+        self.entry(name, 0o120777, target.as_bytes(), (0, 0))
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0))?;
+        Ok(self.out)
+    }
+}
+
+fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageError> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut cpio = Cpio { out: gz, ino: 0 };
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "etc",
+        "etc/vm0",
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "lib",
+        "lib/modules",
+        "work",
+    ] {
+        cpio.dir(d)?;
+    }
+    // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
+    cpio.entry("dev/console", 0o020600, &[], (5, 1))?;
+    let agent = std::fs::read(&recipe.guest_agent)
+        .map_err(|_| ImageError::Missing(recipe.guest_agent.display().to_string()))?;
+    cpio.file("init", 0o755, &agent)?;
+    let busybox = std::fs::read(&recipe.busybox)
+        .map_err(|_| ImageError::Missing(recipe.busybox.display().to_string()))?;
+    cpio.file("bin/busybox", 0o755, &busybox)?;
+    for applet in [
+        "sh", "echo", "cat", "sleep", "ls", "true", "false", "env", "dd", "head", "tail", "wc",
+        "grep", "sed", "awk", "mkdir", "rm", "cp", "mv", "date", "uname", "yes", "seq", "tr",
+        "cut", "sort", "printf", "test", "kill", "ps", "free", "df", "id", "hostname", "pwd",
+        "touch",
+    ] {
+        cpio.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    let mut list = String::new();
+    for module in MODULES {
+        let data = std::fs::read(modules_dir.join(module))
+            .map_err(|_| ImageError::Missing(module.to_string()))?;
+        let name = Path::new(module)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        cpio.file(&format!("lib/modules/{name}"), 0o644, &data)?;
+        list.push_str(&format!("/lib/modules/{name}\n"));
+    }
+    cpio.file("etc/vm0/modules", 0o644, list.as_bytes())?;
+    cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/work:/bin/sh\n")?;
+    cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
+    Ok(cpio.finish()?.finish()?)
+}
+
+/// Builds (or finds in the cache) the image for `recipe`.
+pub fn build(recipe: &ImageRecipe) -> Result<GuestImage, ImageError> {
+    std::fs::create_dir_all(&recipe.cache_dir)?;
+    let (vmlinuz, modules) = kernel_tree(recipe)?;
+    let kernel = std::fs::read(&vmlinuz)?;
+    let initrd = initramfs(recipe, &modules)?;
+    let mut h = Sha256::new();
+    h.update(&kernel);
+    h.update(&initrd);
+    let id = hex::encode(h.finalize());
+    let dir = recipe.cache_dir.join(&id);
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        id,
+    };
+    if !image.initrd.exists() {
+        let tmp = tempfile::tempdir_in(&recipe.cache_dir)?;
+        std::fs::write(tmp.path().join("vmlinuz"), &kernel)?;
+        std::fs::write(tmp.path().join("initrd.img"), &initrd)?;
+        let built = tmp.keep();
+        // Another builder may have won the race: theirs is identical.
+        if std::fs::rename(&built, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&built);
+            if !image.initrd.exists() {
+                return Err(ImageError::Missing(dir.display().to_string()));
+            }
+        }
+    }
+    Ok(image)
+}

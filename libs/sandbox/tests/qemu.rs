@@ -1,0 +1,129 @@
+//! The QEMU backend booting real microVMs (TCG on machines where KVM cannot boot a
+//! stock kernel). Needs the static guest agent: `scripts/test.sh` builds it and
+//! sets `VM0_GUEST_AGENT`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vm0_sandbox::image::{ImageRecipe, build};
+use vm0_sandbox::qemu::{Accel, Qemu};
+use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+
+fn qemu() -> Qemu {
+    let agent = std::env::var("VM0_GUEST_AGENT").unwrap_or_else(|_| {
+        panic!(
+            "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
+        )
+    });
+    let cache = std::env::var("VM0_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/vm0-images"
+            ))
+        });
+    let image = build(&ImageRecipe {
+        guest_agent: PathBuf::from(agent),
+        busybox: PathBuf::from("/bin/busybox"),
+        kernel_package: None,
+        cache_dir: cache,
+    })
+    .expect("guest image builds");
+    Qemu::new(image, Accel::Tcg).expect("qemu is installed")
+}
+
+fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
+    SandboxSpec {
+        run_id: "run_vm".into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![
+            ("PATH".into(), "/bin".into()),
+            ("VM0_PROMPT".into(), "hello vm".into()),
+        ],
+        working_dir: None,
+        stdin: b"from stdin".to_vec(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_mb: 256,
+        scratch_dir: dir.join("scratch"),
+        sample_interval: Duration::from_millis(500),
+    }
+}
+
+/// Runs `spec`; kills the sandbox once its output contains `kill_on` (if given).
+async fn run(spec: SandboxSpec, kill_on: Option<&str>) -> (String, Vec<String>, ExitReport, usize) {
+    let mut sb = qemu().start(spec).await.expect("start");
+    let (mut out, mut logs, mut samples) = (Vec::new(), Vec::new(), 0);
+    loop {
+        tokio::select! {
+            ev = sb.next_event() => match ev.expect("events end with Exited") {
+                SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => {
+                    out.extend_from_slice(&b);
+                    if kill_on.is_some_and(|k| String::from_utf8_lossy(&out).contains(k)) {
+                        sb.kill();
+                    }
+                }
+                SandboxEvent::Sample(_) => samples += 1,
+                SandboxEvent::Log(l) => logs.push(l),
+                SandboxEvent::Exited(x) => return (String::from_utf8_lossy(&out).into(), logs, x, samples),
+            },
+        }
+    }
+}
+
+fn qemu_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains("run_vm_marker"))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_a_vm_and_runs_the_command_inside() {
+    let dir = tempfile::tempdir().expect("dir");
+    let started = Instant::now();
+    let (out, logs, exit, samples) = run(
+        spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "echo \"$VM0_PROMPT\"; cat; echo; uname -s; sleep 1; exit 5",
+            ],
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(out, "hello vm\nfrom stdin\nLinux\n", "logs: {logs:?}");
+    assert_eq!(exit.code, Some(5), "logs: {logs:?}");
+    assert!(samples >= 1, "samples from inside the guest");
+    assert!(logs.iter().any(|l| l.contains("backend qemu")), "{logs:?}");
+    assert!(!dir.path().join("scratch").exists(), "scratch removed");
+    eprintln!("boot + run took {:?}; {logs:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_vm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(dir.path(), &["sh", "-c", "echo up; sleep 600"]);
+    s.scratch_dir = dir.path().join("run_vm_marker");
+    let asked = Instant::now();
+    let (out, logs, exit, _) = run(s, Some("up")).await;
+    assert!(out.contains("up"), "{out} {logs:?}");
+    let took = asked.elapsed();
+    assert!(exit.code.is_none() || exit.signal.is_some(), "{exit:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while qemu_processes() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(qemu_processes(), 0, "no VMM process remains");
+    eprintln!("boot + cancel took {took:?}");
+}
