@@ -79,9 +79,13 @@ pub async fn run() -> Result<()> {
             let sandbox = vm0_sandbox::bubblewrap::Bubblewrap::detect().await?;
             tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()))
         }
-        other => {
-            anyhow::bail!("VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap)")
+        "qemu" => {
+            let sandbox = vm0_worker::qemu_sandbox(&worker_config)?;
+            tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()))
         }
+        other => anyhow::bail!(
+            "VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap, qemu)"
+        ),
     };
 
     println!(
