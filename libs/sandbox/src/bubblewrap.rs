@@ -288,10 +288,16 @@ async fn supervise(
             }
         }
     };
-    // Output still in the pipes comes before `Exited`; bounded, in case a leaked
-    // descendant holds a pipe open.
+    // Output still in the pipes comes before `Exited`; bounded, in case a
+    // descendant holds a pipe open. After a kill the namespace's processes die
+    // asynchronously and what they still print matters little: wait less.
+    let drain = if killed {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_secs(2)
+    };
     for reader in readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+        let _ = tokio::time::timeout(drain, reader).await;
     }
     let report = match status {
         Ok(s) => ExitReport {

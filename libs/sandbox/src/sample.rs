@@ -61,6 +61,21 @@ pub fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
+/// Processes whose command line contains `marker` (leak checks: a run's processes
+/// carry its id or a marker in their arguments).
+pub fn processes_matching(marker: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 /// CPU ticks and resident bytes of a set of processes.
 pub fn cpu_and_memory(pids: &[u32]) -> (u64, i64) {
     pids.iter()

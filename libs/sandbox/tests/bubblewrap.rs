@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use vm0_sandbox::bubblewrap::Bubblewrap;
+use vm0_sandbox::sample::processes_matching;
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
 fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
@@ -58,18 +59,6 @@ async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
             },
         }
     }
-}
-
-fn marker_processes(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .expect("proc")
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
-        })
-        .count()
 }
 
 #[tokio::test]
@@ -136,12 +125,12 @@ async fn kill_leaves_nothing_behind() {
     assert_eq!(out.exit.signal, Some(9));
     // The kernel tears the pid namespace down asynchronously.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while marker_processes(marker) > 0 && std::time::Instant::now() < deadline {
+    while processes_matching(marker) > 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(marker_processes(marker), 0, "processes of the run remain");
+    assert_eq!(processes_matching(marker), 0, "processes of the run remain");
     assert_eq!(
-        marker_processes("sleep 30"),
+        processes_matching("sleep 30"),
         0,
         "children of the run remain"
     );

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use vm0_sandbox::image::{ImageRecipe, build};
 use vm0_sandbox::qemu::{Accel, Qemu};
+use vm0_sandbox::sample::processes_matching;
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
 fn qemu() -> Qemu {
@@ -72,20 +73,6 @@ async fn run(spec: SandboxSpec, kill_on: Option<&str>) -> (String, Vec<String>, 
     }
 }
 
-fn qemu_processes() -> usize {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read(e.path().join("cmdline"))
-                        .map(|c| String::from_utf8_lossy(&c).contains("run_vm_marker"))
-                        .unwrap_or(false)
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_a_vm_and_runs_the_command_inside() {
     let dir = tempfile::tempdir().expect("dir");
@@ -121,9 +108,13 @@ async fn cancel_stops_the_vm() {
     let took = asked.elapsed();
     assert!(exit.code.is_none() || exit.signal.is_some(), "{exit:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while qemu_processes() > 0 && Instant::now() < deadline {
+    while processes_matching("run_vm_marker") > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(qemu_processes(), 0, "no VMM process remains");
+    assert_eq!(
+        processes_matching("run_vm_marker"),
+        0,
+        "no VMM process remains"
+    );
     eprintln!("boot + cancel took {took:?}");
 }

@@ -458,20 +458,7 @@ fn rand_key() -> [u8; 32] {
     k
 }
 
-/// Processes whose command line contains `marker`.
-pub fn processes_with(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read(e.path().join("cmdline"))
-                        .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                        .unwrap_or(false)
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
+pub use vm0_sandbox::sample::processes_matching as processes_with;
 
 /// A string unique to one test invocation, to find its processes.
 pub fn marker(what: &str) -> String {
