@@ -234,10 +234,10 @@ impl Bus {
             .map_err(js_err)
     }
 
-    /// Cancel requests for one run.
-    pub async fn subscribe_cancel(&self, run_id: &str) -> Result<async_nats::Subscriber, BusError> {
+    /// Cancel requests for every run (a worker filters for the runs it has).
+    pub async fn subscribe_cancels(&self) -> Result<async_nats::Subscriber, BusError> {
         self.client
-            .subscribe(subjects::cancel(run_id))
+            .subscribe(subjects::cancel("*"))
             .await
             .map_err(js_err)
     }

@@ -227,7 +227,7 @@ async fn heartbeat_loop<S: Sandbox>(
 
 /// Cancel requests over NATS (the heartbeat answer repeats them as a backstop).
 async fn cancel_listener<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, stop: CancellationToken) {
-    let mut sub = match ctx.bus.client().subscribe("runs.*.cancel").await {
+    let mut sub = match ctx.bus.subscribe_cancels().await {
         Ok(sub) => sub,
         Err(e) => {
             tracing::warn!(error = %e, "cannot subscribe to cancel requests; relying on heartbeats");
