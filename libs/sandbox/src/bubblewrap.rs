@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::find_on_path;
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
 use crate::{
     ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec,
@@ -180,14 +181,6 @@ impl Bubblewrap {
             .process_group(0);
         cmd
     }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 impl Sandbox for Bubblewrap {

@@ -114,6 +114,15 @@ impl RunningSandbox {
     }
 }
 
+/// `name` in a directory of `PATH`.
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// A place to run commands.
 pub trait Sandbox: Send + Sync + 'static {
     /// Backend name, as the run's system log shows it.

@@ -44,13 +44,8 @@ pub struct Qemu {
 
 impl Qemu {
     pub fn new(image: GuestImage, accel: Accel) -> Result<Qemu, SandboxError> {
-        let program = std::env::var_os("PATH")
-            .and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("qemu-system-x86_64"))
-                    .find(|p| p.is_file())
-            })
-            .ok_or_else(|| SandboxError::Unavailable {
+        let program =
+            crate::find_on_path("qemu-system-x86_64").ok_or_else(|| SandboxError::Unavailable {
                 backend: "qemu",
                 reason: "qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)"
                     .into(),

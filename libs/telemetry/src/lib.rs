@@ -44,3 +44,18 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.compact().try_init(),
     };
 }
+
+/// Displays an error with its whole `source()` chain (`a: b: c`), for log lines.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

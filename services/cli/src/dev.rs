@@ -71,7 +71,7 @@ pub async fn run() -> Result<()> {
         worker_token,
         data_dir: data_dir.clone(),
         drain_timeout: Duration::from_secs(10),
-        ..vm0_worker::WorkerConfig::defaults()
+        ..vm0_worker::WorkerConfig::defaults().apply_env()?
     };
     let worker_stop = CancellationToken::new();
     let worker = match worker_config.sandbox.as_str() {

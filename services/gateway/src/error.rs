@@ -171,20 +171,7 @@ impl ApiError {
     }
 }
 
-/// Displays an error with its whole `source()` chain.
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
-}
+pub use vm0_telemetry::ErrorChain;
 
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {

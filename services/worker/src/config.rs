@@ -66,49 +66,51 @@ fn memory_mb() -> u64 {
 }
 
 impl WorkerConfig {
-    /// Defaults sized to this machine, with an empty token (for embedding: `vm0 dev`).
+    /// Defaults sized to this machine, with an empty token.
     pub fn defaults() -> WorkerConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let suffix: String = (0..6)
+            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+            .collect();
         WorkerConfig {
-            worker_id: hostname(),
+            worker_id: format!("{}-{suffix}", hostname()),
             nats_url: "nats://127.0.0.1:4222".into(),
             control_plane_url: "http://127.0.0.1:9090".into(),
             worker_token: String::new(),
-            slots: std::env::var("VM0_WORKER_SLOTS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(cpus)
-                .max(1),
+            slots: cpus,
             vcpus: cpus,
             memory_mb: memory_mb(),
             disk_mb: 100_000,
             data_dir: PathBuf::from(".vm0"),
             sample_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
-            sandbox: std::env::var("VM0_SANDBOX").unwrap_or_else(|_| "auto".into()),
+            sandbox: "auto".into(),
         }
     }
 
-    pub fn from_env() -> Result<WorkerConfig> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let suffix: String = (0..6)
-            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-            .collect();
-        let worker_token = std::env::var("VM0_WORKER_TOKEN")
-            .context("VM0_WORKER_TOKEN must be set (the token the gateway expects from workers)")?;
+    /// Overrides every field its environment variable sets, then validates.
+    /// `vm0 dev` starts from here and sets the addresses and token itself.
+    pub fn apply_env(self) -> Result<WorkerConfig> {
+        let d = self;
         let config = WorkerConfig {
-            worker_id: env_or("VM0_WORKER_ID", format!("{}-{suffix}", hostname()))?,
-            nats_url: env_or("VM0_NATS_URL", "nats://127.0.0.1:4222".to_owned())?,
-            control_plane_url: env_or("VM0_CONTROL_PLANE_URL", "http://127.0.0.1:9090".to_owned())?,
-            worker_token,
-            slots: env_or("VM0_WORKER_SLOTS", cpus)?,
-            vcpus: cpus,
-            memory_mb: memory_mb(),
-            disk_mb: env_or("VM0_WORKER_DISK_MB", 100_000)?,
-            data_dir: PathBuf::from(env_or("VM0_DATA_DIR", ".vm0".to_owned())?),
-            sample_interval: Duration::from_millis(env_or("VM0_SAMPLE_INTERVAL_MS", 2000)?),
-            drain_timeout: Duration::from_secs(env_or("VM0_DRAIN_TIMEOUT_SECS", 60)?),
-            sandbox: env_or("VM0_SANDBOX", "auto".to_owned())?,
+            worker_id: env_or("VM0_WORKER_ID", d.worker_id)?,
+            nats_url: env_or("VM0_NATS_URL", d.nats_url)?,
+            control_plane_url: env_or("VM0_CONTROL_PLANE_URL", d.control_plane_url)?,
+            worker_token: env_or("VM0_WORKER_TOKEN", d.worker_token)?,
+            slots: env_or("VM0_WORKER_SLOTS", d.slots)?,
+            vcpus: d.vcpus,
+            memory_mb: d.memory_mb,
+            disk_mb: env_or("VM0_WORKER_DISK_MB", d.disk_mb)?,
+            data_dir: env_or("VM0_DATA_DIR", d.data_dir)?,
+            sample_interval: Duration::from_millis(env_or(
+                "VM0_SAMPLE_INTERVAL_MS",
+                u64::try_from(d.sample_interval.as_millis()).unwrap_or(u64::MAX),
+            )?),
+            drain_timeout: Duration::from_secs(env_or(
+                "VM0_DRAIN_TIMEOUT_SECS",
+                d.drain_timeout.as_secs(),
+            )?),
+            sandbox: env_or("VM0_SANDBOX", d.sandbox)?,
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
@@ -116,5 +118,12 @@ impl WorkerConfig {
             "VM0_SAMPLE_INTERVAL_MS must be at least 100"
         );
         Ok(config)
+    }
+
+    /// The whole configuration from the environment; `VM0_WORKER_TOKEN` is required.
+    pub fn from_env() -> Result<WorkerConfig> {
+        std::env::var("VM0_WORKER_TOKEN")
+            .context("VM0_WORKER_TOKEN must be set (the token the gateway expects from workers)")?;
+        WorkerConfig::defaults().apply_env()
     }
 }

@@ -229,7 +229,10 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
             outcome(exit, stop, spec.timeout_seconds)
         }
         Err(e) => {
-            let message = format!("the sandbox failed to start: {}", error_chain(&e));
+            let message = format!(
+                "the sandbox failed to start: {}",
+                vm0_telemetry::ErrorChain(&e)
+            );
             t.system_log(LogLevel::Error, &message).await;
             (FinalStatus::Failed, None, message)
         }
@@ -350,15 +353,4 @@ fn outcome(
             ),
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
