@@ -9,12 +9,26 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-/// Modules the guest loads, in dependency order, relative to the kernel's module dir.
-const MODULES: &[&str] = &[
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_mmio.ko",
-    "kernel/drivers/char/virtio_console.ko",
+/// Modules the guest may load, `(group, path relative to the kernel's module dir)`,
+/// in dependency order. The guest agent loads `base` always, `serial` for QEMU's
+/// virtio-serial port, `vsock` for Cloud Hypervisor's vsock (a PCI device there).
+const MODULES: &[(&str, &str)] = &[
+    ("base", "kernel/drivers/virtio/virtio_ring.ko"),
+    ("base", "kernel/drivers/virtio/virtio.ko"),
+    ("serial", "kernel/drivers/virtio/virtio_mmio.ko"),
+    ("serial", "kernel/drivers/char/virtio_console.ko"),
+    ("vsock", "kernel/drivers/virtio/virtio_pci_legacy_dev.ko"),
+    ("vsock", "kernel/drivers/virtio/virtio_pci_modern_dev.ko"),
+    ("vsock", "kernel/drivers/virtio/virtio_pci.ko"),
+    ("vsock", "kernel/net/vmw_vsock/vsock.ko"),
+    (
+        "vsock",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    ),
+    (
+        "vsock",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+    ),
 ];
 
 /// A bootable guest: kernel and initramfs.
@@ -32,6 +46,11 @@ pub enum ImageError {
     Command { what: String, detail: String },
     #[error("{0} not found")]
     Missing(String),
+    #[error(
+        "{0} is dynamically linked, and the initramfs has no libc (the guest agent: \
+         scripts/guest-agent.sh builds it for musl; busybox: apt-get install busybox-static)"
+    )]
+    NotStatic(PathBuf),
     #[error("image file operation failed")]
     Io(#[from] std::io::Error),
 }
@@ -193,6 +212,36 @@ impl<W: Write> Cpio<W> {
     }
 }
 
+/// Does this 64-bit little-endian ELF ask for a program interpreter (a dynamic
+/// loader)? Anything else is left for the kernel to judge.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let field = |at: usize, len: usize| -> Option<u64> {
+        let bytes = elf.get(at..at + len)?;
+        Some(
+            bytes
+                .iter()
+                .rev()
+                .fold(0, |acc, b| (acc << 8) | u64::from(*b)),
+        )
+    };
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (field(0x20, 8), field(0x36, 2), field(0x38, 2))
+    else {
+        return false;
+    };
+    (0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        usize::try_from(at)
+            .ok()
+            .and_then(|at| field(at, 4))
+            .is_some_and(|t| t == u64::from(PT_INTERP))
+    })
+}
+
 fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageError> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut cpio = Cpio { out: gz, ino: 0 };
@@ -218,9 +267,15 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
     cpio.entry("dev/console", 0o020600, &[], (5, 1))?;
     let agent = std::fs::read(&recipe.guest_agent)
         .map_err(|_| ImageError::Missing(recipe.guest_agent.display().to_string()))?;
+    if has_interpreter(&agent) {
+        return Err(ImageError::NotStatic(recipe.guest_agent.clone()));
+    }
     cpio.file("init", 0o755, &agent)?;
     let busybox = std::fs::read(&recipe.busybox)
         .map_err(|_| ImageError::Missing(recipe.busybox.display().to_string()))?;
+    if has_interpreter(&busybox) {
+        return Err(ImageError::NotStatic(recipe.busybox.clone()));
+    }
     cpio.file("bin/busybox", 0o755, &busybox)?;
     for applet in [
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "env", "dd", "head", "tail", "wc",
@@ -231,7 +286,7 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
         cpio.symlink(&format!("bin/{applet}"), "busybox")?;
     }
     let mut list = String::new();
-    for module in MODULES {
+    for (group, module) in MODULES {
         let data = std::fs::read(modules_dir.join(module))
             .map_err(|_| ImageError::Missing(module.to_string()))?;
         let name = Path::new(module)
@@ -239,7 +294,7 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         cpio.file(&format!("lib/modules/{name}"), 0o644, &data)?;
-        list.push_str(&format!("/lib/modules/{name}\n"));
+        list.push_str(&format!("{group} /lib/modules/{name}\n"));
     }
     cpio.file("etc/vm0/modules", 0o644, list.as_bytes())?;
     cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/work:/bin/sh\n")?;
@@ -277,4 +332,19 @@ pub fn build(recipe: &ImageRecipe) -> Result<GuestImage, ImageError> {
         }
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_dynamic_guest_agent_is_refused() {
+        // This test binary is dynamically linked (glibc); busybox-static is not,
+        // when it is installed.
+        let me = std::fs::read(std::env::current_exe().expect("current exe")).expect("read");
+        assert!(super::has_interpreter(&me));
+        if let Ok(busybox) = std::fs::read("/bin/busybox") {
+            assert!(!super::has_interpreter(&busybox));
+        }
+        assert!(!super::has_interpreter(b"#!/bin/sh\n"));
+    }
 }

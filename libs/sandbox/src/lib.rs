@@ -6,17 +6,26 @@
 //! kill, the worker dropping the handle — the backend's supervisor task removes
 //! everything the run created (processes, scratch files) before `Exited` is sent.
 //!
-//! Backends: [`bubblewrap`] (namespaces on the host). The microVM backends implement
-//! the same trait.
+//! Backends: [`bubblewrap`] (namespaces on the host), and the microVM backends
+//! [`qemu`] and [`cloud_hypervisor`], which share [`microvm`]. [`select`] picks one
+//! for `VM0_SANDBOX=auto`.
 
 /// The bubblewrap backend.
 pub mod bubblewrap;
+/// The Cloud Hypervisor backend.
+pub mod cloud_hypervisor;
 /// Guest images: kernel and initramfs, built from Debian packages.
 pub mod image;
+/// What the microVM backends share.
+pub mod microvm;
 /// The QEMU backend.
 pub mod qemu;
 /// Resource samples from `/proc`.
 pub mod sample;
+/// Choosing a backend (`VM0_SANDBOX`).
+pub mod select;
+/// Spawning VMM processes.
+mod vmm;
 
 use std::path::PathBuf;
 
@@ -46,6 +55,36 @@ pub struct SandboxSpec {
     pub sample_interval: std::time::Duration,
 }
 
+/// How long each phase of a microVM's boot took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BootTimings {
+    /// VMM process start until its sockets answer.
+    pub vmm_spawn: std::time::Duration,
+    /// Creating and booting the VM through the VMM's API (0 for QEMU).
+    pub vm_configure: std::time::Duration,
+    /// Kernel start to the guest agent running as init (the guest's uptime then).
+    pub kernel_boot: std::time::Duration,
+    /// The agent's setup (mounts, modules, host channel) until Ready.
+    pub agent_init: std::time::Duration,
+    /// VMM process start to Ready, as the host saw it.
+    pub ready: std::time::Duration,
+}
+
+impl BootTimings {
+    /// One line for the run's system log.
+    pub fn summary(&self) -> String {
+        format!(
+            "vmm spawn {} ms, vm configure {} ms, kernel boot {} ms, agent init {} ms, \
+             boot to guest agent ready {} ms",
+            self.vmm_spawn.as_millis(),
+            self.vm_configure.as_millis(),
+            self.kernel_boot.as_millis(),
+            self.agent_init.as_millis(),
+            self.ready.as_millis()
+        )
+    }
+}
+
 /// How the command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitReport {
@@ -65,6 +104,8 @@ pub enum SandboxEvent {
     Sample(ResourceSample),
     /// A line about the sandbox itself (boot, backend), for the run's system log.
     Log(String),
+    /// A microVM's guest agent is ready (sent once, before any output).
+    Booted(BootTimings),
     /// The last event: the command ended and everything was cleaned up.
     Exited(ExitReport),
 }

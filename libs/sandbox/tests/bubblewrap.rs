@@ -47,7 +47,7 @@ async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
                 SandboxEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 SandboxEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 SandboxEvent::Sample(_) => samples += 1,
-                SandboxEvent::Log(_) => {}
+                SandboxEvent::Log(_) | SandboxEvent::Booted(_) => {}
                 SandboxEvent::Exited(exit) => {
                     return Outcome {
                         stdout: String::from_utf8_lossy(&stdout).into(),

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vm0_sandbox::image::{ImageRecipe, build};
-use vm0_sandbox::qemu::{Accel, Qemu};
+use vm0_sandbox::microvm::MicroVm;
+use vm0_sandbox::qemu::{Accel, Qemu, QemuSandbox};
 use vm0_sandbox::sample::processes_matching;
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
-fn qemu() -> Qemu {
+fn qemu() -> QemuSandbox {
     let agent = std::env::var("VM0_GUEST_AGENT").unwrap_or_else(|_| {
         panic!(
             "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
@@ -31,7 +32,7 @@ fn qemu() -> Qemu {
         cache_dir: cache,
     })
     .expect("guest image builds");
-    Qemu::new(image, Accel::Tcg).expect("qemu is installed")
+    MicroVm::new(Qemu::new(image, Accel::Tcg).expect("qemu is installed"))
 }
 
 fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
@@ -67,6 +68,7 @@ async fn run(spec: SandboxSpec, kill_on: Option<&str>) -> (String, Vec<String>, 
                 }
                 SandboxEvent::Sample(_) => samples += 1,
                 SandboxEvent::Log(l) => logs.push(l),
+                SandboxEvent::Booted(t) => logs.push(format!("booted: {t:?}")),
                 SandboxEvent::Exited(x) => return (String::from_utf8_lossy(&out).into(), logs, x, samples),
             },
         }
@@ -117,4 +119,17 @@ async fn cancel_stops_the_vm() {
         "no VMM process remains"
     );
     eprintln!("boot + cancel took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_is_reported_as_such() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &["sh", "-c", "echo filling; exec tail /dev/zero"],
+    );
+    s.memory_mb = 192;
+    let (out, logs, exit, _) = run(s, None).await;
+    assert!(out.starts_with("filling"), "{out} {logs:?}");
+    assert!(exit.oom_killed, "{exit:?} {out} {logs:?}");
 }

@@ -74,19 +74,8 @@ pub async fn run() -> Result<()> {
         ..vm0_worker::WorkerConfig::defaults().apply_env()?
     };
     let worker_stop = CancellationToken::new();
-    let worker = match worker_config.sandbox.as_str() {
-        "auto" | "bubblewrap" => {
-            let sandbox = vm0_sandbox::bubblewrap::Bubblewrap::detect().await?;
-            tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()))
-        }
-        "qemu" => {
-            let sandbox = vm0_worker::qemu_sandbox(&worker_config)?;
-            tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()))
-        }
-        other => anyhow::bail!(
-            "VM0_SANDBOX={other} is not available (this build has: auto, bubblewrap, qemu)"
-        ),
-    };
+    let sandbox = vm0_worker::sandbox(&worker_config).await?;
+    let worker = tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()));
 
     println!(
         "vm0 dev is running (data in {}); Ctrl-C stops it",

@@ -90,7 +90,14 @@ async fn pump(
     }
 }
 
-pub async fn serve<R, W>(reader: R, writer: W) -> std::io::Result<()>
+/// How the VM's boot went, for `Ready` (zeros outside a VM).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    pub kernel_boot_ms: u64,
+    pub init_ms: u64,
+}
+
+pub async fn serve<R, W>(reader: R, writer: W, boot: BootTimes) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -107,6 +114,8 @@ where
     };
     send(msg(guest_message::Kind::Ready(Ready {
         version: env!("CARGO_PKG_VERSION").into(),
+        kernel_boot_ms: boot.kernel_boot_ms,
+        init_ms: boot.init_ms,
     })))
     .await;
 

@@ -1,5 +1,6 @@
 //! PID-1 duties inside a microVM: mount the pseudo file systems, load the kernel
-//! modules the image lists, find the host channel, reap orphans, power off.
+//! modules the image lists, find the host channel the kernel command line names,
+//! reap orphans, power off.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -7,10 +8,44 @@ use std::time::Duration;
 
 use nix::mount::{MsFlags, mount};
 
-/// Modules to load, one path per line, in order (written by the image builder).
+/// Modules to load: lines of `<group> <path>`, in load order (written by the image
+/// builder). Group `base` always loads; the others when the boot needs them.
 const MODULE_LIST: &str = "/etc/vm0/modules";
-/// The virtio-serial port the host named `vm0`.
-const SERIAL_PORT: &str = "/dev/virtio-ports/vm0";
+
+/// The byte stream to the host, as the kernel command line names it
+/// (`vm0.transport=serial:<port name>` or `vm0.transport=vsock:<port>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    /// A virtio-serial port (QEMU): the device node found for that name.
+    Serial(PathBuf),
+    /// A vsock port to listen on (Cloud Hypervisor).
+    Vsock(u32),
+}
+
+/// What [`boot`] found.
+pub struct Booted {
+    pub channel: Channel,
+    pub times: crate::agent::BootTimes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Transport {
+    Serial(String),
+    Vsock(u32),
+}
+
+fn transport(cmdline: &str) -> Transport {
+    let value = cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("vm0.transport="));
+    match value.and_then(|v| v.split_once(':')) {
+        Some(("vsock", port)) => port
+            .parse()
+            .map_or(Transport::Serial("vm0".into()), Transport::Vsock),
+        Some(("serial", name)) => Transport::Serial(name.into()),
+        _ => Transport::Serial("vm0".into()),
+    }
+}
 
 fn mount_fs(source: &str, target: &str, fstype: &str) {
     let _ = std::fs::create_dir_all(target);
@@ -25,11 +60,15 @@ fn mount_fs(source: &str, target: &str, fstype: &str) {
     }
 }
 
-fn load_modules() {
+fn load_modules(groups: &[&str]) {
     let Ok(list) = std::fs::read_to_string(MODULE_LIST) else {
         return;
     };
-    for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    let wanted = list
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .filter(|(group, _)| groups.contains(group));
+    for (_, path) in wanted {
         let Ok(image) = std::fs::read(path) else {
             eprintln!("vm0-guest-agent: module {path} missing");
             continue;
@@ -44,22 +83,50 @@ fn load_modules() {
     }
 }
 
-/// Prepares the VM and returns the path of the host channel.
-pub fn boot() -> PathBuf {
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |secs| (secs * 1000.0) as u64)
+}
+
+/// Prepares the VM and finds the host channel.
+pub fn boot() -> Booted {
     mount_fs("proc", "/proc", "proc");
+    let kernel_boot_ms = uptime_ms();
     mount_fs("sysfs", "/sys", "sysfs");
     mount_fs("devtmpfs", "/dev", "devtmpfs");
     mount_fs("tmpfs", "/tmp", "tmpfs");
     mount_fs("tmpfs", "/run", "tmpfs");
-    load_modules();
-    // udev is absent: the named port appears as /dev/vportNpM; find ours by name.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let channel = match transport(&cmdline) {
+        Transport::Vsock(port) => {
+            load_modules(&["base", "vsock"]);
+            Channel::Vsock(port)
+        }
+        Transport::Serial(name) => {
+            load_modules(&["base", "serial"]);
+            Channel::Serial(wait_for_port(&name))
+        }
+    };
+    Booted {
+        channel,
+        times: crate::agent::BootTimes {
+            kernel_boot_ms,
+            init_ms: uptime_ms().saturating_sub(kernel_boot_ms),
+        },
+    }
+}
+
+/// udev is absent: the named port appears as /dev/vportNpM; find ours by name.
+fn wait_for_port(name: &str) -> PathBuf {
     for _ in 0..500 {
-        if let Some(port) = find_port("vm0") {
+        if let Some(port) = find_port(name) {
             return port;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    PathBuf::from(SERIAL_PORT)
+    Path::new("/dev/virtio-ports").join(name)
 }
 
 fn find_port(name: &str) -> Option<PathBuf> {
@@ -102,5 +169,28 @@ pub fn power_off() -> ! {
     // reboot(2) does not return on success.
     loop {
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_names_the_transport() {
+        assert_eq!(
+            transport("console=ttyS0 vm0.transport=vsock:1024 quiet"),
+            Transport::Vsock(1024)
+        );
+        assert_eq!(
+            transport("vm0.transport=serial:ctl"),
+            Transport::Serial("ctl".into())
+        );
+        // Absent or malformed: the QEMU default.
+        assert_eq!(transport("quiet"), Transport::Serial("vm0".into()));
+        assert_eq!(
+            transport("vm0.transport=vsock:x"),
+            Transport::Serial("vm0".into())
+        );
     }
 }

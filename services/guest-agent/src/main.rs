@@ -4,12 +4,16 @@
 //!
 //! `vm0-guest-agent --stdio` speaks on stdin/stdout (bubblewrap);
 //! `vm0-guest-agent --device PATH` on a character device such as a virtio-serial
-//! port (`/dev/vport0p1`, QEMU). PID-1 duties in a VM (mounts, modules, power-off)
-//! arrive with the microVM backends.
+//! port (`/dev/vport0p1`). As PID 1 of a microVM it sets the machine up (`init`),
+//! then serves the host on the virtio-serial port (QEMU) or the vsock port
+//! (Cloud Hypervisor) the kernel command line names, and powers off.
 
 mod agent;
 mod init;
 mod sample;
+
+use agent::BootTimes;
+use init::{Booted, Channel};
 
 use std::process::ExitCode;
 
@@ -20,9 +24,9 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // As a VM's init: set the machine up, serve the host on the serial port, power off.
+    // As a VM's init: set the machine up, serve the host, power off.
     if std::process::id() == 1 {
-        let port = init::boot();
+        let booted = init::boot();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build();
@@ -34,13 +38,7 @@ fn main() -> ExitCode {
                         init::reap_orphans(agent::main_child());
                     }
                 });
-                let device = tokio::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&port)
-                    .await?;
-                let reader = device.try_clone().await?;
-                let result = agent::serve(reader, device).await;
+                let result = serve_host(booted).await;
                 reaper.abort();
                 result
             });
@@ -66,16 +64,12 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["--stdio"] => runtime.block_on(agent::serve(tokio::io::stdin(), tokio::io::stdout())),
-        ["--device", path] => runtime.block_on(async {
-            let device = tokio::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .await?;
-            let reader = device.try_clone().await?;
-            agent::serve(reader, device).await
-        }),
+        ["--stdio"] => runtime.block_on(agent::serve(
+            tokio::io::stdin(),
+            tokio::io::stdout(),
+            BootTimes::default(),
+        )),
+        ["--device", path] => runtime.block_on(serve_device(path.as_ref(), BootTimes::default())),
         _ => return usage(),
     };
     match result {
@@ -83,6 +77,31 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vm0-guest-agent: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_device(path: &std::path::Path, boot: BootTimes) -> std::io::Result<()> {
+    let device = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .await?;
+    let reader = device.try_clone().await?;
+    agent::serve(reader, device, boot).await
+}
+
+/// Serves the host on the channel the kernel command line named. Over vsock the
+/// host connects to us (Cloud Hypervisor's hybrid vsock); one session per boot.
+async fn serve_host(booted: Booted) -> std::io::Result<()> {
+    match booted.channel {
+        Channel::Serial(path) => serve_device(&path, booted.times).await,
+        Channel::Vsock(port) => {
+            let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+            let listener = tokio_vsock::VsockListener::bind(addr)?;
+            let (stream, _) = listener.accept().await?;
+            let (reader, writer) = tokio::io::split(stream);
+            agent::serve(reader, writer, booted.times).await
         }
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -28,8 +29,19 @@ pub struct WorkerConfig {
     /// `VM0_DRAIN_TIMEOUT_SECS`, default 60: on SIGTERM, how long running runs may
     /// take before they are stopped.
     pub drain_timeout: Duration,
-    /// `VM0_SANDBOX`: `auto` or `bubblewrap` (the microVM backends come later).
-    pub sandbox: String,
+    /// `VM0_SANDBOX`: `auto` (default), `cloud-hypervisor`, `qemu` or `bubblewrap`.
+    pub sandbox: SandboxKind,
+    /// `VM0_QEMU_ACCEL`: `auto` (default: KVM if a probe VM boots, else TCG),
+    /// `kvm` or `tcg`.
+    pub qemu_accel: AccelChoice,
+    /// `VM0_GUEST_AGENT`: the static guest agent for microVM images; default
+    /// `vm0-guest-agent` next to this program, if that one is static.
+    pub guest_agent: Option<PathBuf>,
+    /// `VM0_KERNEL_PACKAGE`: the Debian kernel package of guest images (default:
+    /// what `linux-image-amd64` depends on).
+    pub kernel_package: Option<String>,
+    /// `VM0_IMAGE_CACHE`: where guest images are built, default `<data dir>/images`.
+    pub image_cache: Option<PathBuf>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
@@ -42,6 +54,26 @@ where
             .map_err(|e| anyhow::anyhow!("{name}={raw:?} is invalid: {e}")),
         Err(_) => Ok(default),
     }
+}
+
+fn env_opt<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    std::env::var(name)
+        .ok()
+        .map(|raw| {
+            raw.parse()
+                .map_err(|e| anyhow::anyhow!("{name}={raw:?} is invalid: {e}"))
+        })
+        .transpose()
+}
+
+/// `vm0-guest-agent` installed beside this program (as `deploy/` does).
+fn sibling_guest_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let agent = exe.parent()?.join("vm0-guest-agent");
+    agent.is_file().then_some(agent)
 }
 
 fn hostname() -> String {
@@ -84,7 +116,11 @@ impl WorkerConfig {
             data_dir: PathBuf::from(".vm0"),
             sample_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
-            sandbox: "auto".into(),
+            sandbox: SandboxKind::Auto,
+            qemu_accel: AccelChoice::Auto,
+            guest_agent: sibling_guest_agent(),
+            kernel_package: None,
+            image_cache: None,
         }
     }
 
@@ -111,6 +147,10 @@ impl WorkerConfig {
                 d.drain_timeout.as_secs(),
             )?),
             sandbox: env_or("VM0_SANDBOX", d.sandbox)?,
+            qemu_accel: env_or("VM0_QEMU_ACCEL", d.qemu_accel)?,
+            guest_agent: env_opt("VM0_GUEST_AGENT")?.or(d.guest_agent),
+            kernel_package: env_opt("VM0_KERNEL_PACKAGE")?.or(d.kernel_package),
+            image_cache: env_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
@@ -118,6 +158,22 @@ impl WorkerConfig {
             "VM0_SAMPLE_INTERVAL_MS must be at least 100"
         );
         Ok(config)
+    }
+
+    /// What choosing the sandbox backend needs.
+    pub fn select_options(&self) -> SelectOptions {
+        SelectOptions {
+            kind: self.sandbox,
+            qemu_accel: self.qemu_accel,
+            guest_agent: self.guest_agent.clone(),
+            busybox: PathBuf::from("/bin/busybox"),
+            kernel_package: self.kernel_package.clone(),
+            image_cache: self
+                .image_cache
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("images")),
+            scratch_dir: self.data_dir.join("worker").join(&self.worker_id),
+        }
     }
 
     /// The whole configuration from the environment; `VM0_WORKER_TOKEN` is required.

@@ -30,27 +30,18 @@ use vm0_sandbox::Sandbox;
 
 pub use config::WorkerConfig;
 
-/// The QEMU backend with the guest image built (or found cached) under the data
-/// dir, from the static guest agent named by `VM0_GUEST_AGENT`.
-pub fn qemu_sandbox(config: &WorkerConfig) -> anyhow::Result<vm0_sandbox::qemu::Qemu> {
-    let agent = std::env::var("VM0_GUEST_AGENT").context(
-        "VM0_SANDBOX=qemu needs VM0_GUEST_AGENT: the static guest agent \
-         (cargo build --release --target x86_64-unknown-linux-musl -p vm0-guest-agent)",
-    )?;
-    let image = vm0_sandbox::image::build(&vm0_sandbox::image::ImageRecipe {
-        guest_agent: agent.into(),
-        busybox: std::path::PathBuf::from("/bin/busybox"),
-        kernel_package: std::env::var("VM0_KERNEL_PACKAGE").ok(),
-        cache_dir: std::env::var("VM0_IMAGE_CACHE")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| config.data_dir.join("images")),
-    })
-    .context("building the guest image")?;
-    tracing::info!(image = %image.id, "guest image ready");
-    Ok(vm0_sandbox::qemu::Qemu::new(
-        image,
-        vm0_sandbox::qemu::Accel::Tcg,
-    )?)
+/// The sandbox backend the configuration asks for (`auto`: the best that works
+/// here), logged with the reasons for the choice.
+pub async fn sandbox(config: &WorkerConfig) -> anyhow::Result<vm0_sandbox::select::AnySandbox> {
+    let selection = vm0_sandbox::select::select(&config.select_options())
+        .await
+        .context("choosing the sandbox backend")?;
+    tracing::info!(
+        backend = %selection.backend,
+        why = %selection.why.join("; "),
+        "sandbox chosen"
+    );
+    Ok(selection.sandbox)
 }
 
 /// How long one fetch waits for jobs before asking again.

@@ -287,6 +287,8 @@ async fn supervise<S>(
                 Some(SandboxEvent::Stderr(b)) => emit(t, Stream::Stderr, &b).await,
                 Some(SandboxEvent::Sample(s)) => t.sample(s).await,
                 Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
+                // The backend's "sandbox started" log line carries the timings.
+                Some(SandboxEvent::Booted(_)) => {}
                 Some(SandboxEvent::Exited(exit)) => {
                     for (stream, rest) in t.masker.flush() {
                         t.output(stream, rest).await;

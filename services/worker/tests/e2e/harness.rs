@@ -270,6 +270,8 @@ impl Stack {
             .env("VM0_SAMPLE_INTERVAL_MS", "200")
             .env("VM0_DRAIN_TIMEOUT_SECS", "20")
             .env("VM0_SANDBOX", self.options.sandbox)
+            // CI hosts' KVM cannot boot a guest kernel: skip the KVM probe.
+            .env("VM0_QEMU_ACCEL", "tcg")
             .envs(
                 ["VM0_GUEST_AGENT", "VM0_IMAGE_CACHE"]
                     .iter()

@@ -3,7 +3,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::{Db, Stack, StackOptions};
+use crate::harness::{Db, Stack, StackOptions, processes_with};
 
 /// A run through the gateway on a worker with the QEMU backend: a real microVM
 /// boots (TCG here), the guest agent runs the command, output reaches SSE.
@@ -57,11 +57,7 @@ async fn qemu_backend_runs_through_the_gateway(db: Db) {
     let id = stack
         .create_run(0, json!({"agent": "vm-sleeper", "prompt": "p"}))
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !stack.logs(&id).await.iter().any(|l| l["message"] == "up\n") {
-        assert!(std::time::Instant::now() < deadline, "the VM never printed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_output(&stack, &id, "up\n").await;
     let asked = std::time::Instant::now();
     let (status, run) = stack
         .call(0, Method::POST, &format!("/v1/runs/{id}/cancel"), None)
@@ -76,3 +72,116 @@ async fn qemu_backend_runs_through_the_gateway(db: Db) {
 }
 
 vm0_db::on_both_databases!(qemu_backend_runs_through_the_gateway);
+
+/// Waits until the run's persisted logs contain `line`.
+async fn wait_for_output(stack: &Stack, id: &str, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !stack.logs(id).await.iter().any(|l| l["message"] == line) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM never printed {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every way a run in a VM ends, one run after the other (TCG guests on two cores
+/// are happiest alone): metrics from inside the guest, timeout, out of memory, and
+/// the worker killed with SIGKILL taking its VMM with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_end_in_every_way() {
+    assert!(
+        std::env::var("VM0_GUEST_AGENT").is_ok(),
+        "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
+    );
+    let mut stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            sandbox: "qemu",
+            worker_slots: 1,
+            worker_lost_after: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    for (name, config) in [
+        (
+            "sampled",
+            json!({"command": ["sh", "-c", "echo hi; sleep 2"], "resources": {"memoryMb": 256}}),
+        ),
+        (
+            "slow",
+            json!({"command": ["sh", "-c", "echo up; sleep 600"], "resources": {"memoryMb": 256}, "timeoutSeconds": 8}),
+        ),
+        (
+            "hungry",
+            json!({"command": ["sh", "-c", "echo filling; exec tail /dev/zero"], "resources": {"memoryMb": 192}}),
+        ),
+        (
+            "sleeper",
+            json!({"command": ["sh", "-c", "echo up; sleep 600"], "resources": {"memoryMb": 256}}),
+        ),
+    ] {
+        stack.create_agent(name, config).await;
+    }
+
+    // Metrics come from inside the guest: its memory, not the host's.
+    let id = stack
+        .create_run(0, json!({"agent": "sampled", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(
+        run["status"],
+        "completed",
+        "{run} {:?}",
+        stack.logs(&id).await
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = stack.get(&format!("/v1/runs/{id}/metrics")).await;
+        if m["summary"]["sampleCount"].as_i64().unwrap_or(0) >= 1 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let total = metrics["data"][0]["memoryTotalMb"].as_i64().unwrap_or(0);
+    assert!(
+        (100..=256).contains(&total),
+        "guest memory, not the host's: {metrics}"
+    );
+
+    // Timeout.
+    let id = stack
+        .create_run(0, json!({"agent": "slow", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "timeout", "{run}");
+    assert_eq!(processes_with(&id), 0, "the VMM of a timed-out run is gone");
+
+    // Out of memory inside the guest.
+    let id = stack
+        .create_run(0, json!({"agent": "hungry", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(
+        run["error"], "out of memory: the kernel killed the agent",
+        "{run}"
+    );
+
+    // The worker dies with SIGKILL mid-run: its VMM dies with it.
+    let id = stack
+        .create_run(0, json!({"agent": "sleeper", "prompt": "p"}))
+        .await;
+    wait_for_output(&stack, &id, "up\n").await;
+    assert_eq!(processes_with(&id), 1, "one VMM runs the run");
+    stack.workers[0].kill_9();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while processes_with(&id) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(processes_with(&id), 0, "the VMM outlived its worker");
+    let run = stack.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["error"], "worker_lost", "{run}");
+}

@@ -1,0 +1,252 @@
+//! The Cloud Hypervisor backend: one `cloud-hypervisor --api-socket` process per
+//! run, driven over its REST API (`vm.create`, `vm.boot`, `vm.info`, then
+//! `vm.shutdown`, `vm.delete`, `vmm.shutdown`, and SIGKILL if it is still there).
+//! The guest agent listens on a vsock port; the host reaches it through Cloud
+//! Hypervisor's hybrid vsock: connect to the unix socket given in the VM's vsock
+//! config and write `CONNECT <port>\n` (answered `OK <host port>\n`). The console
+//! is off and the serial port goes to a file: Cloud Hypervisor's default console
+//! is the VMM's own terminal, which is the worker's.
+
+/// The REST API client and request bodies.
+pub mod api;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+
+use crate::SandboxSpec;
+use crate::image::GuestImage;
+use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm};
+use api::{
+    ApiClient, ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+    VsockConfig,
+};
+
+/// The vsock port the guest agent listens on.
+pub const GUEST_PORT: u32 = 1024;
+/// Every VM gets the same guest CID: each has its own VMM and vsock socket.
+const GUEST_CID: u64 = 3;
+/// One hybrid vsock handshake, at most.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Stopping a VM through the API, at most; then it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct CloudHypervisor {
+    program: PathBuf,
+    image: GuestImage,
+}
+
+/// The sandbox: one Cloud Hypervisor microVM per run.
+pub type CloudHypervisorSandbox = crate::microvm::MicroVm<CloudHypervisor>;
+
+impl CloudHypervisor {
+    pub fn new(image: GuestImage) -> Result<CloudHypervisor, crate::SandboxError> {
+        let program = crate::find_on_path("cloud-hypervisor").ok_or_else(|| {
+            crate::SandboxError::Unavailable {
+                backend: "cloud-hypervisor",
+                reason: "cloud-hypervisor is not on PATH".into(),
+            }
+        })?;
+        Ok(CloudHypervisor { program, image })
+    }
+
+    /// Spawns the VMM and waits until its API answers.
+    async fn spawn(&self, files: &VmFiles) -> Result<(Child, ApiClient), BootFailure> {
+        let fail = |reason: String| BootFailure::new("vmm-spawn", reason);
+        let mut process = crate::vmm::command(&self.program)
+            .arg("--api-socket")
+            .arg(format!("path={}", files.api_socket.display()))
+            .spawn()
+            .map_err(|e| fail(format!("starting {} failed: {e}", self.program.display())))?;
+        let api = ApiClient::new(&files.api_socket);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if api.ping().await.is_ok() {
+                return Ok((process, api));
+            }
+            if let Ok(Some(status)) = process.try_wait() {
+                return Err(fail(format!("cloud-hypervisor exited at start ({status})")));
+            }
+            if Instant::now() > deadline {
+                let _ = process.kill().await;
+                return Err(fail("the API socket never answered vmm.ping".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The `vm.create` body for a run.
+pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmConfig {
+    let vcpus = spec.vcpus.max(1);
+    VmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: vcpus,
+            max_vcpus: vcpus,
+        },
+        memory: MemoryConfig {
+            size: spec.memory_mb.max(128) * 1024 * 1024,
+        },
+        payload: PayloadConfig {
+            kernel: image.kernel.clone(),
+            initramfs: image.initrd.clone(),
+            cmdline: format!("console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT}"),
+        },
+        disks: Vec::new(),
+        vsock: VsockConfig {
+            cid: GUEST_CID,
+            socket: files.guest_socket.clone(),
+        },
+        console: ConsoleConfig {
+            mode: ConsoleMode::Off,
+            file: None,
+        },
+        serial: ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: Some(files.serial_log.clone()),
+        },
+    }
+}
+
+/// Creates and boots the VM, and checks that it runs.
+async fn create_and_boot(api: &ApiClient, config: &VmConfig) -> Result<(), BootFailure> {
+    api.create(config)
+        .await
+        .map_err(|e| BootFailure::new("vm-create", e.to_string()))?;
+    api.boot()
+        .await
+        .map_err(|e| BootFailure::new("vm-boot", e.to_string()))?;
+    let info = api
+        .info()
+        .await
+        .map_err(|e| BootFailure::new("vm-boot", e.to_string()))?;
+    if info.state != "Running" {
+        return Err(BootFailure::new(
+            "vm-boot",
+            format!("vm.info says {} after vm.boot", info.state),
+        ));
+    }
+    Ok(())
+}
+
+/// One attempt at the hybrid vsock handshake.
+async fn vsock_connect(files: &VmFiles) -> std::io::Result<Option<UnixStream>> {
+    let mut stream = UnixStream::connect(&files.guest_socket).await?;
+    stream
+        .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+        .await?;
+    // Byte by byte: the guest's first frame may follow the answer at once.
+    let mut line = Vec::new();
+    while line.len() < 64 {
+        match stream.read_u8().await {
+            Ok(b'\n') => break,
+            Ok(b) => line.push(b),
+            // Nobody listens on the port yet: the VMM closes the connection.
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(line.starts_with(b"OK ").then_some(stream))
+}
+
+/// Connects to the guest agent once it listens (that is, once the guest booted).
+async fn connect_guest(
+    files: &VmFiles,
+    process: &mut Child,
+    deadline: tokio::time::Instant,
+) -> Result<UnixStream, BootFailure> {
+    loop {
+        // Until the guest's vsock driver is up, the VMM may hold a connection
+        // without answering: each attempt is bounded.
+        let attempt = tokio::time::timeout(HANDSHAKE_TIMEOUT, vsock_connect(files));
+        if let Ok(Ok(Some(stream))) = attempt.await {
+            return Ok(stream);
+        }
+        if let Ok(Some(status)) = process.try_wait() {
+            return Err(BootFailure::new(
+                "kernel-boot",
+                format!("cloud-hypervisor exited during boot ({status})"),
+            ));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(BootFailure::new(
+                "kernel-boot",
+                format!("the guest agent never listened on vsock port {GUEST_PORT}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Vmm for CloudHypervisor {
+    fn name(&self) -> &'static str {
+        "cloud-hypervisor"
+    }
+
+    fn describe(&self) -> String {
+        "cloud-hypervisor (kvm)".into()
+    }
+
+    async fn launch(
+        &self,
+        spec: &SandboxSpec,
+        files: &VmFiles,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vm, BootFailure> {
+        for stale in [&files.api_socket, &files.guest_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let started = Instant::now();
+        let (mut process, api) = self.spawn(files).await?;
+        let vmm_spawn = started.elapsed();
+        let stage = async {
+            create_and_boot(&api, &vm_config(&self.image, spec, files)).await?;
+            let vm_configure = started.elapsed() - vmm_spawn;
+            let stream = connect_guest(files, &mut process, deadline).await?;
+            Ok((vm_configure, stream))
+        };
+        match stage.await {
+            Ok((vm_configure, stream)) => {
+                let (rx, tx) = stream.into_split();
+                Ok(Vm {
+                    process,
+                    link: GuestLink {
+                        rx: Box::new(rx),
+                        tx: Box::new(tx),
+                    },
+                    vmm_spawn,
+                    vm_configure,
+                })
+            }
+            Err(failure) => {
+                shut_down(&mut process, files).await;
+                Err(failure)
+            }
+        }
+    }
+
+    async fn stop(&self, vm: &mut Vm, files: &VmFiles) {
+        shut_down(&mut vm.process, files).await;
+    }
+}
+
+/// `vm.shutdown`, `vm.delete`, `vmm.shutdown`, each bounded; then SIGKILL if the
+/// process is still there.
+async fn shut_down(process: &mut Child, files: &VmFiles) {
+    if let Ok(None) = process.try_wait() {
+        let api = ApiClient::new(&files.api_socket);
+        let steps = async {
+            let _ = api.shutdown().await;
+            let _ = api.delete().await;
+            let _ = api.shutdown_vmm().await;
+            let _ = process.wait().await;
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, steps).await.is_err() {
+            tracing::warn!("cloud-hypervisor did not stop through its API; killing it");
+        }
+    }
+    let _ = process.kill().await;
+}

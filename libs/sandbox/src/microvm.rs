@@ -1,0 +1,429 @@
+//! What every microVM backend shares: one VM per run booting a [`GuestImage`]
+//! whose `/init` is the guest agent, the host side of the guest protocol over one
+//! byte stream, boot retries, and cleanup. A backend ([`Vmm`]) only knows how to
+//! start its VMM, connect the guest channel and stop the VM.
+//!
+//! [`GuestImage`]: crate::image::GuestImage
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use vm0_proto::frame;
+use vm0_proto::guest::{
+    Cancel, GuestMessage, HostMessage, OutputStream, Ready, Start, guest_message, host_message,
+};
+
+use crate::{
+    BootTimings, ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent,
+    SandboxSpec,
+};
+
+/// Boot to guest agent ready, at most (TCG boots in ~4 s here). A boot that stalls
+/// is retried: under TCG on these hosts an occasional guest never leaves early boot.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+const BOOT_ATTEMPTS: u32 = 3;
+/// After asking the guest to stop: SIGTERM grace inside, then the VM is stopped.
+const CANCEL_GRACE_MS: u32 = 1000;
+const HARD_KILL_AFTER: Duration = Duration::from_secs(3);
+
+/// The host's end of the guest channel.
+pub struct GuestLink {
+    pub rx: Box<dyn AsyncRead + Send + Unpin>,
+    pub tx: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+/// Files of one VM, all inside the run's scratch directory.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    /// The guest channel's unix socket (QEMU's chardev, Cloud Hypervisor's vsock).
+    pub guest_socket: PathBuf,
+    /// The VMM's control socket (Cloud Hypervisor's REST API).
+    pub api_socket: PathBuf,
+    /// The guest's serial console, kept for boot failure reports.
+    pub serial_log: PathBuf,
+}
+
+impl VmFiles {
+    /// The files of a VM whose scratch directory is `dir`.
+    pub fn in_dir(dir: &Path) -> VmFiles {
+        VmFiles {
+            guest_socket: dir.join("guest.sock"),
+            api_socket: dir.join("vmm.sock"),
+            serial_log: dir.join("serial.log"),
+        }
+    }
+}
+
+/// A VM whose guest channel is connected (the agent may not be ready yet).
+pub struct Vm {
+    pub process: Child,
+    pub link: GuestLink,
+    /// VMM process start to its sockets answering.
+    pub vmm_spawn: Duration,
+    /// Configuring and starting the VM through the VMM's API (0 for QEMU).
+    pub vm_configure: Duration,
+}
+
+/// Why a boot failed: the stage it reached and what went wrong.
+#[derive(Debug)]
+pub struct BootFailure {
+    pub stage: &'static str,
+    pub reason: String,
+}
+
+impl BootFailure {
+    pub fn new(stage: &'static str, reason: impl Into<String>) -> BootFailure {
+        BootFailure {
+            stage,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A virtual machine monitor that boots guest images.
+pub trait Vmm: Send + Sync + 'static {
+    /// Backend name, as logs and the run's system log show it.
+    fn name(&self) -> &'static str;
+    /// Name plus how it runs, e.g. `qemu (tcg)`.
+    fn describe(&self) -> String;
+    /// Software emulation: boots on one host are taken one at a time.
+    fn serialize_boots(&self) -> bool {
+        false
+    }
+    /// Starts the VMM and the VM, and connects the guest channel, before `deadline`.
+    /// On failure the VMM process must be gone.
+    fn launch(
+        &self,
+        spec: &SandboxSpec,
+        files: &VmFiles,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = Result<Vm, BootFailure>> + Send;
+    /// Stops the VM and makes sure the VMM process is gone.
+    fn stop(&self, vm: &mut Vm, files: &VmFiles) -> impl Future<Output = ()> + Send;
+}
+
+/// A [`Sandbox`] that runs each command in its own microVM.
+#[derive(Debug, Clone)]
+pub struct MicroVm<V> {
+    vmm: std::sync::Arc<V>,
+}
+
+impl<V: Vmm> MicroVm<V> {
+    pub fn new(vmm: V) -> MicroVm<V> {
+        MicroVm {
+            vmm: std::sync::Arc::new(vmm),
+        }
+    }
+
+    pub fn vmm(&self) -> &V {
+        &self.vmm
+    }
+}
+
+impl<V: Vmm> Sandbox for MicroVm<V> {
+    fn name(&self) -> &'static str {
+        self.vmm.name()
+    }
+
+    async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {
+        tokio::fs::create_dir_all(&spec.scratch_dir)
+            .await
+            .map_err(SandboxError::Prepare)?;
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let vmm = self.vmm.clone();
+        tokio::spawn(async move {
+            let files = VmFiles::in_dir(&spec.scratch_dir);
+            let exit = supervise(&*vmm, &spec, &files, kill_rx, &events_tx).await;
+            if let Err(e) = tokio::fs::remove_dir_all(&spec.scratch_dir).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                let line = format!("removing the scratch dir failed: {e}");
+                let _ = events_tx.send(SandboxEvent::Log(line)).await;
+            }
+            let _ = events_tx.send(SandboxEvent::Exited(exit)).await;
+        });
+        Ok(RunningSandbox::new(events_rx, kill_tx))
+    }
+}
+
+/// A host-wide lock held while a TCG guest boots. On the 2-core machines this
+/// project tests on, two TCG guests booting at once sometimes never reach the
+/// guest agent (both vCPU threads spin; the serial console stays empty); booting
+/// them one after the other does not show it. Running guests do not take the lock.
+async fn boot_gate() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let path = std::env::temp_dir().join("vm0-tcg-boot.lock");
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .ok()?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The last lines of the guest's serial console.
+pub fn serial_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+const LOST: ExitReport = ExitReport {
+    code: None,
+    signal: None,
+    oom_killed: false,
+};
+
+/// One boot: launch, then wait for the agent's Ready. On failure the VM is stopped.
+async fn boot_once<V: Vmm>(
+    vmm: &V,
+    spec: &SandboxSpec,
+    files: &VmFiles,
+    timeout: Duration,
+) -> Result<(Vm, BootTimings), BootFailure> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut vm = vmm.launch(spec, files, deadline).await?;
+    let ready = tokio::time::timeout_at(deadline, frame::read::<GuestMessage, _>(&mut vm.link.rx));
+    let why = match ready.await {
+        Ok(Ok(Some(GuestMessage {
+            kind: Some(guest_message::Kind::Ready(ready)),
+        }))) => {
+            let timings = timings(&vm, &ready, started.elapsed());
+            return Ok((vm, timings));
+        }
+        Err(_) => format!("no guest agent after {} s", timeout.as_secs()),
+        Ok(Err(e)) => format!("garbage from the guest: {e}"),
+        Ok(_) => "the guest closed the channel".into(),
+    };
+    vmm.stop(&mut vm, files).await;
+    Err(BootFailure::new(
+        "kernel-boot",
+        format!(
+            "{why}; serial log tail:\n{}",
+            serial_tail(&files.serial_log)
+        ),
+    ))
+}
+
+/// Boots one VM to guest agent ready and stops it: does this backend work here?
+pub async fn probe<V: Vmm>(
+    vmm: &V,
+    scratch_dir: &Path,
+    timeout: Duration,
+) -> Result<BootTimings, BootFailure> {
+    std::fs::create_dir_all(scratch_dir).map_err(|e| {
+        BootFailure::new(
+            "prepare",
+            format!("creating {}: {e}", scratch_dir.display()),
+        )
+    })?;
+    let spec = SandboxSpec {
+        run_id: "probe".into(),
+        argv: vec!["true".into()],
+        env: Vec::new(),
+        working_dir: None,
+        stdin: Vec::new(),
+        vcpus: 1,
+        memory_mb: 128,
+        disk_mb: 0,
+        scratch_dir: scratch_dir.to_owned(),
+        sample_interval: Duration::ZERO,
+    };
+    let files = VmFiles::in_dir(scratch_dir);
+    let outcome = match boot_once(vmm, &spec, &files, timeout).await {
+        Ok((mut vm, timings)) => {
+            vmm.stop(&mut vm, &files).await;
+            Ok(timings)
+        }
+        Err(failure) => Err(failure),
+    };
+    let _ = std::fs::remove_dir_all(scratch_dir);
+    outcome
+}
+
+fn timings(vm: &Vm, ready: &Ready, total: Duration) -> BootTimings {
+    BootTimings {
+        vmm_spawn: vm.vmm_spawn,
+        vm_configure: vm.vm_configure,
+        kernel_boot: Duration::from_millis(ready.kernel_boot_ms),
+        agent_init: Duration::from_millis(ready.init_ms),
+        ready: total,
+    }
+}
+
+/// Boots with retries; `None` when every attempt failed or the run was killed.
+async fn boot<V: Vmm>(
+    vmm: &V,
+    spec: &SandboxSpec,
+    files: &VmFiles,
+    kill: &mut oneshot::Receiver<()>,
+    events: &mpsc::Sender<SandboxEvent>,
+) -> Option<(Vm, BootTimings)> {
+    for attempt in 1..=BOOT_ATTEMPTS {
+        let gate = if vmm.serialize_boots() {
+            boot_gate().await
+        } else {
+            None
+        };
+        let result = boot_once(vmm, spec, files, BOOT_TIMEOUT).await;
+        drop(gate);
+        match result {
+            Ok(booted) => return Some(booted),
+            Err(failure) => {
+                let line = format!(
+                    "VM boot attempt {attempt} of {BOOT_ATTEMPTS} failed at stage {}: {}",
+                    failure.stage, failure.reason
+                );
+                let _ = events.send(SandboxEvent::Log(line)).await;
+                if kill.try_recv().is_ok() {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+fn start_message(spec: &SandboxSpec) -> HostMessage {
+    HostMessage {
+        kind: Some(host_message::Kind::Start(Start {
+            argv: spec.argv.clone(),
+            env: spec.env.iter().cloned().collect(),
+            working_dir: spec.working_dir.clone().unwrap_or_else(|| "/work".into()),
+            stdin: spec.stdin.clone(),
+            sample_interval_ms: u32::try_from(spec.sample_interval.as_millis()).unwrap_or(u32::MAX),
+        })),
+    }
+}
+
+async fn supervise<V: Vmm>(
+    vmm: &V,
+    spec: &SandboxSpec,
+    files: &VmFiles,
+    mut kill: oneshot::Receiver<()>,
+    events: &mpsc::Sender<SandboxEvent>,
+) -> ExitReport {
+    let Some((mut vm, timings)) = boot(vmm, spec, files, &mut kill, events).await else {
+        return LOST;
+    };
+    let line = format!(
+        "sandbox started: backend {}, {}",
+        vmm.describe(),
+        timings.summary()
+    );
+    let _ = events.send(SandboxEvent::Log(line)).await;
+    let _ = events.send(SandboxEvent::Booted(timings)).await;
+    if let Err(e) = frame::write(&mut vm.link.tx, &start_message(spec)).await {
+        let line = format!("sending Start to the guest failed: {e}");
+        let _ = events.send(SandboxEvent::Log(line)).await;
+        vmm.stop(&mut vm, files).await;
+        return LOST;
+    }
+    let exit = relay(vmm.name(), &mut vm, files, &mut kill, events).await;
+    vmm.stop(&mut vm, files).await;
+    exit
+}
+
+/// Relays the guest's messages until the command's end is known: `Exited`, the
+/// channel closing, the VMM exiting, or a cancel whose grace ran out.
+async fn relay(
+    name: &str,
+    vm: &mut Vm,
+    files: &VmFiles,
+    kill: &mut oneshot::Receiver<()>,
+    events: &mpsc::Sender<SandboxEvent>,
+) -> ExitReport {
+    let log = |line: String| async move {
+        let _ = events.send(SandboxEvent::Log(line)).await;
+    };
+    let mut give_up_at: Option<tokio::time::Instant> = None;
+    loop {
+        let give_up = async {
+            match give_up_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = frame::read::<GuestMessage, _>(&mut vm.link.rx) => match msg {
+                Ok(Some(GuestMessage { kind: Some(kind) })) => {
+                    // Everything of value has been streamed out once the guest says
+                    // Exited; a graceful power-off under TCG takes seconds, so the
+                    // VM is stopped right away.
+                    if let Some(exit) = forward(kind, events).await {
+                        return exit;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    log(format!("the guest channel closed before the command ended; serial log tail:\n{}", serial_tail(&files.serial_log))).await;
+                    return LOST;
+                }
+            },
+            _ = &mut *kill, if give_up_at.is_none() => {
+                let cancel = HostMessage { kind: Some(host_message::Kind::Cancel(Cancel { grace_ms: CANCEL_GRACE_MS })) };
+                let _ = frame::write(&mut vm.link.tx, &cancel).await;
+                give_up_at = Some(tokio::time::Instant::now() + HARD_KILL_AFTER);
+            }
+            status = vm.process.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_default();
+                log(format!("{name} exited ({status}) before the command ended; serial log tail:\n{}", serial_tail(&files.serial_log))).await;
+                return LOST;
+            }
+            _ = give_up => return LOST,
+        }
+    }
+}
+
+/// Passes one guest message on; the exit report when it is the last.
+async fn forward(
+    kind: guest_message::Kind,
+    events: &mpsc::Sender<SandboxEvent>,
+) -> Option<ExitReport> {
+    match kind {
+        guest_message::Kind::Output(o) => {
+            let data = Bytes::from(o.data);
+            let ev = match OutputStream::try_from(o.stream) {
+                Ok(OutputStream::Stderr) => SandboxEvent::Stderr(data),
+                _ => SandboxEvent::Stdout(data),
+            };
+            let _ = events.send(ev).await;
+        }
+        guest_message::Kind::Sample(s) => {
+            // Samples are droppable: output must never wait behind them.
+            let _ = events.try_send(SandboxEvent::Sample(ResourceSample {
+                cpu_percent: s.cpu_percent,
+                memory_used_bytes: s.memory_used_bytes,
+                memory_total_bytes: s.memory_total_bytes,
+                disk_used_bytes: s.disk_used_bytes,
+                disk_total_bytes: s.disk_total_bytes,
+                network_rx_bytes: s.network_rx_bytes,
+                network_tx_bytes: s.network_tx_bytes,
+            }));
+        }
+        guest_message::Kind::Error(e) => {
+            let line = format!("guest agent: {}", e.message);
+            let _ = events.send(SandboxEvent::Log(line)).await;
+        }
+        guest_message::Kind::Exited(x) => {
+            return Some(ExitReport {
+                code: x.code,
+                signal: x.signal,
+                oom_killed: x.oom_killed,
+            });
+        }
+        guest_message::Kind::Ready(_) | guest_message::Kind::Pong(_) => {}
+    }
+    None
+}
