@@ -1,6 +1,6 @@
 //! `vm0-bench`: dispatch benchmarks on one machine. Starts nats-server, a gateway
-//! (SQLite, or PostgreSQL with `--database-url`) and workers with the bubblewrap
-//! sandbox in this process, then measures through the HTTP API:
+//! (SQLite, or PostgreSQL with `--database-url`) and workers (bubblewrap sandbox, or
+//! `--sandbox qemu` etc.) in this process, then measures through the HTTP API:
 //!
 //! - `dispatch`: runs created at a fixed rate; create → claimed (the run's
 //!   `started_at` minus `created_at`, microseconds from the store), p50/p99.
@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 use vm0_db::Store;
 use vm0_gateway::config::DispatchConfig;
 use vm0_gateway::{Gateway, GatewayConfig};
+
+mod stats;
+use stats::summary;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Scenario {
@@ -52,6 +55,10 @@ struct Args {
     workers: u32,
     #[arg(long, default_value_t = 32)]
     slots: u32,
+    /// The workers' sandbox backend (`VM0_SANDBOX`'s values); microVM backends
+    /// need `VM0_GUEST_AGENT`.
+    #[arg(long, default_value = "bubblewrap")]
+    sandbox: String,
     /// PostgreSQL instead of SQLite.
     #[arg(long)]
     database_url: Option<String>,
@@ -62,26 +69,6 @@ struct Bench {
     token: String,
     store: Store,
     client: reqwest::Client,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn summary(name: &str, mut ms: Vec<f64>) {
-    ms.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "{name}: n={} p50={:.2} ms p90={:.2} ms p99={:.2} ms max={:.2} ms",
-        ms.len(),
-        percentile(&ms, 50.0),
-        percentile(&ms, 90.0),
-        percentile(&ms, 99.0),
-        ms.last().copied().unwrap_or(f64::NAN)
-    );
 }
 
 impl Bench {
@@ -283,9 +270,10 @@ async fn main() -> Result<()> {
             worker_token: token.into(),
             slots: args.slots,
             data_dir: dir.path().to_owned(),
-            ..vm0_worker::WorkerConfig::defaults()
+            sandbox: args.sandbox.parse().map_err(anyhow::Error::msg)?,
+            ..vm0_worker::WorkerConfig::defaults().apply_env()?
         };
-        let sandbox = vm0_sandbox::bubblewrap::Bubblewrap::detect().await?;
+        let sandbox = vm0_worker::sandbox(&wc).await?;
         workers.push(tokio::spawn(vm0_worker::run(
             wc,
             sandbox,
@@ -323,7 +311,7 @@ async fn main() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await; // workers register
     println!(
-        "stack: {} ({}), {} worker(s) x {} slots, bubblewrap sandbox, {} CPUs",
+        "stack: {} ({}), {} worker(s) x {} slots, {} sandbox, {} CPUs",
         if db_url.starts_with("sqlite") {
             "SQLite"
         } else {
@@ -332,6 +320,7 @@ async fn main() -> Result<()> {
         vm0_db::store::redact_url(&db_url),
         args.workers,
         args.slots,
+        args.sandbox,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let s = args.scenario;

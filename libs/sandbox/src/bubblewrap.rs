@@ -272,7 +272,7 @@ async fn supervise(
             status = child.wait() => break status,
             _ = &mut kill, if !killed => {
                 killed = true;
-                // SIGKILL to bwrap: its pid namespace dies with it.
+                kill_tree(pid);
                 let _ = child.start_kill();
             }
             _ = tick.tick() => {
@@ -322,6 +322,26 @@ async fn supervise(
             .await;
     }
     let _ = events.send(SandboxEvent::Exited(report)).await;
+}
+
+/// SIGKILL to bwrap's process group and every process under it. Killing bwrap
+/// alone is not enough right after it started: its child may not have set its
+/// parent-death signal yet, and would then outlive it.
+fn kill_tree(pid: u32) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if raw <= 0 {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    for p in crate::sample::process_tree(pid) {
+        if let Ok(p) = i32::try_from(p) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
 }
 
 fn take_sample(

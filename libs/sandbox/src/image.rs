@@ -96,12 +96,8 @@ fn default_kernel_package() -> Result<String, ImageError> {
 }
 
 /// Unpacks the kernel package once: `<cache>/kernels/<package>/{boot,lib}`.
-fn kernel_tree(recipe: &ImageRecipe) -> Result<(PathBuf, PathBuf), ImageError> {
-    let package = match &recipe.kernel_package {
-        Some(p) => p.clone(),
-        None => default_kernel_package()?,
-    };
-    let root = recipe.cache_dir.join("kernels").join(&package);
+fn kernel_tree(recipe: &ImageRecipe, package: &str) -> Result<(PathBuf, PathBuf), ImageError> {
+    let root = recipe.cache_dir.join("kernels").join(package);
     if !root.join("boot").exists() {
         let download = tempfile::tempdir_in(&recipe.cache_dir)?;
         run(
@@ -302,35 +298,136 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
     Ok(cpio.finish()?.finish()?)
 }
 
+/// Bumped whenever what an image holds changes for the same inputs.
+const IMAGE_FORMAT: &str = "vm0-guest-image-3";
+
+/// The kernel to boot: the uncompressed ELF inside the bzImage, extracted once
+/// next to it. Booting it directly (PVH) skips the kernel's self-decompression,
+/// which takes seconds under TCG; Cloud Hypervisor prefers it too. Falls back to
+/// the bzImage when the payload is not one we can unpack.
+fn boot_kernel(vmlinuz: &Path) -> Result<PathBuf, ImageError> {
+    let vmlinux = vmlinuz.with_file_name("vmlinux");
+    if vmlinux.exists() {
+        return Ok(vmlinux);
+    }
+    let bzimage = std::fs::read(vmlinuz)?;
+    let Some(elf) = unpack_payload(&bzimage) else {
+        tracing::warn!(kernel = %vmlinuz.display(), "no xz or gzip payload found; booting the bzImage");
+        return Ok(vmlinuz.to_owned());
+    };
+    write_atomically(&vmlinux, &elf)?;
+    Ok(vmlinux)
+}
+
+/// The ELF kernel compressed inside a bzImage (xz, as Debian builds it, or gzip).
+fn unpack_payload(bzimage: &[u8]) -> Option<Vec<u8>> {
+    let find = |magic: &[u8]| bzimage.windows(magic.len()).position(|w| w == magic);
+    let elf = if let Some(at) = find(b"\xfd7zXZ\x00") {
+        let mut xz = std::process::Command::new("xz")
+            .args(["-dc", "--single-stream"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut stdin = xz.stdin.take()?;
+        let payload = bzimage[at..].to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&payload));
+        let out = xz.wait_with_output().ok()?;
+        // xz stops reading at the end of its stream: the rest is not ours to feed.
+        let _ = feeder.join();
+        out.stdout
+    } else {
+        let at = find(b"\x1f\x8b\x08")?;
+        let mut elf = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bzimage[at..]), &mut elf)
+            .ok()?;
+        elf
+    };
+    elf.starts_with(b"\x7fELF").then_some(elf)
+}
+
+/// Concurrent builders (workers starting together) never see a partial file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| ImageError::Io(e.error))?;
+    Ok(())
+}
+
+/// A key over everything an image is built from, so that a worker's start finds
+/// its image without rebuilding and hashing it.
+fn recipe_key(recipe: &ImageRecipe, package: &str) -> Result<String, ImageError> {
+    let mut h = Sha256::new();
+    h.update(IMAGE_FORMAT);
+    h.update(package);
+    for file in [&recipe.guest_agent, &recipe.busybox] {
+        let bytes =
+            std::fs::read(file).map_err(|_| ImageError::Missing(file.display().to_string()))?;
+        h.update(Sha256::digest(&bytes));
+    }
+    for (group, module) in MODULES {
+        h.update(format!("{group} {module}\n"));
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn image_in(dir: &Path, id: &str) -> Option<GuestImage> {
+    let initrd = dir.join("initrd.img");
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.exists())?;
+    initrd.exists().then(|| GuestImage {
+        id: id.to_owned(),
+        kernel,
+        initrd,
+    })
+}
+
 /// Builds (or finds in the cache) the image for `recipe`.
 pub fn build(recipe: &ImageRecipe) -> Result<GuestImage, ImageError> {
-    std::fs::create_dir_all(&recipe.cache_dir)?;
-    let (vmlinuz, modules) = kernel_tree(recipe)?;
-    let kernel = std::fs::read(&vmlinuz)?;
+    std::fs::create_dir_all(recipe.cache_dir.join("recipes"))?;
+    let package = match &recipe.kernel_package {
+        Some(p) => p.clone(),
+        None => default_kernel_package()?,
+    };
+    let key_file = recipe
+        .cache_dir
+        .join("recipes")
+        .join(recipe_key(recipe, &package)?);
+    if let Ok(id) = std::fs::read_to_string(&key_file)
+        && let Some(image) = image_in(&recipe.cache_dir.join(id.trim()), id.trim())
+    {
+        return Ok(image);
+    }
+    let (vmlinuz, modules) = kernel_tree(recipe, &package)?;
+    let kernel_path = boot_kernel(&vmlinuz)?;
+    let kernel_name = kernel_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vmlinuz".into());
+    let kernel = std::fs::read(&kernel_path)?;
     let initrd = initramfs(recipe, &modules)?;
     let mut h = Sha256::new();
     h.update(&kernel);
     h.update(&initrd);
     let id = hex::encode(h.finalize());
     let dir = recipe.cache_dir.join(&id);
-    let image = GuestImage {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-        id,
-    };
-    if !image.initrd.exists() {
+    if image_in(&dir, &id).is_none() {
         let tmp = tempfile::tempdir_in(&recipe.cache_dir)?;
-        std::fs::write(tmp.path().join("vmlinuz"), &kernel)?;
+        std::fs::write(tmp.path().join(&kernel_name), &kernel)?;
         std::fs::write(tmp.path().join("initrd.img"), &initrd)?;
         let built = tmp.keep();
         // Another builder may have won the race: theirs is identical.
         if std::fs::rename(&built, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&built);
-            if !image.initrd.exists() {
-                return Err(ImageError::Missing(dir.display().to_string()));
-            }
         }
     }
+    let image =
+        image_in(&dir, &id).ok_or_else(|| ImageError::Missing(dir.display().to_string()))?;
+    write_atomically(&key_file, id.as_bytes())?;
     Ok(image)
 }
 

@@ -293,17 +293,20 @@ impl ControlPlane for ControlPlaneService {
                 .map_err(|e| internal(&e))?;
             if let Some(version) = version {
                 let config = convert::agent_config(&version).map_err(|e| internal(&e))?;
-                let (vcpus, mem) = (
+                let (vcpus, mem, disk) = (
                     capacity["vcpus"].as_u64().unwrap_or(0),
                     capacity["memoryMb"].as_u64().unwrap_or(0),
+                    capacity["diskMb"].as_u64().unwrap_or(0),
                 );
-                if u64::from(config.resources.vcpus) > vcpus || config.resources.memory_mb > mem {
+                let res = &config.resources;
+                if u64::from(res.vcpus) > vcpus || res.memory_mb > mem || res.disk_mb > disk {
                     return self
                         .reject(
                             &r.run_id,
                             format!(
-                                "the agent asks for {} vCPUs and {} MB, more than worker {} has ({vcpus} vCPUs, {mem} MB)",
-                                config.resources.vcpus, config.resources.memory_mb, r.worker_id
+                                "the agent asks for {} vCPUs, {} MB of memory and {} MB of disk, \
+                                 more than worker {} has ({vcpus} vCPUs, {mem} MB, {disk} MB)",
+                                res.vcpus, res.memory_mb, res.disk_mb, r.worker_id
                             ),
                         )
                         .await;

@@ -233,7 +233,39 @@ async fn sse_resume_at_every_event_gives_exactly_the_rest(db: Db) {
     }
 }
 
+/// A run asking for more than any worker has is rejected at claim time with a
+/// message saying why, instead of waiting forever.
+async fn oversized_runs_are_rejected_at_claim(db: Db) {
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "huge-cpu",
+            json!({"command": ["true"], "resources": {"vcpus": 64}}),
+        )
+        .await;
+    stack
+        .create_agent(
+            "huge-disk",
+            json!({"command": ["true"], "resources": {"diskMb": 1_000_000}}),
+        )
+        .await;
+    for agent in ["huge-cpu", "huge-disk"] {
+        let id = stack
+            .create_run(0, json!({"agent": agent, "prompt": "p"}))
+            .await;
+        let run = stack.wait_finished(&id, WAIT).await;
+        assert_eq!(run["status"], "failed", "{run}");
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("more than worker") && error.contains("MB of disk"),
+            "{run}"
+        );
+        assert!(run["startedAt"].is_null(), "it never started: {run}");
+    }
+}
+
 vm0_db::on_both_databases!(
+    oversized_runs_are_rejected_at_claim,
     run_completes_with_output_in_sse_logs_and_metrics,
     failing_command_ends_failed_with_its_exit_code,
     timeout_kills_the_run,
