@@ -104,7 +104,7 @@ fn kernel_tree(recipe: &ImageRecipe, package: &str) -> Result<(PathBuf, PathBuf)
             &format!("apt-get download {package}"),
             Command::new("apt-get")
                 .arg("download")
-                .arg(&package)
+                .arg(package)
                 .current_dir(download.path()),
         )?;
         let deb = std::fs::read_dir(download.path())?
