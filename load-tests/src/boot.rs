@@ -58,6 +58,8 @@ struct Args {
     cold_image: bool,
     #[arg(long, default_value_t = 256)]
     memory_mb: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
 }
 
 fn recipe(args: &Args, cache_dir: PathBuf) -> ImageRecipe {
@@ -89,7 +91,7 @@ fn prepare(recipe: &ImageRecipe, times: u32) -> Result<(Vec<f64>, GuestImage)> {
 async fn one_run<V: Vmm>(
     sandbox: &MicroVm<V>,
     scratch: PathBuf,
-    memory_mb: u64,
+    args: &Args,
 ) -> Result<(BootTimings, Duration, Duration)> {
     let spec = SandboxSpec {
         run_id: "bench".into(),
@@ -97,9 +99,10 @@ async fn one_run<V: Vmm>(
         env: vec![("PATH".into(), "/bin".into())],
         working_dir: None,
         stdin: Vec::new(),
-        vcpus: 1,
-        memory_mb,
+        vcpus: args.vcpus,
+        memory_mb: args.memory_mb,
         disk_mb: 0,
+        image: None,
         scratch_dir: scratch,
         sample_interval: Duration::ZERO,
     };
@@ -128,12 +131,23 @@ async fn one_run<V: Vmm>(
     ))
 }
 
-async fn measure<V: Vmm>(vmm: V, args: &Args, dir: &std::path::Path) -> Result<()> {
-    println!("backend: {}, {} runs", vmm.describe(), args.runs);
-    let sandbox = MicroVm::new(vmm);
+async fn measure<V: Vmm>(
+    vmm: V,
+    image: GuestImage,
+    args: &Args,
+    dir: &std::path::Path,
+) -> Result<()> {
+    println!(
+        "backend: {}, {} runs, {} vCPU(s), {} MB",
+        vmm.describe(),
+        args.runs,
+        args.vcpus,
+        args.memory_mb
+    );
+    let sandbox = MicroVm::new(vmm, image);
     let mut rows: Vec<(BootTimings, Duration, Duration)> = Vec::new();
     for i in 0..args.runs {
-        rows.push(one_run(&sandbox, dir.join(format!("run-{i}")), args.memory_mb).await?);
+        rows.push(one_run(&sandbox, dir.join(format!("run-{i}")), args).await?);
     }
     let column = |f: &dyn Fn(&(BootTimings, Duration, Duration)) -> Duration| {
         rows.iter().map(|r| ms(f(r))).collect::<Vec<_>>()
@@ -174,8 +188,10 @@ async fn main() -> Result<()> {
                 AccelArg::Kvm => Accel::Kvm,
                 AccelArg::Tcg => Accel::Tcg,
             };
-            measure(Qemu::new(image, accel)?, &args, dir.path()).await
+            measure(Qemu::new(accel)?, image, &args, dir.path()).await
         }
-        Backend::CloudHypervisor => measure(CloudHypervisor::new(image)?, &args, dir.path()).await,
+        Backend::CloudHypervisor => {
+            measure(CloudHypervisor::new()?, image, &args, dir.path()).await
+        }
     }
 }

@@ -94,27 +94,29 @@ pub struct AgentConfig {
     pub working_dir: Option<String>,
 }
 
+/// What a guest image name may be (`config.image`, `vm0 image build --name`).
+pub const IMAGE_NAME_RULE: &str = "image must be 1-200 characters of lowercase letters, digits and ._:/-, starting with a letter or digit";
+
+pub fn is_image_name(image: &str) -> bool {
+    image.len() <= limits::MAX_IMAGE_LEN
+        && image
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:/-".contains(&b))
+}
+
 impl AgentConfig {
     /// Checks every field against [`limits`]; the error names the offending field as
     /// a path under `config` (e.g. `config.resources.vcpus`).
     pub fn validate(&self) -> Result<(), FieldError> {
         use limits::*;
-        if let Some(image) = &self.image {
-            let ok = !image.is_empty()
-                && image.len() <= MAX_IMAGE_LEN
-                && image
-                    .bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_alphanumeric())
-                && image
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:/-".contains(&b));
-            if !ok {
-                return Err(FieldError::invalid(
-                    "config.image",
-                    "image must be 1-200 characters of lowercase letters, digits and ._:/-",
-                ));
-            }
+        if let Some(image) = &self.image
+            && !is_image_name(image)
+        {
+            return Err(FieldError::invalid("config.image", IMAGE_NAME_RULE));
         }
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(FieldError::invalid(

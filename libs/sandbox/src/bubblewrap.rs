@@ -189,6 +189,14 @@ impl Sandbox for Bubblewrap {
     }
 
     async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {
+        // The command runs on the host's userland: a run that needs another one
+        // must not silently get this one.
+        if let Some(name) = spec.image.as_ref().filter(|n| *n != "default") {
+            return Err(SandboxError::NoImages {
+                backend: "bubblewrap",
+                name: name.clone(),
+            });
+        }
         let work = spec.scratch_dir.join("work");
         tokio::fs::create_dir_all(&work)
             .await

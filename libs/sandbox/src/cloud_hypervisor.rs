@@ -37,21 +37,20 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct CloudHypervisor {
     program: PathBuf,
-    image: GuestImage,
 }
 
 /// The sandbox: one Cloud Hypervisor microVM per run.
 pub type CloudHypervisorSandbox = crate::microvm::MicroVm<CloudHypervisor>;
 
 impl CloudHypervisor {
-    pub fn new(image: GuestImage) -> Result<CloudHypervisor, crate::SandboxError> {
+    pub fn new() -> Result<CloudHypervisor, crate::SandboxError> {
         let program = crate::find_on_path("cloud-hypervisor").ok_or_else(|| {
             crate::SandboxError::Unavailable {
                 backend: "cloud-hypervisor",
                 reason: "cloud-hypervisor is not on PATH".into(),
             }
         })?;
-        Ok(CloudHypervisor { program, image })
+        Ok(CloudHypervisor { program })
     }
 
     /// Spawns the VMM and waits until its API answers.
@@ -193,6 +192,7 @@ impl Vmm for CloudHypervisor {
     async fn launch(
         &self,
         spec: &SandboxSpec,
+        image: &GuestImage,
         files: &VmFiles,
         deadline: tokio::time::Instant,
     ) -> Result<Vm, BootFailure> {
@@ -203,7 +203,7 @@ impl Vmm for CloudHypervisor {
         let (mut process, api) = self.spawn(files).await?;
         let vmm_spawn = started.elapsed();
         let stage = async {
-            create_and_boot(&api, &vm_config(&self.image, spec, files)).await?;
+            create_and_boot(&api, &vm_config(image, spec, files)).await?;
             let vm_configure = started.elapsed() - vmm_spawn;
             let stream = connect_guest(files, &mut process, deadline).await?;
             Ok((vm_configure, stream))

@@ -431,6 +431,43 @@ pub fn build(recipe: &ImageRecipe) -> Result<GuestImage, ImageError> {
     Ok(image)
 }
 
+/// Named images in a cache (`vm0 image build --name NAME`): one file per name
+/// under `<cache>/names/`, holding the image id.
+#[derive(Debug, Clone)]
+pub struct ImageCatalog {
+    cache_dir: PathBuf,
+}
+
+impl ImageCatalog {
+    pub fn new(cache_dir: &Path) -> ImageCatalog {
+        ImageCatalog {
+            cache_dir: cache_dir.to_owned(),
+        }
+    }
+
+    fn name_file(&self, name: &str) -> PathBuf {
+        // Hex keeps any name (`/`, `:`) a single safe file name.
+        self.cache_dir.join("names").join(hex::encode(name))
+    }
+
+    /// Gives `image` the name `name` (replacing what had it).
+    pub fn set_name(&self, name: &str, image: &GuestImage) -> Result<(), ImageError> {
+        std::fs::create_dir_all(self.cache_dir.join("names"))?;
+        write_atomically(&self.name_file(name), image.id.as_bytes())
+    }
+
+    /// The image named `name`, or whose id is `name`.
+    pub fn find(&self, name: &str) -> Option<GuestImage> {
+        let id = std::fs::read_to_string(self.name_file(name))
+            .map(|id| id.trim().to_owned())
+            .unwrap_or_else(|_| name.to_owned());
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        image_in(&self.cache_dir.join(&id), &id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

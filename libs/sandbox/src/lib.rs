@@ -48,6 +48,9 @@ pub struct SandboxSpec {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
+    /// Guest image name (`vm0 image build --name`); the backend's default when
+    /// `None`. Only microVM backends have images.
+    pub image: Option<String>,
     /// Host directory for this run's files; created by the backend and removed
     /// when the run ends.
     pub scratch_dir: PathBuf,
@@ -117,6 +120,10 @@ pub enum SandboxError {
         backend: &'static str,
         reason: String,
     },
+    #[error("guest image {name:?} is not built on this worker (vm0 image build --name {name})")]
+    UnknownImage { name: String },
+    #[error("the {backend} backend has no guest images; image {name:?} needs a microVM worker")]
+    NoImages { backend: &'static str, name: String },
     #[error("preparing the sandbox's files failed")]
     Prepare(#[source] std::io::Error),
     #[error("starting {program} failed")]

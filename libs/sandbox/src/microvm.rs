@@ -17,6 +17,7 @@ use vm0_proto::guest::{
     Cancel, GuestMessage, HostMessage, OutputStream, Ready, Start, guest_message, host_message,
 };
 
+use crate::image::{GuestImage, ImageCatalog};
 use crate::{
     BootTimings, ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent,
     SandboxSpec,
@@ -99,6 +100,7 @@ pub trait Vmm: Send + Sync + 'static {
     fn launch(
         &self,
         spec: &SandboxSpec,
+        image: &GuestImage,
         files: &VmFiles,
         deadline: tokio::time::Instant,
     ) -> impl Future<Output = Result<Vm, BootFailure>> + Send;
@@ -110,17 +112,40 @@ pub trait Vmm: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct MicroVm<V> {
     vmm: std::sync::Arc<V>,
+    /// The image of runs that name none.
+    default_image: GuestImage,
+    /// Where named images are found.
+    catalog: Option<ImageCatalog>,
 }
 
 impl<V: Vmm> MicroVm<V> {
-    pub fn new(vmm: V) -> MicroVm<V> {
+    pub fn new(vmm: V, default_image: GuestImage) -> MicroVm<V> {
         MicroVm {
             vmm: std::sync::Arc::new(vmm),
+            default_image,
+            catalog: None,
         }
+    }
+
+    /// Runs may name images of this catalog.
+    pub fn with_catalog(mut self, catalog: ImageCatalog) -> MicroVm<V> {
+        self.catalog = Some(catalog);
+        self
     }
 
     pub fn vmm(&self) -> &V {
         &self.vmm
+    }
+
+    fn image(&self, name: Option<&str>) -> Result<GuestImage, SandboxError> {
+        match name {
+            None | Some("default") => Ok(self.default_image.clone()),
+            Some(name) => self
+                .catalog
+                .as_ref()
+                .and_then(|c| c.find(name))
+                .ok_or_else(|| SandboxError::UnknownImage { name: name.into() }),
+        }
     }
 }
 
@@ -130,6 +155,7 @@ impl<V: Vmm> Sandbox for MicroVm<V> {
     }
 
     async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {
+        let image = self.image(spec.image.as_deref())?;
         tokio::fs::create_dir_all(&spec.scratch_dir)
             .await
             .map_err(SandboxError::Prepare)?;
@@ -137,8 +163,12 @@ impl<V: Vmm> Sandbox for MicroVm<V> {
         let (kill_tx, kill_rx) = oneshot::channel();
         let vmm = self.vmm.clone();
         tokio::spawn(async move {
-            let files = VmFiles::in_dir(&spec.scratch_dir);
-            let exit = supervise(&*vmm, &spec, &files, kill_rx, &events_tx).await;
+            let vm = VmRequest {
+                spec: &spec,
+                image: &image,
+                files: &VmFiles::in_dir(&spec.scratch_dir),
+            };
+            let exit = supervise(&*vmm, &vm, kill_rx, &events_tx).await;
             if let Err(e) = tokio::fs::remove_dir_all(&spec.scratch_dir).await
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -149,6 +179,14 @@ impl<V: Vmm> Sandbox for MicroVm<V> {
         });
         Ok(RunningSandbox::new(events_rx, kill_tx))
     }
+}
+
+/// What one VM is booted from.
+#[derive(Clone, Copy)]
+struct VmRequest<'a> {
+    spec: &'a SandboxSpec,
+    image: &'a GuestImage,
+    files: &'a VmFiles,
 }
 
 /// A host-wide lock held while a TCG guest boots. On the 2-core machines this
@@ -187,13 +225,13 @@ const LOST: ExitReport = ExitReport {
 /// One boot: launch, then wait for the agent's Ready. On failure the VM is stopped.
 async fn boot_once<V: Vmm>(
     vmm: &V,
-    spec: &SandboxSpec,
-    files: &VmFiles,
+    req: &VmRequest<'_>,
     timeout: Duration,
 ) -> Result<(Vm, BootTimings), BootFailure> {
+    let files = req.files;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut vm = vmm.launch(spec, files, deadline).await?;
+    let mut vm = vmm.launch(req.spec, req.image, files, deadline).await?;
     let ready = tokio::time::timeout_at(deadline, frame::read::<GuestMessage, _>(&mut vm.link.rx));
     let why = match ready.await {
         Ok(Ok(Some(GuestMessage {
@@ -219,6 +257,7 @@ async fn boot_once<V: Vmm>(
 /// Boots one VM to guest agent ready and stops it: does this backend work here?
 pub async fn probe<V: Vmm>(
     vmm: &V,
+    image: &GuestImage,
     scratch_dir: &Path,
     timeout: Duration,
 ) -> Result<BootTimings, BootFailure> {
@@ -237,11 +276,17 @@ pub async fn probe<V: Vmm>(
         vcpus: 1,
         memory_mb: 128,
         disk_mb: 0,
+        image: None,
         scratch_dir: scratch_dir.to_owned(),
         sample_interval: Duration::ZERO,
     };
     let files = VmFiles::in_dir(scratch_dir);
-    let outcome = match boot_once(vmm, &spec, &files, timeout).await {
+    let req = VmRequest {
+        spec: &spec,
+        image,
+        files: &files,
+    };
+    let outcome = match boot_once(vmm, &req, timeout).await {
         Ok((mut vm, timings)) => {
             vmm.stop(&mut vm, &files).await;
             Ok(timings)
@@ -265,8 +310,7 @@ fn timings(vm: &Vm, ready: &Ready, total: Duration) -> BootTimings {
 /// Boots with retries; `None` when every attempt failed or the run was killed.
 async fn boot<V: Vmm>(
     vmm: &V,
-    spec: &SandboxSpec,
-    files: &VmFiles,
+    req: &VmRequest<'_>,
     kill: &mut oneshot::Receiver<()>,
     events: &mpsc::Sender<SandboxEvent>,
 ) -> Option<(Vm, BootTimings)> {
@@ -276,7 +320,7 @@ async fn boot<V: Vmm>(
         } else {
             None
         };
-        let result = boot_once(vmm, spec, files, BOOT_TIMEOUT).await;
+        let result = boot_once(vmm, req, BOOT_TIMEOUT).await;
         drop(gate);
         match result {
             Ok(booted) => return Some(booted),
@@ -309,12 +353,12 @@ fn start_message(spec: &SandboxSpec) -> HostMessage {
 
 async fn supervise<V: Vmm>(
     vmm: &V,
-    spec: &SandboxSpec,
-    files: &VmFiles,
+    req: &VmRequest<'_>,
     mut kill: oneshot::Receiver<()>,
     events: &mpsc::Sender<SandboxEvent>,
 ) -> ExitReport {
-    let Some((mut vm, timings)) = boot(vmm, spec, files, &mut kill, events).await else {
+    let (spec, files) = (req.spec, req.files);
+    let Some((mut vm, timings)) = boot(vmm, req, &mut kill, events).await else {
         return LOST;
     };
     let line = format!(

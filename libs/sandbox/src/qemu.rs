@@ -31,7 +31,6 @@ impl Accel {
 #[derive(Debug, Clone)]
 pub struct Qemu {
     program: PathBuf,
-    image: GuestImage,
     accel: Accel,
 }
 
@@ -39,7 +38,7 @@ pub struct Qemu {
 pub type QemuSandbox = crate::microvm::MicroVm<Qemu>;
 
 impl Qemu {
-    pub fn new(image: GuestImage, accel: Accel) -> Result<Qemu, crate::SandboxError> {
+    pub fn new(accel: Accel) -> Result<Qemu, crate::SandboxError> {
         let program = crate::find_on_path("qemu-system-x86_64").ok_or_else(|| {
             crate::SandboxError::Unavailable {
                 backend: "qemu",
@@ -47,18 +46,29 @@ impl Qemu {
                     .into(),
             }
         })?;
-        Ok(Qemu {
-            program,
-            image,
-            accel,
-        })
+        Ok(Qemu { program, accel })
     }
 
     pub fn accel(&self) -> Accel {
         self.accel
     }
 
-    fn command(&self, spec: &SandboxSpec, files: &VmFiles) -> Command {
+    fn cmdline(&self) -> String {
+        let mut cmdline =
+            String::from("console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0");
+        // Under TCG the kernel's early TSC calibration against the PIT sometimes
+        // fails (emulated timing is jittery); with no HPET or PM timer on a microvm
+        // the TSC is then marked unstable and the boot hangs before init. TCG's TSC
+        // runs at the host's rate: tell the kernel instead of letting it measure.
+        if self.accel == Accel::Tcg
+            && let Some(khz) = host_tsc_khz()
+        {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        cmdline
+    }
+
+    fn command(&self, spec: &SandboxSpec, image: &GuestImage, files: &VmFiles) -> Command {
         let mut cmd = crate::vmm::command(&self.program);
         cmd.args([
             "-M",
@@ -71,13 +81,11 @@ impl Qemu {
         .args(["-m", &format!("{}M", spec.memory_mb.max(128))])
         .args(["-smp", &spec.vcpus.max(1).to_string()])
         .arg("-kernel")
-        .arg(&self.image.kernel)
+        .arg(&image.kernel)
         .arg("-initrd")
-        .arg(&self.image.initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0",
-        ])
+        .arg(&image.initrd)
+        .arg("-append")
+        .arg(self.cmdline())
         .arg("-serial")
         .arg(format!("file:{}", files.serial_log.display()))
         .args(["-device", "virtio-serial-device"])
@@ -89,6 +97,20 @@ impl Qemu {
         .args(["-device", "virtserialport,chardev=vm0,name=vm0"]);
         cmd
     }
+}
+
+/// The host CPU's clock in kHz, from `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
 /// QEMU listens on the chardev socket once it has set the machine up.
@@ -124,12 +146,13 @@ impl Vmm for Qemu {
     async fn launch(
         &self,
         spec: &SandboxSpec,
+        image: &GuestImage,
         files: &VmFiles,
         _deadline: tokio::time::Instant,
     ) -> Result<Vm, BootFailure> {
         let _ = std::fs::remove_file(&files.guest_socket);
         let started = Instant::now();
-        let mut process = self.command(spec, files).spawn().map_err(|e| {
+        let mut process = self.command(spec, image, files).spawn().map_err(|e| {
             let program = self.program.display();
             BootFailure::new("vmm-spawn", format!("starting {program} failed: {e}"))
         })?;

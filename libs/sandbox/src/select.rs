@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::bubblewrap::Bubblewrap;
 use crate::cloud_hypervisor::{CloudHypervisor, CloudHypervisorSandbox};
-use crate::image::{GuestImage, ImageRecipe};
+use crate::image::{GuestImage, ImageCatalog, ImageRecipe};
 use crate::microvm::{MicroVm, Vmm};
 use crate::qemu::{Accel, Qemu, QemuSandbox};
 use crate::{RunningSandbox, Sandbox, SandboxError, SandboxSpec};
@@ -152,18 +152,26 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-async fn probe<V: Vmm>(vmm: V, dir: &Path) -> Result<MicroVm<V>, String> {
-    match crate::microvm::probe(&vmm, dir, PROBE_TIMEOUT).await {
+fn microvm<V: Vmm>(vmm: V, image: &GuestImage, options: &SelectOptions) -> MicroVm<V> {
+    MicroVm::new(vmm, image.clone()).with_catalog(ImageCatalog::new(&options.image_cache))
+}
+
+async fn probe<V: Vmm>(
+    vmm: V,
+    image: &GuestImage,
+    options: &SelectOptions,
+    dir: &Path,
+) -> Result<MicroVm<V>, String> {
+    match crate::microvm::probe(&vmm, image, dir, PROBE_TIMEOUT).await {
         Ok(t) => {
             tracing::info!(backend = %vmm.describe(), boot_ms = t.ready.as_millis() as u64, "probe VM booted");
-            Ok(MicroVm::new(vmm))
+            Ok(microvm(vmm, image, options))
         }
         Err(f) => {
-            let first_line = f.reason.lines().next().unwrap_or_default().to_owned();
-            Err(format!(
-                "probe VM failed at stage {}: {first_line}",
-                f.stage
-            ))
+            // The serial log tail is for a run's system log; one line is enough here.
+            let first_line = f.reason.lines().next().unwrap_or_default();
+            let reason = first_line.trim_end_matches("; serial log tail:");
+            Err(format!("probe VM failed at stage {}: {reason}", f.stage))
         }
     }
 }
@@ -173,9 +181,11 @@ async fn try_cloud_hypervisor(
     image: &GuestImage,
 ) -> Result<AnySandbox, String> {
     kvm_device()?;
-    let vmm = CloudHypervisor::new(image.clone()).map_err(|e| e.to_string())?;
+    let vmm = CloudHypervisor::new().map_err(|e| e.to_string())?;
     let dir = options.scratch_dir.join("probe-cloud-hypervisor");
-    Ok(AnySandbox::CloudHypervisor(probe(vmm, &dir).await?))
+    Ok(AnySandbox::CloudHypervisor(
+        probe(vmm, image, options, &dir).await?,
+    ))
 }
 
 async fn try_qemu(
@@ -186,13 +196,13 @@ async fn try_qemu(
     if accel == Accel::Kvm {
         kvm_device()?;
     }
-    let vmm = Qemu::new(image.clone(), accel).map_err(|e| e.to_string())?;
+    let vmm = Qemu::new(accel).map_err(|e| e.to_string())?;
     if accel == Accel::Tcg {
         // TCG boots wherever QEMU runs; probing costs a slow boot for nothing.
-        return Ok(AnySandbox::Qemu(MicroVm::new(vmm)));
+        return Ok(AnySandbox::Qemu(microvm(vmm, image, options)));
     }
     let dir = options.scratch_dir.join("probe-qemu");
-    Ok(AnySandbox::Qemu(probe(vmm, &dir).await?))
+    Ok(AnySandbox::Qemu(probe(vmm, image, options, &dir).await?))
 }
 
 fn describe(sandbox: &AnySandbox) -> String {

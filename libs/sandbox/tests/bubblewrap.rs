@@ -20,6 +20,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         vcpus: 1,
         memory_mb: 256,
         disk_mb: 256,
+        image: None,
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(100),
     }
@@ -154,4 +155,18 @@ async fn samples_resources_while_running() {
     .await;
     assert!(out.samples >= 2, "{} samples", out.samples);
     assert_eq!(out.exit.code, Some(0));
+}
+
+#[tokio::test]
+async fn a_named_image_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(dir.path(), &["true"]);
+    s.image = Some("debian-full".into());
+    let err = Bubblewrap::detect()
+        .await
+        .expect("bwrap")
+        .start(s)
+        .await
+        .expect_err("bubblewrap has no images");
+    assert!(err.to_string().contains("needs a microVM worker"), "{err}");
 }

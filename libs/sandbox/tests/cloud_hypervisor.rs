@@ -25,6 +25,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         vcpus: 2,
         memory_mb: 256,
         disk_mb: 256,
+        image: None,
         scratch_dir: scratch.to_owned(),
         sample_interval: Duration::from_millis(500),
     }
@@ -222,9 +223,10 @@ async fn a_run_boots_or_fails_at_the_boot_stage() {
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let vmm = CloudHypervisor::new(image()).expect("on PATH");
+    let vmm = CloudHypervisor::new().expect("on PATH");
+    let image = image();
     let probe_dir = dir.path().join("run_ch_probe");
-    match vm0_sandbox::microvm::probe(&vmm, &probe_dir, Duration::from_secs(5)).await {
+    match vm0_sandbox::microvm::probe(&vmm, &image, &probe_dir, Duration::from_secs(5)).await {
         Err(failure) => {
             eprintln!(
                 "the guest kernel does not boot here: stage {}: {}",
@@ -239,7 +241,7 @@ async fn a_run_boots_or_fails_at_the_boot_stage() {
         }
         Ok(timings) => {
             eprintln!("probe booted: {timings:?}");
-            let sandbox = MicroVm::new(vmm);
+            let sandbox = MicroVm::new(vmm, image);
             let scratch = dir.path().join("run_ch_run");
             let mut run = sandbox
                 .start(spec(&scratch, &["sh", "-c", "echo from-ch; exit 4"]))

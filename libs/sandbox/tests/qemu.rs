@@ -5,34 +5,41 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vm0_sandbox::image::{ImageRecipe, build};
+use vm0_sandbox::image::{GuestImage, ImageCatalog, ImageRecipe, build};
 use vm0_sandbox::microvm::MicroVm;
 use vm0_sandbox::qemu::{Accel, Qemu, QemuSandbox};
 use vm0_sandbox::sample::processes_matching;
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
-fn qemu() -> QemuSandbox {
-    let agent = std::env::var("VM0_GUEST_AGENT").unwrap_or_else(|_| {
-        panic!(
-            "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
-        )
-    });
-    let cache = std::env::var("VM0_IMAGE_CACHE")
+fn cache() -> PathBuf {
+    std::env::var("VM0_IMAGE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/../../target/vm0-images"
             ))
-        });
-    let image = build(&ImageRecipe {
+        })
+}
+
+fn image() -> GuestImage {
+    let agent = std::env::var("VM0_GUEST_AGENT").unwrap_or_else(|_| {
+        panic!(
+            "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
+        )
+    });
+    build(&ImageRecipe {
         guest_agent: PathBuf::from(agent),
         busybox: PathBuf::from("/bin/busybox"),
         kernel_package: None,
-        cache_dir: cache,
+        cache_dir: cache(),
     })
-    .expect("guest image builds");
-    MicroVm::new(Qemu::new(image, Accel::Tcg).expect("qemu is installed"))
+    .expect("guest image builds")
+}
+
+fn qemu() -> QemuSandbox {
+    MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu is installed"), image())
+        .with_catalog(ImageCatalog::new(&cache()))
 }
 
 fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
@@ -48,6 +55,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         vcpus: 1,
         memory_mb: 256,
         disk_mb: 256,
+        image: None,
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(500),
     }
@@ -132,4 +140,36 @@ async fn out_of_memory_is_reported_as_such() {
     let (out, logs, exit, _) = run(s, None).await;
     assert!(out.starts_with("filling"), "{out} {logs:?}");
     assert!(exit.oom_killed, "{exit:?} {out} {logs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_name_their_image() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sandbox = qemu();
+    ImageCatalog::new(&cache())
+        .set_name("test/named:1", &image())
+        .expect("name the image");
+    let mut s = spec(dir.path(), &["echo", "named"]);
+    s.image = Some("test/named:1".into());
+    let mut run = sandbox.start(s).await.expect("a named image starts");
+    let mut out = Vec::new();
+    loop {
+        match run.next_event().await.expect("events end with Exited") {
+            SandboxEvent::Stdout(b) => out.extend_from_slice(&b),
+            SandboxEvent::Exited(x) => {
+                assert_eq!(x.code, Some(0));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "named\n");
+
+    let mut s = spec(dir.path(), &["true"]);
+    s.image = Some("never-built".into());
+    let err = sandbox.start(s).await.expect_err("an unknown image");
+    assert!(
+        err.to_string().contains("\"never-built\" is not built"),
+        "{err}"
+    );
 }

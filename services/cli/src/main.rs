@@ -1,6 +1,8 @@
-//! `vm0`: the command-line entry point. `vm0 dev` runs the stack on one machine.
+//! `vm0`: the command-line entry point. `vm0 dev` runs the stack on one machine;
+//! `vm0 image build` builds and names guest images for microVM workers.
 
 mod dev;
+mod image;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -17,6 +19,16 @@ enum Command {
     /// Run the whole stack locally (SQLite, local data dir) and print the URL and an
     /// API key. Honours VM0_HTTP_ADDR, VM0_DATA_DIR and VM0_BOOTSTRAP_API_KEY.
     Dev,
+    /// Guest images for the microVM backends.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build a guest image from Debian packages and the static guest agent, into
+    /// the image cache, under a name runs can ask for in `config.image`.
+    Build(image::BuildArgs),
 }
 
 #[tokio::main]
@@ -24,5 +36,8 @@ async fn main() -> Result<()> {
     vm0_telemetry::init(vm0_telemetry::LogFormat::from_env());
     match Cli::parse().command {
         Command::Dev => dev::run().await,
+        Command::Image(ImageCommand::Build(args)) => {
+            tokio::task::spawn_blocking(move || image::build(args)).await?
+        }
     }
 }

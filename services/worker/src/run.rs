@@ -195,6 +195,7 @@ fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
         disk_mb: spec.disk_mb,
+        image: (!spec.image.is_empty()).then(|| spec.image.clone()),
         scratch_dir: ctx
             .config
             .data_dir

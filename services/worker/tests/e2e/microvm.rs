@@ -121,9 +121,26 @@ async fn qemu_runs_end_in_every_way() {
             "sleeper",
             json!({"command": ["sh", "-c", "echo up; sleep 600"], "resources": {"memoryMb": 256}}),
         ),
+        (
+            "elsewhere",
+            json!({"command": ["true"], "image": "never-built:1"}),
+        ),
     ] {
         stack.create_agent(name, config).await;
     }
+
+    // An image this worker does not have: a clear failure, not a hang.
+    let id = stack
+        .create_run(0, json!({"agent": "elsewhere", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("\"never-built:1\" is not built on this worker")),
+        "{run}"
+    );
 
     // Metrics come from inside the guest: its memory, not the host's.
     let id = stack
