@@ -103,6 +103,7 @@ async fn one_run<V: Vmm>(
         memory_mb: args.memory_mb,
         disk_mb: 0,
         image: None,
+        files: Vec::new(),
         scratch_dir: scratch,
         sample_interval: Duration::ZERO,
     };

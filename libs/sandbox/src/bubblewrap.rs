@@ -201,6 +201,7 @@ impl Sandbox for Bubblewrap {
         tokio::fs::create_dir_all(&work)
             .await
             .map_err(SandboxError::Prepare)?;
+        place_inputs(&work, &spec.files).await?;
         let mut child = match self.command(&spec, &work).spawn() {
             Ok(child) => child,
             Err(source) => {
@@ -236,6 +237,45 @@ impl Sandbox for Bubblewrap {
         tokio::spawn(supervise(child, spec, kill_rx, events_tx, readers));
         Ok(RunningSandbox::new(events_rx, kill_tx))
     }
+}
+
+/// Input files go into the scratch directory, which the command sees as `/work`:
+/// that is the only writable place a bubblewrap sandbox shares with the host.
+async fn place_inputs(work: &Path, inputs: &[crate::GuestFile]) -> Result<(), SandboxError> {
+    use std::os::unix::fs::PermissionsExt;
+    for input in inputs {
+        let fail = |reason: String| SandboxError::InputFile {
+            path: input.path.clone(),
+            reason,
+        };
+        let relative = Path::new(&input.path)
+            .strip_prefix("/work")
+            .map_err(|_| fail("bubblewrap sandboxes take input files under /work only".into()))?;
+        if relative
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(fail("the path must not contain `..`".into()));
+        }
+        let target = work.join(relative);
+        if let Some(dir) = target.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        tokio::fs::write(&target, &input.data)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mode = if input.mode == 0 {
+            0o644
+        } else {
+            input.mode & 0o7777
+        };
+        tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(())
 }
 
 async fn pump(

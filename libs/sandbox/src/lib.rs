@@ -51,6 +51,8 @@ pub struct SandboxSpec {
     /// Guest image name (`vm0 image build --name`); the backend's default when
     /// `None`. Only microVM backends have images.
     pub image: Option<String>,
+    /// Files placed in the sandbox before the command starts.
+    pub files: Vec<GuestFile>,
     /// Host directory for this run's files; created by the backend and removed
     /// when the run ends.
     pub scratch_dir: PathBuf,
@@ -86,6 +88,16 @@ impl BootTimings {
             self.ready.as_millis()
         )
     }
+}
+
+/// A file the command finds in its sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFile {
+    /// Absolute path in the sandbox.
+    pub path: String,
+    pub data: Bytes,
+    /// Permission bits (0: 0644).
+    pub mode: u32,
 }
 
 /// How the command ended.
@@ -124,6 +136,8 @@ pub enum SandboxError {
     UnknownImage { name: String },
     #[error("the {backend} backend has no guest images; image {name:?} needs a microVM worker")]
     NoImages { backend: &'static str, name: String },
+    #[error("input file {path:?}: {reason}")]
+    InputFile { path: String, reason: String },
     #[error("preparing the sandbox's files failed")]
     Prepare(#[source] std::io::Error),
     #[error("starting {program} failed")]

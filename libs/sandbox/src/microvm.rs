@@ -14,7 +14,8 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
 use vm0_proto::guest::{
-    Cancel, GuestMessage, HostMessage, OutputStream, Ready, Start, guest_message, host_message,
+    Cancel, GuestMessage, HostMessage, OutputStream, Ready, Start, WriteFile, guest_message,
+    host_message,
 };
 
 use crate::image::{GuestImage, ImageCatalog};
@@ -277,6 +278,7 @@ pub async fn probe<V: Vmm>(
         memory_mb: 128,
         disk_mb: 0,
         image: None,
+        files: Vec::new(),
         scratch_dir: scratch_dir.to_owned(),
         sample_interval: Duration::ZERO,
     };
@@ -368,6 +370,11 @@ async fn supervise<V: Vmm>(
     );
     let _ = events.send(SandboxEvent::Log(line)).await;
     let _ = events.send(SandboxEvent::Booted(timings)).await;
+    if let Err(why) = send_files(&mut vm.link, &spec.files).await {
+        let _ = events.send(SandboxEvent::Log(why)).await;
+        vmm.stop(&mut vm, files).await;
+        return LOST;
+    }
     if let Err(e) = frame::write(&mut vm.link.tx, &start_message(spec)).await {
         let line = format!("sending Start to the guest failed: {e}");
         let _ = events.send(SandboxEvent::Log(line)).await;
@@ -377,6 +384,44 @@ async fn supervise<V: Vmm>(
     let exit = relay(vmm.name(), &mut vm, files, &mut kill, events).await;
     vmm.stop(&mut vm, files).await;
     exit
+}
+
+/// Parts of an input file (well under the 1 MiB frame limit).
+const FILE_PART: usize = 512 * 1024;
+
+/// Writes the run's input files into the guest, each part confirmed.
+async fn send_files(link: &mut GuestLink, inputs: &[crate::GuestFile]) -> Result<(), String> {
+    for input in inputs {
+        let fail = |why: String| format!("input file {:?}: {why}", input.path);
+        let mut parts: Vec<&[u8]> = input.data.chunks(FILE_PART).collect();
+        if parts.is_empty() {
+            parts.push(&[]);
+        }
+        for (i, part) in parts.into_iter().enumerate() {
+            let write = HostMessage {
+                kind: Some(host_message::Kind::WriteFile(WriteFile {
+                    path: input.path.clone(),
+                    data: part.to_vec(),
+                    append: i > 0,
+                    mode: input.mode,
+                })),
+            };
+            frame::write(&mut link.tx, &write)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            match frame::read::<GuestMessage, _>(&mut link.rx).await {
+                Ok(Some(GuestMessage {
+                    kind: Some(guest_message::Kind::FileWritten(_)),
+                })) => {}
+                Ok(Some(GuestMessage {
+                    kind: Some(guest_message::Kind::Error(e)),
+                })) => return Err(fail(e.message)),
+                Ok(other) => return Err(fail(format!("unexpected answer {other:?}"))),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Relays the guest's messages until the command's end is known: `Exited`, the
@@ -467,7 +512,10 @@ async fn forward(
                 oom_killed: x.oom_killed,
             });
         }
-        guest_message::Kind::Ready(_) | guest_message::Kind::Pong(_) => {}
+        guest_message::Kind::Ready(_)
+        | guest_message::Kind::Pong(_)
+        | guest_message::Kind::FileWritten(_)
+        | guest_message::Kind::FileData(_) => {}
     }
     None
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use vm0_sandbox::bubblewrap::Bubblewrap;
 use vm0_sandbox::sample::processes_matching;
-use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
 
 fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
     SandboxSpec {
@@ -21,6 +21,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         memory_mb: 256,
         disk_mb: 256,
         image: None,
+        files: Vec::new(),
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(100),
     }
@@ -169,4 +170,41 @@ async fn a_named_image_is_refused_not_ignored() {
         .await
         .expect_err("bubblewrap has no images");
     assert!(err.to_string().contains("needs a microVM worker"), "{err}");
+}
+
+#[tokio::test]
+async fn input_files_appear_under_work() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /work/in/a.txt; test -x /work/run.sh && echo exec",
+        ],
+    );
+    s.files = vec![
+        GuestFile {
+            path: "/work/in/a.txt".into(),
+            data: "input\n".into(),
+            mode: 0,
+        },
+        GuestFile {
+            path: "/work/run.sh".into(),
+            data: "#!/bin/sh\n".into(),
+            mode: 0o755,
+        },
+    ];
+    let out = run(s, None).await;
+    assert_eq!(out.stdout, "input\nexec\n");
+    let sandbox = Bubblewrap::detect().await.expect("bwrap");
+
+    let mut s = spec(dir.path(), &["true"]);
+    s.files = vec![GuestFile {
+        path: "/etc/x".into(),
+        data: "x".into(),
+        mode: 0,
+    }];
+    let err = sandbox.start(s).await.expect_err("outside /work");
+    assert!(err.to_string().contains("under /work only"), "{err}");
 }

@@ -26,6 +26,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         memory_mb: 256,
         disk_mb: 256,
         image: None,
+        files: Vec::new(),
         scratch_dir: scratch.to_owned(),
         sample_interval: Duration::from_millis(500),
     }

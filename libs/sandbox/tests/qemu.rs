@@ -9,7 +9,7 @@ use vm0_sandbox::image::{GuestImage, ImageCatalog, ImageRecipe, build};
 use vm0_sandbox::microvm::MicroVm;
 use vm0_sandbox::qemu::{Accel, Qemu, QemuSandbox};
 use vm0_sandbox::sample::processes_matching;
-use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
 
 fn cache() -> PathBuf {
     std::env::var("VM0_IMAGE_CACHE")
@@ -56,6 +56,11 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         memory_mb: 256,
         disk_mb: 256,
         image: None,
+        files: vec![GuestFile {
+            path: "/work/in/a.txt".into(),
+            data: "input file\n".into(),
+            mode: 0,
+        }],
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(500),
     }
@@ -93,13 +98,16 @@ async fn boots_a_vm_and_runs_the_command_inside() {
             &[
                 "sh",
                 "-c",
-                "echo \"$VM0_PROMPT\"; cat; echo; uname -s; sleep 1; exit 5",
+                "echo \"$VM0_PROMPT\"; cat; echo; cat /work/in/a.txt; uname -s; sleep 1; exit 5",
             ],
         ),
         None,
     )
     .await;
-    assert_eq!(out, "hello vm\nfrom stdin\nLinux\n", "logs: {logs:?}");
+    assert_eq!(
+        out, "hello vm\nfrom stdin\ninput file\nLinux\n",
+        "logs: {logs:?}"
+    );
     assert_eq!(exit.code, Some(5), "logs: {logs:?}");
     assert!(samples >= 1, "samples from inside the guest");
     assert!(logs.iter().any(|l| l.contains("backend qemu")), "{logs:?}");

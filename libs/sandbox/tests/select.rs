@@ -38,6 +38,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         memory_mb: 256,
         disk_mb: 256,
         image: None,
+        files: Vec::new(),
         scratch_dir: scratch.join("run"),
         sample_interval: Duration::from_secs(1),
     };

@@ -15,6 +15,7 @@ use vm0_proto::guest::{
     guest_message, host_message,
 };
 
+use crate::files;
 use crate::sample::{Sampler, oom_kills};
 
 /// Pid of the command being run (0: none), so that PID 1's orphan reaper leaves it
@@ -119,38 +120,49 @@ where
     })))
     .await;
 
-    // Wait for Start, answering pings.
+    // Before Start: inputs and pings.
     let start = loop {
         match host_rx.recv().await {
             Some(HostMessage {
                 kind: Some(host_message::Kind::Start(s)),
-            }) => break s,
-            Some(HostMessage {
-                kind: Some(host_message::Kind::Ping(p)),
-            }) => {
-                send(msg(guest_message::Kind::Pong(Pong { nonce: p.nonce }))).await;
-            }
-            Some(_) => {
-                send(msg(guest_message::Kind::Error(GuestError {
-                    message: "expected Start".into(),
-                })))
-                .await;
-            }
-            None => {
-                reader.abort();
-                drop(out_tx);
-                let _ = writer.await;
-                return Ok(());
-            }
+            }) => break Some(s),
+            Some(m) => idle(m, &out_tx, "Start").await,
+            None => break None,
         }
     };
-    let exited = run(start, &mut host_rx, &out_tx).await;
-    let _ = out_tx.send(msg(guest_message::Kind::Exited(exited))).await;
-    // The reader holds a sender too: stop it so the writer ends once Exited is out.
+    if let Some(start) = start {
+        let exited = run(start, &mut host_rx, &out_tx).await;
+        let _ = out_tx.send(msg(guest_message::Kind::Exited(exited))).await;
+        // After Exited: outputs and pings, until the host closes the stream.
+        while let Some(m) = host_rx.recv().await {
+            idle(m, &out_tx, "nothing more than files and pings after Exited").await;
+        }
+    }
+    // The reader holds a sender too: stop it so the writer ends once all is out.
     reader.abort();
     drop(out_tx);
     let _ = writer.await;
     Ok(())
+}
+
+/// A message while no command runs: files and pings are served, anything else
+/// is refused saying what was `expected`.
+async fn idle(m: HostMessage, out: &mpsc::Sender<GuestMessage>, expected: &str) {
+    match m.kind {
+        Some(host_message::Kind::Ping(p)) => {
+            let _ = out
+                .send(msg(guest_message::Kind::Pong(Pong { nonce: p.nonce })))
+                .await;
+        }
+        Some(host_message::Kind::WriteFile(w)) => files::handle_write(w, out).await,
+        Some(host_message::Kind::ReadFile(r)) => files::handle_read(r, out).await,
+        _ => {
+            let message = format!("expected {expected}");
+            let _ = out
+                .send(msg(guest_message::Kind::Error(GuestError { message })))
+                .await;
+        }
+    }
 }
 
 fn signal_group(pgid: Option<u32>, sig: Signal) {
@@ -253,7 +265,8 @@ async fn run(
                     let _ = out.send(msg(guest_message::Kind::Pong(Pong { nonce: p.nonce }))).await;
                 }
                 Some(_) => {
-                    let _ = out.send(msg(guest_message::Kind::Error(GuestError { message: "unexpected message while running".into() }))).await;
+                    let message = "while the command runs only Cancel and Ping are served (files move before Start or after Exited)".into();
+                    let _ = out.send(msg(guest_message::Kind::Error(GuestError { message }))).await;
                 }
                 None => {
                     // The host is gone: nobody will read the result.

@@ -9,6 +9,7 @@
 //! (Cloud Hypervisor) the kernel command line names, and powers off.
 
 mod agent;
+mod files;
 mod init;
 mod sample;
 

@@ -9,8 +9,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use vm0_proto::frame;
 use vm0_proto::guest::{
-    Cancel, Exited, GuestMessage, HostMessage, OutputStream, Ping, Start, guest_message::Kind as G,
-    host_message::Kind as H,
+    Cancel, Exited, GuestMessage, HostMessage, OutputStream, Ping, ReadFile, Start, WriteFile,
+    guest_message::Kind as G, host_message::Kind as H,
 };
 
 struct Guest {
@@ -191,4 +191,81 @@ async fn garbage_from_the_host_is_refused_clearly() {
         Some(G::Error(e)) => assert!(e.message.contains("exceeds"), "{}", e.message),
         other => panic!("expected an error, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn files_move_before_start_and_after_exit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("in/prompt.txt");
+    let output = dir.path().join("out.bin");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut g = Guest::spawn().await;
+
+    // An input in two parts; the parent directory is created.
+    for (data, append, size) in [(&b"hello "[..], false, 6), (&b"world"[..], true, 11)] {
+        g.send(H::WriteFile(WriteFile {
+            path: path(&input),
+            data: data.to_vec(),
+            append,
+            mode: 0o600,
+        }))
+        .await;
+        match g.recv().await {
+            Some(G::FileWritten(w)) => {
+                assert_eq!((w.path.as_str(), w.size), (path(&input).as_str(), size))
+            }
+            other => panic!("expected FileWritten, got {other:?}"),
+        }
+    }
+    // Relative paths are refused.
+    g.send(H::WriteFile(WriteFile {
+        path: "rel.txt".into(),
+        data: vec![1],
+        append: false,
+        mode: 0,
+    }))
+    .await;
+    assert!(matches!(g.recv().await, Some(G::Error(e)) if e.message.contains("must be absolute")));
+
+    // The command reads the input and writes an output larger than one part.
+    let script = format!(
+        "cat {}; head -c 600000 /dev/zero | tr '\\0' x > {}",
+        path(&input),
+        path(&output)
+    );
+    g.send(H::Start(start(&["sh", "-c", &script]))).await;
+    let (out, _, _, exited, errors) = g.until_exit().await;
+    assert_eq!(out, "hello world");
+    assert_eq!(exited.code, Some(0), "{errors:?}");
+
+    // After Exited the agent still serves files: the output comes back whole.
+    g.send(H::ReadFile(ReadFile {
+        path: path(&output),
+    }))
+    .await;
+    let mut data = Vec::new();
+    let mut parts = 0;
+    loop {
+        match g.recv().await {
+            Some(G::FileData(d)) => {
+                parts += 1;
+                data.extend(d.data);
+                if d.eof {
+                    break;
+                }
+            }
+            other => panic!("expected FileData, got {other:?}"),
+        }
+    }
+    assert_eq!(data.len(), 600_000);
+    assert!(data.iter().all(|b| *b == b'x'));
+    assert!(parts >= 3, "sent in bounded parts: {parts}");
+    g.send(H::ReadFile(ReadFile {
+        path: path(&dir.path().join("missing")),
+    }))
+    .await;
+    assert!(matches!(g.recv().await, Some(G::Error(e)) if e.message.contains("missing")));
+    // A second Start is refused.
+    g.send(H::Start(start(&["true"]))).await;
+    assert!(matches!(g.recv().await, Some(G::Error(e)) if e.message.contains("expected")));
 }

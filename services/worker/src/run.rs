@@ -196,6 +196,8 @@ fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
         memory_mb: spec.memory_mb,
         disk_mb: spec.disk_mb,
         image: (!spec.image.is_empty()).then(|| spec.image.clone()),
+        // Inputs arrive with the storage endpoints.
+        files: Vec::new(),
         scratch_dir: ctx
             .config
             .data_dir
