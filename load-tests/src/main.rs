@@ -11,7 +11,6 @@
 //!
 //! Traffic stays on 127.0.0.1.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -225,24 +224,8 @@ async fn main() -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut nats = tokio::process::Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path().join("nats"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("nats-server (apt-get install nats-server)")?;
-    let nats_url = format!("nats://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let mut nats = vm0_bus::server::NatsServer::start(port, &dir.path().join("nats"), None).await?;
+    let nats_url = nats.url();
     let db_url = args
         .database_url
         .clone()
@@ -339,6 +322,6 @@ async fn main() -> Result<()> {
     }
     shutdown.cancel();
     let _ = server.await;
-    let _ = nats.start_kill();
+    nats.kill().await;
     Ok(())
 }

@@ -9,6 +9,8 @@
 //!   stores it, SSE handlers follow it live.
 //! - `runs.<id>.cancel` (core NATS, not stored): cancel requests to the owning worker.
 
+/// A local nats-server process (`vm0 dev`, tests, benchmarks).
+pub mod server;
 /// Subject names.
 pub mod subjects;
 /// The telemetry messages (JSON).

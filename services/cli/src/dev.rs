@@ -4,8 +4,7 @@
 //! the worker drains, the gateway stops, nats-server is terminated.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -13,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use vm0_api_types::Timestamp;
 use vm0_api_types::agents::AgentConfig;
 use vm0_api_types::tokens::{display_prefix, is_token};
+use vm0_bus::server::NatsServer;
 use vm0_db::Store;
 use vm0_gateway::config::DispatchConfig;
 use vm0_gateway::{GatewayConfig, auth, routes};
@@ -31,8 +31,8 @@ pub async fn run() -> Result<()> {
     let (nats_url, nats) = match std::env::var("VM0_NATS_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let (url, child) = start_nats(&data_dir).await?;
-            (url, Some(child))
+            let server = start_nats(&data_dir).await?;
+            (server.url(), Some(server))
         }
     };
     let worker_token = hex::encode(rand::random::<[u8; 24]>());
@@ -97,50 +97,23 @@ pub async fn run() -> Result<()> {
     shutdown.cancel();
     server.await.context("gateway task")??;
     if let Some(mut nats) = nats {
-        let _ = nats.start_kill();
-        let _ = nats.wait().await;
+        nats.kill().await;
     }
     Ok(())
 }
 
-fn nats_server() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
-
 /// Starts nats-server with JetStream on the first free port from 4222.
-async fn start_nats(data_dir: &Path) -> Result<(String, tokio::process::Child)> {
-    let program = nats_server().context(
-        "nats-server is not installed (scripts/dev.sh installs it: apt-get install nats-server)",
-    )?;
+async fn start_nats(data_dir: &Path) -> Result<NatsServer> {
     let port = (4222..4322)
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .context("no free port for nats-server in 4222-4321")?;
-    let log = std::fs::File::create(data_dir.join("nats.log"))?;
-    let child = tokio::process::Command::new(program)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(data_dir.join("nats"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting nats-server")?;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok((format!("nats://127.0.0.1:{port}"), child));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    anyhow::bail!(
-        "nats-server did not start; see {}",
-        data_dir.join("nats.log").display()
+    let server = NatsServer::start(
+        port,
+        &data_dir.join("nats"),
+        Some(&data_dir.join("nats.log")),
     )
+    .await;
+    server.context("starting nats-server (scripts/dev.sh installs it)")
 }
 
 /// `VM0_BOOTSTRAP_API_KEY` when set (registered once), otherwise a fresh key.

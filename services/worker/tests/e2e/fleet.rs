@@ -190,7 +190,7 @@ async fn runs_created_while_nats_is_down_are_not_lost(db: Db) {
     stack
         .create_agent("hello", json!({"command": ["echo", "hello"]}))
         .await;
-    stack.nats.stop();
+    stack.nats.stop().await;
     // The store takes the run; its job cannot be published.
     let id = stack
         .create_run(0, json!({"agent": "hello", "prompt": "p"}))

@@ -2,7 +2,7 @@
 //! in this process (HTTP + gRPC on free ports) over SQLite or PostgreSQL, and
 //! workers as real `vm0-worker` processes, so that a test can `kill -9` one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -24,79 +24,31 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn find_program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is not installed: run the tests with scripts/test.sh, which installs it")
-        })
-}
-
-/// A nats-server with JetStream, stopped on drop.
+/// A nats-server with JetStream, killed on drop.
 pub struct Nats {
     pub url: String,
-    port: u16,
-    store_dir: PathBuf,
-    child: Option<Child>,
+    server: vm0_bus::server::NatsServer,
 }
 
 impl Nats {
     pub async fn start(dir: &Path) -> Nats {
-        let port = free_port();
-        let mut nats = Nats {
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            store_dir: dir.join("nats"),
-            child: None,
-        };
-        nats.resume().await;
-        nats
+        let server = vm0_bus::server::NatsServer::start(free_port(), &dir.join("nats"), None)
+            .await
+            .expect("nats-server starts (scripts/test.sh installs it)");
+        Nats {
+            url: server.url(),
+            server,
+        }
     }
 
     /// Starts the server again (same port, same JetStream store) after `stop`.
     pub async fn resume(&mut self) {
-        let child = Command::new(find_program("nats-server"))
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("nats-server did not start");
+        self.server.restart().await.expect("nats-server restarts");
     }
 
     /// Kills the server, as an outage would.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
+    pub async fn stop(&mut self) {
+        self.server.kill().await;
     }
 }
 
