@@ -3,25 +3,29 @@
 //! `/tmp`, and the run's scratch directory as `/work`. `--die-with-parent` ties the
 //! sandbox to the worker: if the worker dies, the kernel kills the sandbox.
 //!
+//! Inside, the guest agent (`vm0-guest-agent --stdio`, bound read-only into the
+//! sandbox) runs the command and speaks the same protocol as in a microVM, over
+//! bwrap's stdin and stdout: one host side (`microvm::relay`) for every backend.
+//! Resource samples are taken from the host (the sandbox's process tree), since
+//! `/proc/meminfo` inside shows the host's memory.
+//!
 //! No VM: for development machines and load tests where boot cost is not measured.
 //! Memory and CPU limits are not enforced here (that needs cgroup delegation); the
 //! microVM backends enforce them.
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, oneshot};
+use vm0_proto::frame;
 
 use crate::find_on_path;
+use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
-use crate::{
-    ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec,
-};
+use crate::{ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec};
 
 /// Host paths made visible read-only (when they exist).
 const RO_PATHS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
@@ -43,11 +47,19 @@ const ETC_ENTRIES: &[&str] = &[
 ];
 
 const EVENT_QUEUE: usize = 256;
-const READ_CHUNK: usize = 16 * 1024;
+/// Where the guest agent appears inside the sandbox.
+const AGENT_PATH: &str = "/run/vm0-guest-agent";
+/// The agent starts in milliseconds; this only bounds a broken setup.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// What of bwrap's own stderr is kept for a failure report.
+const STDERR_KEPT: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Bubblewrap {
     program: PathBuf,
+    /// The guest agent binary (static, or linked against the host's libraries,
+    /// which the sandbox sees).
+    agent: PathBuf,
     /// The sandbox's `/etc`, removed when the last clone is dropped.
     etc: std::sync::Arc<tempfile::TempDir>,
 }
@@ -85,12 +97,19 @@ fn prepare_etc() -> std::io::Result<tempfile::TempDir> {
 }
 
 impl Bubblewrap {
-    /// Finds `bwrap` on `PATH` and checks that it can create namespaces here.
-    pub async fn detect() -> Result<Bubblewrap, SandboxError> {
+    /// Finds `bwrap` on `PATH` and checks that it can create namespaces here;
+    /// commands run through `guest_agent`.
+    pub async fn detect(guest_agent: &Path) -> Result<Bubblewrap, SandboxError> {
         let unavailable = |reason: String| SandboxError::Unavailable {
             backend: "bubblewrap",
             reason,
         };
+        if !guest_agent.is_file() {
+            return Err(unavailable(format!(
+                "the guest agent {} does not exist (scripts/guest-agent.sh builds it)",
+                guest_agent.display()
+            )));
+        }
         let program = find_on_path("bwrap").ok_or_else(|| {
             unavailable("bwrap is not on PATH (apt-get install bubblewrap)".into())
         })?;
@@ -119,6 +138,7 @@ impl Bubblewrap {
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
         Ok(Bubblewrap {
             program,
+            agent: guest_agent.to_owned(),
             etc: std::sync::Arc::new(etc),
         })
     }
@@ -157,23 +177,9 @@ impl Bubblewrap {
         if cwd != "/work" {
             cmd.args(["--dir", &cwd]);
         }
-        cmd.args(["--chdir", &cwd, "--clearenv"]);
-        let defaults = [
-            (
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            ),
-            ("HOME", "/work"),
-            ("TMPDIR", "/tmp"),
-            ("LANG", "C.UTF-8"),
-        ];
-        for (k, v) in defaults {
-            cmd.args(["--setenv", k, v]);
-        }
-        for (k, v) in &spec.env {
-            cmd.args(["--setenv", k, v]);
-        }
-        cmd.arg("--").args(&spec.argv);
+        cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
+        // The agent sets the command's environment from `Start`.
+        cmd.args(["--chdir", &cwd, "--clearenv", "--", AGENT_PATH, "--stdio"]);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -201,7 +207,6 @@ impl Sandbox for Bubblewrap {
         tokio::fs::create_dir_all(&work)
             .await
             .map_err(SandboxError::Prepare)?;
-        place_inputs(&work, &spec.files).await?;
         let mut child = match self.command(&spec, &work).spawn() {
             Ok(child) => child,
             Err(source) => {
@@ -214,162 +219,133 @@ impl Sandbox for Bubblewrap {
         };
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (kill_tx, kill_rx) = oneshot::channel();
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let input = spec.stdin.clone();
-        tokio::spawn(async move {
-            if let Some(mut stdin) = stdin {
-                // A command that never reads stdin closes it early: not an error.
-                let _ = stdin.write_all(&input).await;
-            }
-        });
-        let readers = [
-            stdout.map(|s| tokio::spawn(pump(s, events_tx.clone(), SandboxEvent::Stdout))),
-            stderr.map(|s| tokio::spawn(pump(s, events_tx.clone(), SandboxEvent::Stderr))),
-        ];
-        let _ = events_tx
-            .send(SandboxEvent::Log(format!(
-                "sandbox started (backend bubblewrap, pid {})",
-                child.id().unwrap_or(0)
-            )))
-            .await;
-        tokio::spawn(supervise(child, spec, kill_rx, events_tx, readers));
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill().await;
+            return Err(SandboxError::Prepare(std::io::Error::other(
+                "bwrap's stdin and stdout were not piped",
+            )));
+        };
+        let link = GuestLink {
+            rx: Box::new(stdout),
+            tx: Box::new(stdin),
+        };
+        let stderr = child.stderr.take().map(|e| tokio::spawn(keep_tail(e)));
+        tokio::spawn(supervise(child, link, stderr, spec, kill_rx, events_tx));
         Ok(RunningSandbox::new(events_rx, kill_tx))
     }
 }
 
-/// Input files go into the scratch directory, which the command sees as `/work`:
-/// that is the only writable place a bubblewrap sandbox shares with the host.
-async fn place_inputs(work: &Path, inputs: &[crate::GuestFile]) -> Result<(), SandboxError> {
-    use std::os::unix::fs::PermissionsExt;
-    for input in inputs {
-        let fail = |reason: String| SandboxError::InputFile {
-            path: input.path.clone(),
-            reason,
-        };
-        let relative = Path::new(&input.path)
-            .strip_prefix("/work")
-            .map_err(|_| fail("bubblewrap sandboxes take input files under /work only".into()))?;
-        if relative
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(fail("the path must not contain `..`".into()));
+/// The end of bwrap's own stderr (the agent's and bwrap's complaints).
+async fn keep_tail(mut stderr: ChildStderr) -> String {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stderr.read(&mut buf).await {
+        if n == 0 {
+            break;
         }
-        let target = work.join(relative);
-        if let Some(dir) = target.parent() {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        tokio::fs::write(&target, &input.data)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let mode = if input.mode == 0 {
-            0o644
-        } else {
-            input.mode & 0o7777
-        };
-        tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        kept.extend_from_slice(&buf[..n]);
+        let excess = kept.len().saturating_sub(STDERR_KEPT);
+        kept.drain(..excess);
     }
-    Ok(())
+    String::from_utf8_lossy(&kept).trim().to_owned()
 }
 
-async fn pump(
-    mut from: impl AsyncRead + Unpin,
-    to: mpsc::Sender<SandboxEvent>,
-    wrap: fn(Bytes) -> SandboxEvent,
-) {
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if to
-                    .send(wrap(Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Owns the process until it is gone: samples it, kills it on request, waits for
-/// its output to drain, removes the scratch directory, then sends `Exited`.
-async fn supervise(
-    mut child: Child,
-    spec: SandboxSpec,
-    mut kill: oneshot::Receiver<()>,
-    events: mpsc::Sender<SandboxEvent>,
-    readers: [Option<tokio::task::JoinHandle<()>>; 2],
-) {
-    let pid = child.id().unwrap_or(0);
+/// Samples the sandbox's process tree from the host until aborted.
+async fn sample_from_host(pid: u32, spec: SandboxSpec, events: mpsc::Sender<SandboxEvent>) {
     let work = spec.scratch_dir.join("work");
     let mut tick = tokio::time::interval(spec.sample_interval);
     tick.reset();
     let mut last = (Instant::now(), 0u64);
-    let mut killed = false;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            _ = &mut kill, if !killed => {
-                killed = true;
-                kill_tree(pid);
-                let _ = child.start_kill();
-            }
-            _ = tick.tick() => {
-                let sample = take_sample(pid, &work, &spec, &mut last);
-                let _ = events.try_send(SandboxEvent::Sample(sample));
-            }
-        }
-    };
-    // Output still in the pipes comes before `Exited`; bounded, in case a
-    // descendant holds a pipe open. After a kill the namespace's processes die
-    // asynchronously and what they still print matters little: wait less.
-    let drain = if killed {
-        Duration::from_millis(250)
-    } else {
-        Duration::from_secs(2)
-    };
-    for reader in readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(drain, reader).await;
+    loop {
+        tick.tick().await;
+        let sample = take_sample(pid, &work, &spec, &mut last);
+        // Droppable: output must never wait behind samples.
+        let _ = events.try_send(SandboxEvent::Sample(sample));
     }
-    let report = match status {
-        Ok(s) => ExitReport {
-            code: s.code(),
-            signal: s.signal(),
-            oom_killed: false,
+}
+
+/// Owns the sandbox until it is gone: waits for the agent, hands it the input
+/// files and the command, relays until the command ended, kills what is left,
+/// removes the scratch directory, then sends `Exited`.
+async fn supervise(
+    child: Child,
+    mut link: GuestLink,
+    stderr: Option<tokio::task::JoinHandle<String>>,
+    spec: SandboxSpec,
+    mut kill: oneshot::Receiver<()>,
+    events: mpsc::Sender<SandboxEvent>,
+) {
+    let pid = child.id().unwrap_or(0);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let mut vm = Vm {
+        process: child,
+        link: GuestLink {
+            rx: Box::new(tokio::io::empty()),
+            tx: Box::new(tokio::io::sink()),
         },
-        Err(e) => {
-            let _ = events
-                .send(SandboxEvent::Log(format!(
-                    "waiting for the sandbox failed: {e}"
-                )))
-                .await;
-            ExitReport {
-                code: None,
-                signal: None,
-                oom_killed: false,
-            }
+        vmm_spawn: Duration::ZERO,
+        vm_configure: Duration::ZERO,
+    };
+    let setup = async {
+        wait_ready(&mut link, deadline)
+            .await
+            .map_err(|why| format!("the guest agent did not start: {why}"))?;
+        let line = format!(
+            "sandbox started (backend bubblewrap, pid {pid}, guest agent ready in {} ms)",
+            started.elapsed().as_millis()
+        );
+        let _ = events.send(SandboxEvent::Log(line)).await;
+        send_files(&mut link, &spec.files).await?;
+        // The host samples (see the module doc): the agent does not.
+        let start = start_message(&spec, Duration::ZERO);
+        frame::write(&mut link.tx, &start)
+            .await
+            .map_err(|e| format!("sending Start to the guest agent failed: {e}"))
+    };
+    let exit = match setup.await {
+        Ok(()) => {
+            vm.link = link;
+            let sampler = tokio::spawn(sample_from_host(pid, spec.clone(), events.clone()));
+            let exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
+            sampler.abort();
+            exit
+        }
+        Err(why) => {
+            kill_tree(pid);
+            let said = match stderr {
+                Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => String::new(),
+            };
+            let line = format!("{why}; bwrap said: {said}");
+            let _ = events.send(SandboxEvent::Log(line)).await;
+            LOST
         }
     };
+    // Closing the agent's stdin ends it, and bwrap with it; the process tree is
+    // hunted down (a /proc scan) only when that does not happen promptly.
+    let Vm {
+        mut process, link, ..
+    } = vm;
+    drop(link);
+    if tokio::time::timeout(Duration::from_secs(1), process.wait())
+        .await
+        .is_err()
+    {
+        kill_tree(pid);
+        let _ = process.kill().await;
+    }
     if let Err(e) = tokio::fs::remove_dir_all(&spec.scratch_dir).await
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        let _ = events
-            .send(SandboxEvent::Log(format!(
-                "removing {} failed: {e}",
-                spec.scratch_dir.display()
-            )))
-            .await;
+        let line = format!("removing {} failed: {e}", spec.scratch_dir.display());
+        let _ = events.send(SandboxEvent::Log(line)).await;
     }
-    let _ = events.send(SandboxEvent::Exited(report)).await;
+    let _ = events.send(SandboxEvent::Exited(exit)).await;
 }
 
 /// SIGKILL to bwrap's process group and every process under it. Killing bwrap

@@ -217,7 +217,7 @@ pub fn serial_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-const LOST: ExitReport = ExitReport {
+pub(crate) const LOST: ExitReport = ExitReport {
     code: None,
     signal: None,
     oom_killed: false,
@@ -233,17 +233,12 @@ async fn boot_once<V: Vmm>(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut vm = vmm.launch(req.spec, req.image, files, deadline).await?;
-    let ready = tokio::time::timeout_at(deadline, frame::read::<GuestMessage, _>(&mut vm.link.rx));
-    let why = match ready.await {
-        Ok(Ok(Some(GuestMessage {
-            kind: Some(guest_message::Kind::Ready(ready)),
-        }))) => {
+    let why = match wait_ready(&mut vm.link, deadline).await {
+        Ok(ready) => {
             let timings = timings(&vm, &ready, started.elapsed());
             return Ok((vm, timings));
         }
-        Err(_) => format!("no guest agent after {} s", timeout.as_secs()),
-        Ok(Err(e)) => format!("garbage from the guest: {e}"),
-        Ok(_) => "the guest closed the channel".into(),
+        Err(why) => why,
     };
     vmm.stop(&mut vm, files).await;
     Err(BootFailure::new(
@@ -253,6 +248,26 @@ async fn boot_once<V: Vmm>(
             serial_tail(&files.serial_log)
         ),
     ))
+}
+
+/// Waits for the agent's `Ready` until `deadline`; why not, otherwise.
+pub(crate) async fn wait_ready(
+    link: &mut GuestLink,
+    deadline: tokio::time::Instant,
+) -> Result<Ready, String> {
+    let started = tokio::time::Instant::now();
+    let ready = tokio::time::timeout_at(deadline, frame::read::<GuestMessage, _>(&mut link.rx));
+    match ready.await {
+        Ok(Ok(Some(GuestMessage {
+            kind: Some(guest_message::Kind::Ready(ready)),
+        }))) => Ok(ready),
+        Err(_) => Err(format!(
+            "no guest agent after {} s",
+            deadline.duration_since(started).as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("garbage from the guest: {e}")),
+        Ok(_) => Err("the guest closed the channel".into()),
+    }
 }
 
 /// Boots one VM to guest agent ready and stops it: does this backend work here?
@@ -341,14 +356,31 @@ async fn boot<V: Vmm>(
     None
 }
 
-fn start_message(spec: &SandboxSpec) -> HostMessage {
+/// What every command's environment starts from; the run's variables win.
+const DEFAULT_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/work"),
+    ("TMPDIR", "/tmp"),
+    ("LANG", "C.UTF-8"),
+];
+
+/// The `Start` for `spec`; `sample_interval` 0 when the host samples instead.
+pub(crate) fn start_message(spec: &SandboxSpec, sample_interval: Duration) -> HostMessage {
+    let env = DEFAULT_ENV
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain(spec.env.iter().cloned())
+        .collect();
     HostMessage {
         kind: Some(host_message::Kind::Start(Start {
             argv: spec.argv.clone(),
-            env: spec.env.iter().cloned().collect(),
+            env,
             working_dir: spec.working_dir.clone().unwrap_or_else(|| "/work".into()),
             stdin: spec.stdin.clone(),
-            sample_interval_ms: u32::try_from(spec.sample_interval.as_millis()).unwrap_or(u32::MAX),
+            sample_interval_ms: u32::try_from(sample_interval.as_millis()).unwrap_or(u32::MAX),
         })),
     }
 }
@@ -375,13 +407,21 @@ async fn supervise<V: Vmm>(
         vmm.stop(&mut vm, files).await;
         return LOST;
     }
-    if let Err(e) = frame::write(&mut vm.link.tx, &start_message(spec)).await {
+    if let Err(e) = frame::write(&mut vm.link.tx, &start_message(spec, spec.sample_interval)).await
+    {
         let line = format!("sending Start to the guest failed: {e}");
         let _ = events.send(SandboxEvent::Log(line)).await;
         vmm.stop(&mut vm, files).await;
         return LOST;
     }
-    let exit = relay(vmm.name(), &mut vm, files, &mut kill, events).await;
+    let exit = relay(
+        vmm.name(),
+        &mut vm,
+        Some(&files.serial_log),
+        &mut kill,
+        events,
+    )
+    .await;
     vmm.stop(&mut vm, files).await;
     exit
 }
@@ -390,7 +430,10 @@ async fn supervise<V: Vmm>(
 const FILE_PART: usize = 512 * 1024;
 
 /// Writes the run's input files into the guest, each part confirmed.
-async fn send_files(link: &mut GuestLink, inputs: &[crate::GuestFile]) -> Result<(), String> {
+pub(crate) async fn send_files(
+    link: &mut GuestLink,
+    inputs: &[crate::GuestFile],
+) -> Result<(), String> {
     for input in inputs {
         let fail = |why: String| format!("input file {:?}: {why}", input.path);
         let mut parts: Vec<&[u8]> = input.data.chunks(FILE_PART).collect();
@@ -426,13 +469,18 @@ async fn send_files(link: &mut GuestLink, inputs: &[crate::GuestFile]) -> Result
 
 /// Relays the guest's messages until the command's end is known: `Exited`, the
 /// channel closing, the VMM exiting, or a cancel whose grace ran out.
-async fn relay(
+pub(crate) async fn relay(
     name: &str,
     vm: &mut Vm,
-    files: &VmFiles,
+    console: Option<&Path>,
     kill: &mut oneshot::Receiver<()>,
     events: &mpsc::Sender<SandboxEvent>,
 ) -> ExitReport {
+    let tail = || {
+        console.map_or_else(String::new, |c| {
+            format!("; serial log tail:\n{}", serial_tail(c))
+        })
+    };
     let log = |line: String| async move {
         let _ = events.send(SandboxEvent::Log(line)).await;
     };
@@ -456,7 +504,7 @@ async fn relay(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
-                    log(format!("the guest channel closed before the command ended; serial log tail:\n{}", serial_tail(&files.serial_log))).await;
+                    log(format!("the guest channel closed before the command ended{}", tail())).await;
                     return LOST;
                 }
             },
@@ -467,7 +515,7 @@ async fn relay(
             }
             status = vm.process.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_default();
-                log(format!("{name} exited ({status}) before the command ended; serial log tail:\n{}", serial_tail(&files.serial_log))).await;
+                log(format!("{name} exited ({status}) before the command ended{}", tail())).await;
                 return LOST;
             }
             _ = give_up => return LOST,

@@ -221,6 +221,18 @@ fn chosen(sandbox: AnySandbox, why: Vec<String>) -> Selection {
     }
 }
 
+/// Bubblewrap runs commands through the guest agent too.
+async fn bubblewrap(options: &SelectOptions) -> Result<Bubblewrap, SandboxError> {
+    let agent = options
+        .guest_agent
+        .as_deref()
+        .ok_or_else(|| SandboxError::Unavailable {
+            backend: "bubblewrap",
+            reason: "no guest agent (set VM0_GUEST_AGENT; scripts/guest-agent.sh builds it)".into(),
+        })?;
+    Bubblewrap::detect(agent).await
+}
+
 /// Picks the backend `options.kind` asks for. An explicit backend that does not
 /// work is an error; `auto` moves on to the next and says why.
 pub async fn select(options: &SelectOptions) -> Result<Selection, SandboxError> {
@@ -228,7 +240,7 @@ pub async fn select(options: &SelectOptions) -> Result<Selection, SandboxError> 
         |backend: &'static str, reason: String| SandboxError::Unavailable { backend, reason };
     match options.kind {
         SandboxKind::Bubblewrap => Ok(chosen(
-            AnySandbox::Bubblewrap(Bubblewrap::detect().await?),
+            AnySandbox::Bubblewrap(bubblewrap(options).await?),
             vec!["VM0_SANDBOX=bubblewrap".into()],
         )),
         SandboxKind::CloudHypervisor => {
@@ -289,7 +301,7 @@ async fn select_auto(options: &SelectOptions) -> Result<Selection, SandboxError>
             }
         }
     }
-    let sandbox = AnySandbox::Bubblewrap(Bubblewrap::detect().await?);
+    let sandbox = AnySandbox::Bubblewrap(bubblewrap(options).await?);
     why.push("bubblewrap: available".into());
     Ok(chosen(sandbox, why))
 }

@@ -231,11 +231,12 @@ async fn run(
             .map(|s| tokio::spawn(pump(s, OutputStream::Stderr, chunk_tx.clone()))),
     ];
     drop(chunk_tx);
-    let mut sampler = Sampler::new(&start.working_dir);
+    let sampling = start.sample_interval_ms > 0;
+    // Not even a baseline read when the host samples (bubblewrap).
+    let mut sampler = sampling.then(|| Sampler::new(&start.working_dir));
     let interval = Duration::from_millis(u64::from(start.sample_interval_ms.max(100)));
     let mut tick = tokio::time::interval(interval);
     tick.reset();
-    let sampling = start.sample_interval_ms > 0;
     let mut seq = 0u64;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut host_open = true;
@@ -253,7 +254,9 @@ async fn run(
                 seq += 1;
             }
             _ = tick.tick(), if sampling => {
-                let _ = out.send(msg(guest_message::Kind::Sample(sampler.sample()))).await;
+                if let Some(sampler) = sampler.as_mut() {
+                    let _ = out.send(msg(guest_message::Kind::Sample(sampler.sample()))).await;
+                }
             }
             m = host_rx.recv(), if host_open => match m {
                 Some(HostMessage { kind: Some(host_message::Kind::Cancel(c)) }) => {
