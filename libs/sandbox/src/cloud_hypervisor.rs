@@ -93,7 +93,10 @@ pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmC
         payload: PayloadConfig {
             kernel: image.kernel.clone(),
             initramfs: image.initrd.clone(),
-            cmdline: format!("console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT}"),
+            cmdline: format!(
+                "console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT} vm0.work_mb={}",
+                spec.disk_mb
+            ),
         },
         disks: Vec::new(),
         vsock: VsockConfig {

@@ -53,9 +53,11 @@ impl Qemu {
         self.accel
     }
 
-    fn cmdline(&self) -> String {
-        let mut cmdline =
-            String::from("console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0");
+    fn cmdline(&self, spec: &SandboxSpec) -> String {
+        let mut cmdline = format!(
+            "console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0 vm0.work_mb={}",
+            spec.disk_mb
+        );
         // Under TCG the kernel's early TSC calibration against the PIT sometimes
         // fails (emulated timing is jittery); with no HPET or PM timer on a microvm
         // the TSC is then marked unstable and the boot hangs before init. TCG's TSC
@@ -85,7 +87,7 @@ impl Qemu {
         .arg("-initrd")
         .arg(&image.initrd)
         .arg("-append")
-        .arg(self.cmdline())
+        .arg(self.cmdline(spec))
         .arg("-serial")
         .arg(format!("file:{}", files.serial_log.display()))
         .args(["-device", "virtio-serial-device"])

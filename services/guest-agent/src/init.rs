@@ -48,16 +48,30 @@ fn transport(cmdline: &str) -> Transport {
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str) {
+    mount_with(source, target, fstype, None);
+}
+
+fn mount_with(source: &str, target: &str, fstype: &str, options: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
     if let Err(e) = mount(
         Some(source),
         target,
         Some(fstype),
         MsFlags::empty(),
-        None::<&str>,
+        options,
     ) {
         eprintln!("vm0-guest-agent: mounting {target}: {e}");
     }
+}
+
+/// `vm0.work_mb=N`: the size of the run's `/work` (the agent config's disk).
+fn work_mb(cmdline: &str) -> Option<u64> {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("vm0.work_mb="))?
+        .parse()
+        .ok()
+        .filter(|mb| *mb > 0)
 }
 
 fn load_modules(groups: &[&str]) {
@@ -99,6 +113,10 @@ pub fn boot() -> Booted {
     mount_fs("tmpfs", "/tmp", "tmpfs");
     mount_fs("tmpfs", "/run", "tmpfs");
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // The run's disk: a tmpfs of the size asked for (guest memory backs it).
+    if let Some(mb) = work_mb(&cmdline) {
+        mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={mb}m")));
+    }
     let channel = match transport(&cmdline) {
         Transport::Vsock(port) => {
             load_modules(&["base", "vsock"]);
@@ -186,6 +204,9 @@ mod tests {
             transport("vm0.transport=serial:ctl"),
             Transport::Serial("ctl".into())
         );
+        assert_eq!(work_mb("quiet vm0.work_mb=512"), Some(512));
+        assert_eq!(work_mb("vm0.work_mb=0"), None);
+        assert_eq!(work_mb("vm0.work_mb=x"), None);
         // Absent or malformed: the QEMU default.
         assert_eq!(transport("quiet"), Transport::Serial("vm0".into()));
         assert_eq!(

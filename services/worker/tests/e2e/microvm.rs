@@ -107,7 +107,7 @@ async fn qemu_runs_end_in_every_way() {
     for (name, config) in [
         (
             "sampled",
-            json!({"command": ["sh", "-c", "echo hi; sleep 2"], "resources": {"memoryMb": 256}}),
+            json!({"command": ["sh", "-c", "echo hi; sleep 2"], "resources": {"memoryMb": 256, "diskMb": 300}}),
         ),
         (
             "slow",
@@ -167,6 +167,8 @@ async fn qemu_runs_end_in_every_way() {
         (100..=256).contains(&total),
         "guest memory, not the host's: {metrics}"
     );
+    // The agent's disk is the size of its /work.
+    assert_eq!(metrics["data"][0]["diskTotalMb"], 300, "{metrics}");
 
     // Timeout.
     let id = stack
