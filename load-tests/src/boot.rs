@@ -68,6 +68,7 @@ fn recipe(args: &Args, cache_dir: PathBuf) -> ImageRecipe {
         busybox: PathBuf::from("/bin/busybox"),
         kernel_package: std::env::var("VM0_KERNEL_PACKAGE").ok(),
         cache_dir,
+        rootfs: None,
     }
 }
 

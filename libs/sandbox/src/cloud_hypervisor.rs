@@ -21,8 +21,8 @@ use crate::SandboxSpec;
 use crate::image::GuestImage;
 use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm};
 use api::{
-    ApiClient, ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
-    VsockConfig,
+    ApiClient, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig,
+    VmConfig, VsockConfig,
 };
 
 /// The vsock port the guest agent listens on.
@@ -94,11 +94,24 @@ pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmC
             kernel: image.kernel.clone(),
             initramfs: image.initrd.clone(),
             cmdline: format!(
-                "console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT} vm0.work_mb={}",
-                spec.disk_mb
+                "console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT} vm0.work_mb={}{}",
+                spec.disk_mb,
+                if image.rootfs.is_some() {
+                    " vm0.rootfs=/dev/vda"
+                } else {
+                    ""
+                }
             ),
         },
-        disks: Vec::new(),
+        // Read-only: every run of the image shares the file.
+        disks: image
+            .rootfs
+            .iter()
+            .map(|path| DiskConfig {
+                path: path.clone(),
+                readonly: true,
+            })
+            .collect(),
         vsock: VsockConfig {
             cid: GUEST_CID,
             socket: files.guest_socket.clone(),

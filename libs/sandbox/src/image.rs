@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 /// Modules the guest may load, `(group, path relative to the kernel's module dir)`,
 /// in dependency order. The guest agent loads `base` always, `serial` for QEMU's
-/// virtio-serial port, `vsock` for Cloud Hypervisor's vsock (a PCI device there).
+/// virtio-serial port, `vsock` for Cloud Hypervisor's vsock (a PCI device there),
+/// `disk` when a root filesystem is attached.
 const MODULES: &[(&str, &str)] = &[
     ("base", "kernel/drivers/virtio/virtio_ring.ko"),
     ("base", "kernel/drivers/virtio/virtio.ko"),
@@ -29,15 +30,24 @@ const MODULES: &[(&str, &str)] = &[
         "vsock",
         "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
     ),
+    ("disk", "kernel/drivers/block/virtio_blk.ko"),
+    ("disk", "kernel/lib/crc16.ko"),
+    ("disk", "kernel/fs/mbcache.ko"),
+    ("disk", "kernel/fs/jbd2/jbd2.ko"),
+    // ext4's metadata checksums ask the crypto API for crc32c; no modprobe here.
+    ("disk", "kernel/crypto/crc32c_generic.ko"),
+    ("disk", "kernel/fs/ext4/ext4.ko"),
 ];
 
 /// A bootable guest: kernel and initramfs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestImage {
-    /// Hex SHA-256 over the kernel and the initramfs.
+    /// Hex SHA-256 over the kernel, the initramfs and the root filesystem.
     pub id: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// An ext4 root filesystem the command runs in (attached read-only).
+    pub rootfs: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +76,13 @@ pub struct ImageRecipe {
     pub kernel_package: Option<String>,
     /// Cache root (`<data dir>/images`).
     pub cache_dir: PathBuf,
+    /// A directory to make into the root filesystem (`mkfs.ext4 -d`); without it
+    /// the command runs in the initramfs's busybox userland.
+    pub rootfs: Option<PathBuf>,
 }
+
+/// Root filesystems.
+mod rootfs;
 
 fn run(what: &str, cmd: &mut Command) -> Result<String, ImageError> {
     let out = cmd.output().map_err(|e| ImageError::Command {
@@ -370,6 +386,9 @@ fn recipe_key(recipe: &ImageRecipe, package: &str) -> Result<String, ImageError>
     for (group, module) in MODULES {
         h.update(format!("{group} {module}\n"));
     }
+    if let Some(dir) = &recipe.rootfs {
+        rootfs::fingerprint(dir, &mut h);
+    }
     Ok(hex::encode(h.finalize()))
 }
 
@@ -379,10 +398,12 @@ fn image_in(dir: &Path, id: &str) -> Option<GuestImage> {
         .iter()
         .map(|name| dir.join(name))
         .find(|p| p.exists())?;
+    let rootfs = Some(dir.join("rootfs.ext4")).filter(|r| r.exists());
     initrd.exists().then(|| GuestImage {
         id: id.to_owned(),
         kernel,
         initrd,
+        rootfs,
     })
 }
 
@@ -410,13 +431,18 @@ pub fn build(recipe: &ImageRecipe) -> Result<GuestImage, ImageError> {
         .unwrap_or_else(|| "vmlinuz".into());
     let kernel = std::fs::read(&kernel_path)?;
     let initrd = initramfs(recipe, &modules)?;
+    let tmp = tempfile::tempdir_in(&recipe.cache_dir)?;
     let mut h = Sha256::new();
     h.update(&kernel);
     h.update(&initrd);
+    if let Some(tree) = &recipe.rootfs {
+        let disk = tmp.path().join("rootfs.ext4");
+        rootfs::build(tree, &disk)?;
+        h.update(rootfs::digest(&disk)?);
+    }
     let id = hex::encode(h.finalize());
     let dir = recipe.cache_dir.join(&id);
     if image_in(&dir, &id).is_none() {
-        let tmp = tempfile::tempdir_in(&recipe.cache_dir)?;
         std::fs::write(tmp.path().join(&kernel_name), &kernel)?;
         std::fs::write(tmp.path().join("initrd.img"), &initrd)?;
         let built = tmp.keep();

@@ -53,11 +53,14 @@ impl Qemu {
         self.accel
     }
 
-    fn cmdline(&self, spec: &SandboxSpec) -> String {
+    fn cmdline(&self, spec: &SandboxSpec, image: &GuestImage) -> String {
         let mut cmdline = format!(
             "console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0 vm0.work_mb={}",
             spec.disk_mb
         );
+        if image.rootfs.is_some() {
+            cmdline.push_str(" vm0.rootfs=/dev/vda");
+        }
         // Under TCG the kernel's early TSC calibration against the PIT sometimes
         // fails (emulated timing is jittery); with no HPET or PM timer on a microvm
         // the TSC is then marked unstable and the boot hangs before init. TCG's TSC
@@ -87,7 +90,7 @@ impl Qemu {
         .arg("-initrd")
         .arg(&image.initrd)
         .arg("-append")
-        .arg(self.cmdline(spec))
+        .arg(self.cmdline(spec, image))
         .arg("-serial")
         .arg(format!("file:{}", files.serial_log.display()))
         .args(["-device", "virtio-serial-device"])
@@ -97,6 +100,15 @@ impl Qemu {
             files.guest_socket.display()
         ))
         .args(["-device", "virtserialport,chardev=vm0,name=vm0"]);
+        if let Some(rootfs) = &image.rootfs {
+            // Read-only: every run of the image shares the file.
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=rootfs,format=raw,readonly=on",
+                    rootfs.display()
+                ))
+                .args(["-device", "virtio-blk-device,drive=rootfs"]);
+        }
         cmd
     }
 }

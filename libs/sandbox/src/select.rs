@@ -134,6 +134,7 @@ async fn build_image(options: &SelectOptions) -> Result<GuestImage, String> {
         busybox: options.busybox.clone(),
         kernel_package: options.kernel_package.clone(),
         cache_dir: options.image_cache.clone(),
+        rootfs: None,
     };
     tokio::task::spawn_blocking(move || crate::image::build(&recipe))
         .await

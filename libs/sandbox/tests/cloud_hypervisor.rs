@@ -105,6 +105,7 @@ fn vm_create_body_matches_the_api_schema() {
         id: "x".into(),
         kernel: PathBuf::from("/images/x/vmlinuz"),
         initrd: PathBuf::from("/images/x/initrd.img"),
+        rootfs: Some(PathBuf::from("/images/x/rootfs.ext4")),
     };
     let scratch = Path::new("/var/lib/vm0/runs/run_1");
     let files = VmFiles::in_dir(scratch);
@@ -116,6 +117,7 @@ fn vm_create_body_matches_the_api_schema() {
     assert_eq!(body["serial"]["mode"], "File");
     assert_eq!(body["memory"]["size"], 256 * 1024 * 1024);
     assert_eq!(body["cpus"]["boot_vcpus"], 2);
+    assert_eq!(body["disks"][0]["readonly"], true, "runs share the rootfs");
     assert!(
         body["payload"]["cmdline"]
             .as_str()
@@ -163,6 +165,7 @@ fn image() -> GuestImage {
         busybox: PathBuf::from("/bin/busybox"),
         kernel_package: None,
         cache_dir: cache,
+        rootfs: None,
     })
     .expect("guest image builds")
 }

@@ -33,6 +33,7 @@ fn image() -> GuestImage {
         busybox: PathBuf::from("/bin/busybox"),
         kernel_package: None,
         cache_dir: cache(),
+        rootfs: None,
     })
     .expect("guest image builds")
 }
@@ -180,4 +181,55 @@ async fn runs_name_their_image() {
         err.to_string().contains("\"never-built\" is not built"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_in_a_root_filesystem() {
+    let dir = tempfile::tempdir().expect("dir");
+    // A minimal userland: busybox and a marker only the rootfs has.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).expect("bin");
+    std::fs::create_dir_all(tree.join("etc")).expect("etc");
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox");
+    for applet in ["sh", "cat", "echo", "touch"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("link");
+    }
+    std::fs::write(tree.join("etc/vm0-rootfs-release"), "rootfs-ok\n").expect("marker");
+    let image = build(&ImageRecipe {
+        guest_agent: std::env::var("VM0_GUEST_AGENT")
+            .expect("VM0_GUEST_AGENT")
+            .into(),
+        busybox: PathBuf::from("/bin/busybox"),
+        kernel_package: None,
+        cache_dir: cache(),
+        rootfs: Some(tree),
+    })
+    .expect("an image with a root filesystem builds");
+    assert!(image.rootfs.is_some());
+    let sandbox = MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu"), image);
+    let s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /etc/vm0-rootfs-release; touch /etc/x 2>/dev/null && echo wrote-etc; \
+             echo data > /work/f && cat /work/f",
+        ],
+    );
+    let mut run = sandbox.start(s).await.expect("start");
+    let (mut out, mut logs) = (Vec::new(), Vec::new());
+    let exit = loop {
+        match run.next_event().await.expect("events end with Exited") {
+            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => out.extend_from_slice(&b),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::Exited(x) => break x,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "rootfs-ok\ndata\n",
+        "the command ran in the root filesystem, read-only but /work: {logs:?}"
+    );
+    assert_eq!(exit.code, Some(0));
 }

@@ -24,6 +24,10 @@ pub struct BuildArgs {
     /// Image cache (default: VM0_IMAGE_CACHE, else <VM0_DATA_DIR>/images).
     #[arg(long, env = "VM0_IMAGE_CACHE")]
     cache: Option<PathBuf>,
+    /// A directory (e.g. a debootstrap tree) to attach as the read-only root
+    /// filesystem the agent's command runs in (`mkfs.ext4 -d`).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -47,6 +51,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
         busybox: args.busybox,
         kernel_package: args.kernel_package,
         cache_dir: cache.clone(),
+        rootfs: args.rootfs,
     })
     .context("building the guest image")?;
     ImageCatalog::new(&cache)
@@ -59,6 +64,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
             "id": image.id,
             "kernel": image.kernel,
             "initrd": image.initrd,
+            "rootfs": image.rootfs,
             "buildMs": took_ms,
         });
         println!("{out}");
@@ -66,6 +72,9 @@ pub fn build(args: BuildArgs) -> Result<()> {
         println!("image {} ({}), built in {took_ms} ms", args.name, image.id);
         println!("  kernel: {}", image.kernel.display());
         println!("  initrd: {}", image.initrd.display());
+        if let Some(rootfs) = &image.rootfs {
+            println!("  rootfs: {}", rootfs.display());
+        }
     }
     Ok(())
 }

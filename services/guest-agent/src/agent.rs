@@ -190,6 +190,9 @@ async fn run(
             }
         }
     };
+    if let Some(why) = crate::init::SETUP_ERROR.get() {
+        return failed(format!("the machine is not set up: {why}")).await;
+    }
     let Some(program) = start.argv.first() else {
         return failed("Start has an empty argv".into()).await;
     };

@@ -108,15 +108,8 @@ fn uptime_ms() -> u64 {
 pub fn boot() -> Booted {
     mount_fs("proc", "/proc", "proc");
     let kernel_boot_ms = uptime_ms();
-    mount_fs("sysfs", "/sys", "sysfs");
-    mount_fs("devtmpfs", "/dev", "devtmpfs");
-    mount_fs("tmpfs", "/tmp", "tmpfs");
-    mount_fs("tmpfs", "/run", "tmpfs");
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    // The run's disk: a tmpfs of the size asked for (guest memory backs it).
-    if let Some(mb) = work_mb(&cmdline) {
-        mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={mb}m")));
-    }
+    mount_system("");
     let channel = match transport(&cmdline) {
         Transport::Vsock(port) => {
             load_modules(&["base", "vsock"]);
@@ -127,6 +120,17 @@ pub fn boot() -> Booted {
             Channel::Serial(wait_for_port(&name))
         }
     };
+    // The serial port was found first: its node is in the rootfs's /dev too.
+    if let Some(device) = rootfs_device(&cmdline)
+        && let Err(e) = enter_rootfs(&device)
+    {
+        eprintln!("vm0-guest-agent: {e}");
+        let _ = SETUP_ERROR.set(e);
+    }
+    // The run's disk: a tmpfs of the size asked for (guest memory backs it).
+    if let Some(mb) = work_mb(&cmdline) {
+        mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={mb}m")));
+    }
     Booted {
         channel,
         times: crate::agent::BootTimes {
@@ -134,6 +138,54 @@ pub fn boot() -> Booted {
             init_ms: uptime_ms().saturating_sub(kernel_boot_ms),
         },
     }
+}
+
+/// Why the machine is not what the host asked for (the root filesystem did not
+/// mount): the command is refused with this rather than run elsewhere.
+pub static SETUP_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The pseudo file systems, under `root` ("" for `/`).
+fn mount_system(root: &str) {
+    if !root.is_empty() {
+        mount_fs("proc", &format!("{root}/proc"), "proc");
+    }
+    mount_fs("sysfs", &format!("{root}/sys"), "sysfs");
+    mount_fs("devtmpfs", &format!("{root}/dev"), "devtmpfs");
+    mount_fs("tmpfs", &format!("{root}/tmp"), "tmpfs");
+    mount_fs("tmpfs", &format!("{root}/run"), "tmpfs");
+}
+
+/// `vm0.rootfs=/dev/vda`: a root filesystem to run the command in.
+fn rootfs_device(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("vm0.rootfs="))
+        .filter(|d| d.starts_with("/dev/"))
+        .map(str::to_owned)
+}
+
+/// Mounts the root filesystem read-only at `/rootfs`, the pseudo file systems in
+/// it, and makes it this process's root (the command inherits it).
+fn enter_rootfs(device: &str) -> Result<(), String> {
+    load_modules(&["disk"]);
+    for _ in 0..500 {
+        if Path::new(device).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::create_dir_all("/rootfs");
+    mount(
+        Some(device),
+        "/rootfs",
+        Some("ext4"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting the root filesystem {device}: {e}"))?;
+    mount_system("/rootfs");
+    std::os::unix::fs::chroot("/rootfs").map_err(|e| format!("chroot /rootfs: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir / in the rootfs: {e}"))
 }
 
 /// udev is absent: the named port appears as /dev/vportNpM; find ours by name.
@@ -205,6 +257,11 @@ mod tests {
             Transport::Serial("ctl".into())
         );
         assert_eq!(work_mb("quiet vm0.work_mb=512"), Some(512));
+        assert_eq!(
+            rootfs_device("vm0.rootfs=/dev/vda quiet"),
+            Some("/dev/vda".into())
+        );
+        assert_eq!(rootfs_device("vm0.rootfs=vda"), None);
         assert_eq!(work_mb("vm0.work_mb=0"), None);
         assert_eq!(work_mb("vm0.work_mb=x"), None);
         // Absent or malformed: the QEMU default.
