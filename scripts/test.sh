@@ -7,7 +7,8 @@ source scripts/deps.sh
 source scripts/test-postgres.sh
 
 ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
-  nats-server:nats-server bwrap:bubblewrap qemu-system-x86_64:qemu-system-x86
+  nats-server:nats-server bwrap:bubblewrap qemu-system-x86_64:qemu-system-x86 \
+  xz:xz-utils /usr/sbin/mkfs.ext4:e2fsprogs
 # The guest images need a *static* busybox (Debian's plain busybox is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static-probe-absent:busybox-static
 

@@ -3,7 +3,7 @@
 //! disk. The guest agent mounts it and runs the command inside it (chroot), with
 //! `/proc`, `/sys`, `/dev`, `/tmp`, `/run` and a writable `/work` mounted there.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
@@ -80,9 +80,13 @@ pub(super) fn build(dir: &Path, out: &Path) -> Result<(), ImageError> {
     let file = std::fs::File::create(out)?;
     file.set_len(size)?;
     drop(file);
+    // Debian keeps it in /usr/sbin, which a non-root PATH may lack.
+    let mkfs = crate::find_on_path("mkfs.ext4")
+        .or_else(|| Some(PathBuf::from("/usr/sbin/mkfs.ext4")).filter(|p| p.is_file()))
+        .ok_or_else(|| ImageError::Missing("mkfs.ext4 (apt-get install e2fsprogs)".into()))?;
     run(
-        "mkfs.ext4 -d (apt-get install e2fsprogs)",
-        Command::new("mkfs.ext4")
+        "mkfs.ext4 -d",
+        Command::new(mkfs)
             .args(["-q", "-F", "-L", "vm0-rootfs", "-d"])
             .arg(&staging)
             .arg(out),
