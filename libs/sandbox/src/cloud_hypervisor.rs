@@ -225,18 +225,12 @@ impl Vmm for CloudHypervisor {
             Ok((vm_configure, stream))
         };
         match stage.await {
-            Ok((vm_configure, stream)) => {
-                let (rx, tx) = stream.into_split();
-                Ok(Vm {
-                    process,
-                    link: GuestLink {
-                        rx: Box::new(rx),
-                        tx: Box::new(tx),
-                    },
-                    vmm_spawn,
-                    vm_configure,
-                })
-            }
+            Ok((vm_configure, stream)) => Ok(Vm {
+                process,
+                link: GuestLink::unix(stream),
+                vmm_spawn,
+                vm_configure,
+            }),
             Err(failure) => {
                 shut_down(&mut process, files).await;
                 Err(failure)

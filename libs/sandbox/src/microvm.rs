@@ -38,6 +38,17 @@ pub struct GuestLink {
     pub tx: Box<dyn AsyncWrite + Send + Unpin>,
 }
 
+impl GuestLink {
+    /// Both directions of a unix socket (QEMU's chardev, the hybrid vsock).
+    pub fn unix(stream: tokio::net::UnixStream) -> GuestLink {
+        let (rx, tx) = stream.into_split();
+        GuestLink {
+            rx: Box::new(rx),
+            tx: Box::new(tx),
+        }
+    }
+}
+
 /// Files of one VM, all inside the run's scratch directory.
 #[derive(Debug, Clone)]
 pub struct VmFiles {

@@ -177,13 +177,9 @@ impl Vmm for Qemu {
                 return Err(BootFailure::new("vmm-spawn", e));
             }
         };
-        let (rx, tx) = stream.into_split();
         Ok(Vm {
             process,
-            link: GuestLink {
-                rx: Box::new(rx),
-                tx: Box::new(tx),
-            },
+            link: GuestLink::unix(stream),
             vmm_spawn: started.elapsed(),
             vm_configure: Duration::ZERO,
         })
