@@ -99,6 +99,12 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("building the {endpoint} request failed")]
+    Request {
+        endpoint: &'static str,
+        #[source]
+        source: hyper::http::Error,
+    },
     #[error("HTTP exchange with the VMM failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("{endpoint} answered {status}: {body}")]
@@ -106,6 +112,12 @@ pub enum ApiError {
         endpoint: &'static str,
         status: StatusCode,
         body: String,
+    },
+    #[error("encoding the {endpoint} body failed")]
+    Encode {
+        endpoint: &'static str,
+        #[source]
+        source: serde_json::Error,
     },
     #[error("{endpoint} answered a body we cannot read")]
     Decode {
@@ -140,7 +152,7 @@ impl ApiClient {
     }
 
     pub async fn create(&self, config: &VmConfig) -> Result<(), ApiError> {
-        let body = serde_json::to_vec(config).map_err(|source| ApiError::Decode {
+        let body = serde_json::to_vec(config).map_err(|source| ApiError::Encode {
             endpoint: "vm.create",
             source,
         })?;
@@ -224,11 +236,7 @@ impl ApiClient {
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ApiError::Status {
-                endpoint,
-                status: StatusCode::BAD_REQUEST,
-                body: e.to_string(),
-            })?;
+            .map_err(|source| ApiError::Request { endpoint, source })?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
