@@ -273,8 +273,8 @@ pub(crate) async fn wait_ready(
             kind: Some(guest_message::Kind::Ready(ready)),
         }))) => Ok(ready),
         Err(_) => Err(format!(
-            "no guest agent after {} s",
-            deadline.duration_since(started).as_secs()
+            "no guest agent after {:.1} s",
+            deadline.duration_since(started).as_secs_f64()
         )),
         Ok(Err(e)) => Err(format!("garbage from the guest: {e}")),
         Ok(_) => Err("the guest closed the channel".into()),

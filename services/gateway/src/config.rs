@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use vm0_env_config::parse_or;
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
@@ -89,13 +90,13 @@ impl DispatchConfig {
             "VM0_WORKER_TOKEN must be at least 16 characters"
         );
         let mut c = DispatchConfig::new(nats_url, worker_token);
-        c.grpc_addr = env_parse("VM0_GRPC_ADDR", c.grpc_addr)?;
-        c.heartbeat_interval = Duration::from_millis(env_parse("VM0_HEARTBEAT_INTERVAL_MS", 5000)?);
-        c.worker_lost_after = Duration::from_secs(env_parse("VM0_WORKER_LOST_AFTER_SECS", 60)?);
-        c.timeout_grace = Duration::from_secs(env_parse("VM0_TIMEOUT_GRACE_SECS", 30)?);
+        c.grpc_addr = parse_or("VM0_GRPC_ADDR", c.grpc_addr)?;
+        c.heartbeat_interval = Duration::from_millis(parse_or("VM0_HEARTBEAT_INTERVAL_MS", 5000)?);
+        c.worker_lost_after = Duration::from_secs(parse_or("VM0_WORKER_LOST_AFTER_SECS", 60)?);
+        c.timeout_grace = Duration::from_secs(parse_or("VM0_TIMEOUT_GRACE_SECS", 30)?);
         c.pending_republish_after =
-            Duration::from_secs(env_parse("VM0_PENDING_REPUBLISH_SECS", 30)?);
-        c.cancel_wait = Duration::from_millis(env_parse("VM0_CANCEL_WAIT_MS", 3000)?);
+            Duration::from_secs(parse_or("VM0_PENDING_REPUBLISH_SECS", 30)?);
+        c.cancel_wait = Duration::from_millis(parse_or("VM0_CANCEL_WAIT_MS", 3000)?);
         anyhow::ensure!(
             c.worker_lost_after > c.heartbeat_interval * 2,
             "VM0_WORKER_LOST_AFTER_SECS must exceed two heartbeat intervals"
@@ -104,21 +105,9 @@ impl DispatchConfig {
     }
 }
 
-fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(raw) => raw
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={raw:?} is invalid: {e}")),
-        Err(_) => Ok(default),
-    }
-}
-
 impl GatewayConfig {
     pub fn from_env() -> Result<GatewayConfig> {
-        let http_addr = env_parse("VM0_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let http_addr = parse_or("VM0_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
         let data_dir =
             PathBuf::from(std::env::var("VM0_DATA_DIR").unwrap_or_else(|_| ".vm0".into()));
         let database_url = match std::env::var("DATABASE_URL") {
@@ -129,24 +118,24 @@ impl GatewayConfig {
                 format!("sqlite://{}", data_dir.join("vm0.db").display())
             }
         };
-        let max_body_bytes = env_parse("VM0_MAX_BODY_BYTES", 1024 * 1024)?;
+        let max_body_bytes = parse_or("VM0_MAX_BODY_BYTES", 1024 * 1024)?;
         anyhow::ensure!(
             max_body_bytes >= 1024,
             "VM0_MAX_BODY_BYTES must be at least 1024"
         );
-        let heartbeat_secs: u64 = env_parse("VM0_SSE_HEARTBEAT_SECS", 15)?;
+        let heartbeat_secs: u64 = parse_or("VM0_SSE_HEARTBEAT_SECS", 15)?;
         anyhow::ensure!(
             heartbeat_secs >= 1,
             "VM0_SSE_HEARTBEAT_SECS must be at least 1"
         );
-        let poll_ms: u64 = env_parse("VM0_SSE_POLL_MS", 250)?;
+        let poll_ms: u64 = parse_or("VM0_SSE_POLL_MS", 250)?;
         anyhow::ensure!(poll_ms >= 10, "VM0_SSE_POLL_MS must be at least 10");
-        let auth_cache_secs: u64 = env_parse("VM0_AUTH_CACHE_SECS", 5)?;
+        let auth_cache_secs: u64 = parse_or("VM0_AUTH_CACHE_SECS", 5)?;
         anyhow::ensure!(
             auth_cache_secs <= 300,
             "VM0_AUTH_CACHE_SECS must be at most 300"
         );
-        let db_max_connections = env_parse("VM0_DB_MAX_CONNECTIONS", 16)?;
+        let db_max_connections = parse_or("VM0_DB_MAX_CONNECTIONS", 16)?;
         anyhow::ensure!(
             db_max_connections >= 1,
             "VM0_DB_MAX_CONNECTIONS must be at least 1"

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use vm0_env_config::{parse_opt, parse_or};
 use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
 
 #[derive(Debug, Clone)]
@@ -42,31 +43,6 @@ pub struct WorkerConfig {
     pub kernel_package: Option<String>,
     /// `VM0_IMAGE_CACHE`: where guest images are built, default `<data dir>/images`.
     pub image_cache: Option<PathBuf>,
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(raw) => raw
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={raw:?} is invalid: {e}")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_opt<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    std::env::var(name)
-        .ok()
-        .map(|raw| {
-            raw.parse()
-                .map_err(|e| anyhow::anyhow!("{name}={raw:?} is invalid: {e}"))
-        })
-        .transpose()
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -129,28 +105,28 @@ impl WorkerConfig {
     pub fn apply_env(self) -> Result<WorkerConfig> {
         let d = self;
         let config = WorkerConfig {
-            worker_id: env_or("VM0_WORKER_ID", d.worker_id)?,
-            nats_url: env_or("VM0_NATS_URL", d.nats_url)?,
-            control_plane_url: env_or("VM0_CONTROL_PLANE_URL", d.control_plane_url)?,
-            worker_token: env_or("VM0_WORKER_TOKEN", d.worker_token)?,
-            slots: env_or("VM0_WORKER_SLOTS", d.slots)?,
+            worker_id: parse_or("VM0_WORKER_ID", d.worker_id)?,
+            nats_url: parse_or("VM0_NATS_URL", d.nats_url)?,
+            control_plane_url: parse_or("VM0_CONTROL_PLANE_URL", d.control_plane_url)?,
+            worker_token: parse_or("VM0_WORKER_TOKEN", d.worker_token)?,
+            slots: parse_or("VM0_WORKER_SLOTS", d.slots)?,
             vcpus: d.vcpus,
             memory_mb: d.memory_mb,
-            disk_mb: env_or("VM0_WORKER_DISK_MB", d.disk_mb)?,
-            data_dir: env_or("VM0_DATA_DIR", d.data_dir)?,
-            sample_interval: Duration::from_millis(env_or(
+            disk_mb: parse_or("VM0_WORKER_DISK_MB", d.disk_mb)?,
+            data_dir: parse_or("VM0_DATA_DIR", d.data_dir)?,
+            sample_interval: Duration::from_millis(parse_or(
                 "VM0_SAMPLE_INTERVAL_MS",
                 u64::try_from(d.sample_interval.as_millis()).unwrap_or(u64::MAX),
             )?),
-            drain_timeout: Duration::from_secs(env_or(
+            drain_timeout: Duration::from_secs(parse_or(
                 "VM0_DRAIN_TIMEOUT_SECS",
                 d.drain_timeout.as_secs(),
             )?),
-            sandbox: env_or("VM0_SANDBOX", d.sandbox)?,
-            qemu_accel: env_or("VM0_QEMU_ACCEL", d.qemu_accel)?,
-            guest_agent: env_opt("VM0_GUEST_AGENT")?.or(d.guest_agent),
-            kernel_package: env_opt("VM0_KERNEL_PACKAGE")?.or(d.kernel_package),
-            image_cache: env_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
+            sandbox: parse_or("VM0_SANDBOX", d.sandbox)?,
+            qemu_accel: parse_or("VM0_QEMU_ACCEL", d.qemu_accel)?,
+            guest_agent: parse_opt("VM0_GUEST_AGENT")?.or(d.guest_agent),
+            kernel_package: parse_opt("VM0_KERNEL_PACKAGE")?.or(d.kernel_package),
+            image_cache: parse_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
