@@ -3,6 +3,8 @@
 # and on PostgreSQL, with wrk against a release build on this machine.
 #
 #   load-tests/gateway-api.sh [sqlite|postgres|both] [seconds] [connections]
+#   TRACES=1 load-tests/gateway-api.sh ...   # the same, exporting every span over OTLP
+#                                            # to vm0-otlp-sink (tracing overhead)
 #
 # Prints a Markdown table for docs/benchmarks.md. Traffic goes to 127.0.0.1 only.
 set -euo pipefail
@@ -16,12 +18,14 @@ connections=${3:-64}
 [[ $backends == both ]] && backends="sqlite postgres"
 
 ensure_packages wrk:wrk curl:curl jq:jq '/usr/lib/postgresql/*/bin/initdb:postgresql'
-cargo build --release -q -p vm0-gateway
+cargo build --release -q -p vm0-gateway -p vm0-load
 bin=target/release/vm0-gateway
 work=$(mktemp -d /tmp/vm0-bench.XXXXXX)
 gateway_pid=""
+sink_pid=""
 cleanup() {
   [[ -n $gateway_pid ]] && kill "$gateway_pid" 2>/dev/null && wait "$gateway_pid" 2>/dev/null
+  [[ -n $sink_pid ]] && kill "$sink_pid" 2>/dev/null && wait "$sink_pid" 2>/dev/null
   stop_test_postgres
   rm -rf "$work"
 }
@@ -31,6 +35,15 @@ run_wrk() { # script url
   wrk -t1 -c"$connections" -d"${duration}s" --timeout 5s -s "$1" "$2" 2>&1 |
     awk '/^RESULT/ {print}' | tail -n 1
 }
+
+label=""
+if [[ ${TRACES:-0} == 1 ]]; then
+  sink_addr="127.0.0.1:$(free_port 18400)"
+  target/release/vm0-otlp-sink --addr "$sink_addr" >"$work/sink.log" 2>&1 &
+  sink_pid=$!
+  export OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink_addr"
+  label=" + OTLP"
+fi
 
 echo "| store | endpoint | connections | req/s | p50 ms | p90 ms | p99 ms | errors |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -62,7 +75,11 @@ for backend in $backends; do
     line=$(run_wrk "$script" "$url")
     # RESULT requests=N errors=N rps=N p50=N p90=N p99=N max=N
     eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed 's/^/r_/')"
-    echo "| $backend | $name | $connections | $r_rps | $r_p50 | $r_p90 | $r_p99 | $r_errors |"
+    echo "| $backend$label | $name | $connections | $r_rps | $r_p50 | $r_p90 | $r_p99 | $r_errors |"
   done
   kill "$gateway_pid"; wait "$gateway_pid" 2>/dev/null || true; gateway_pid=""
 done
+if [[ -n $sink_pid ]]; then
+  kill "$sink_pid"; wait "$sink_pid" 2>/dev/null || true; sink_pid=""
+  echo "spans received by the sink: $(tail -n 1 "$work/sink.log" | awk '{print $2}')" >&2
+fi

@@ -169,7 +169,10 @@ async fn measure<V: Vmm>(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    vm0_telemetry::init(vm0_telemetry::LogFormat::Text);
+    let _logs = vm0_telemetry::init(vm0_telemetry::TelemetryOptions::logs_only(
+        "vm0-bench",
+        vm0_telemetry::LogFormat::Text,
+    ))?;
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     if args.cold_image {

@@ -218,7 +218,10 @@ async fn throughput(b: &Bench, org: &str, runs: u32) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    vm0_telemetry::init(vm0_telemetry::LogFormat::Text);
+    let _logs = vm0_telemetry::init(vm0_telemetry::TelemetryOptions::logs_only(
+        "vm0-bench",
+        vm0_telemetry::LogFormat::Text,
+    ))?;
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?

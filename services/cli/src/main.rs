@@ -33,11 +33,14 @@ enum ImageCommand {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    vm0_telemetry::init(vm0_telemetry::LogFormat::from_env());
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let telemetry = vm0_telemetry::init(vm0_telemetry::TelemetryOptions::from_env("vm0"))?;
+    let result = match command {
         Command::Dev => dev::run().await,
         Command::Image(ImageCommand::Build(args)) => {
             tokio::task::spawn_blocking(move || image::build(args)).await?
         }
-    }
+    };
+    telemetry.shutdown().await;
+    result
 }

@@ -65,6 +65,22 @@ pub fn server(
     ControlPlaneServer::with_interceptor(svc, check)
 }
 
+/// The span of one control-plane call: a child of the worker's span when the call
+/// carries a trace context, and none otherwise (heartbeats stay out of traces).
+pub fn rpc_span(req: &axum::http::Request<()>) -> tracing::Span {
+    let Some(parent) = req
+        .headers()
+        .get(vm0_telemetry::propagation::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return tracing::Span::none();
+    };
+    let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+    let span = tracing::info_span!("rpc", otel.name = %format!("ControlPlane/{method}"), otel.kind = "server", rpc.method = %method);
+    vm0_telemetry::propagation::set_remote_parent(&span, parent);
+    span
+}
+
 fn internal(e: &dyn std::error::Error) -> Status {
     tracing::error!(error = %ErrorChain(e), "control plane request failed");
     Status::internal("control plane error; see the gateway's log")

@@ -20,8 +20,12 @@ const PUBLISH_BACKOFF: [Duration; 4] = [
     Duration::from_secs(4),
 ];
 
+/// The job of `run`. It carries the current span's trace context, so the worker's
+/// spans join the trace of the request that created the run.
 pub fn job_for(run: &run::Model, vcpus: u32, memory_mb: u64) -> RunJob {
     RunJob {
+        traceparent: vm0_telemetry::propagation::traceparent(&tracing::Span::current())
+            .unwrap_or_default(),
         run_id: run.id.clone(),
         org_id: run.org_id.clone(),
         vcpus,

@@ -190,6 +190,7 @@ impl Gateway {
                     let incoming =
                         tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
                     let served = tonic::transport::Server::builder()
+                        .trace_fn(control_plane::rpc_span)
                         .add_service(svc)
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                         .await;

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vm0_gateway::{GatewayConfig, open_store, routes};
+use vm0_telemetry::TelemetryOptions;
 
 #[derive(Parser)]
 #[command(
@@ -49,8 +50,14 @@ enum TokenAction {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    vm0_telemetry::init(vm0_telemetry::LogFormat::from_env());
     let cli = Cli::parse();
+    let telemetry = vm0_telemetry::init(TelemetryOptions::from_env("vm0-gateway"))?;
+    let result = run(cli).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let config = GatewayConfig::from_env()?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,

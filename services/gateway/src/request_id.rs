@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -37,17 +37,39 @@ pub async fn middleware(req: Request, next: Next) -> Response {
         .get(&REQUEST_ID)
         .and_then(accept_client_id)
         .unwrap_or_else(|| new_id(IdKind::Request));
+    // Spans are named by route template, not path, so that traces group by endpoint.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", |m| m.as_str());
     let span = tracing::info_span!(
         "request",
+        otel.name = %format!("{} {route}", req.method()).trim_end(),
+        otel.kind = "server",
         request_id = %id,
         method = %req.method(),
         path = %req.uri().path(),
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
+    // A client's trace continues here (a CI job tracing its own steps, say).
+    if let Some(parent) = req
+        .headers()
+        .get(vm0_telemetry::propagation::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        vm0_telemetry::propagation::set_remote_parent(&span, parent);
+    }
     let started = Instant::now();
     let mut resp = CURRENT
         .scope(id.clone(), next.run(req).instrument(span.clone()))
         .await;
     let status = resp.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     span.in_scope(|| {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         if status.is_server_error() {

@@ -15,6 +15,13 @@ pub struct AuthHeader(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 impl tonic::service::Interceptor for AuthHeader {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        // The control plane's span for this call joins the caller's trace.
+        if let Some(parent) = vm0_telemetry::propagation::traceparent(&tracing::Span::current())
+            && let Ok(value) = parent.parse()
+        {
+            req.metadata_mut()
+                .insert(vm0_telemetry::propagation::TRACEPARENT, value);
+        }
         Ok(req)
     }
 }

@@ -2,11 +2,18 @@
 
 use anyhow::Result;
 use tokio_util::sync::CancellationToken;
+use vm0_telemetry::TelemetryOptions;
 use vm0_worker::WorkerConfig;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    vm0_telemetry::init(vm0_telemetry::LogFormat::from_env());
+    let telemetry = vm0_telemetry::init(TelemetryOptions::from_env("vm0-worker"))?;
+    let result = serve().await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve() -> Result<()> {
     let config = WorkerConfig::from_env()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use vm0_api_types::Timestamp;
 use vm0_api_types::runs::{LogLevel, LogType, RunEventType};
-use vm0_bus::Telemetry;
+use vm0_bus::{RunJob, Telemetry};
 use vm0_proto::worker::{self as pb, ClaimOutcome, FinalStatus};
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
@@ -33,6 +34,20 @@ pub async fn execute<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message
             return;
         }
     };
+    // One span per job, in the trace of the request that created the run.
+    let span = tracing::info_span!(
+        "run",
+        otel.kind = "consumer",
+        run_id = %job.run_id,
+        attempt = tracing::field::Empty,
+        status = tracing::field::Empty,
+        exit_code = tracing::field::Empty,
+    );
+    vm0_telemetry::propagation::set_remote_parent(&span, &job.traceparent);
+    execute_job(ctx, msg, job).instrument(span).await
+}
+
+async fn execute_job<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message, job: RunJob) {
     let req = pb::ClaimRequest {
         run_id: job.run_id.clone(),
         worker_id: ctx.config.worker_id.clone(),
@@ -42,6 +57,7 @@ pub async fn execute<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message
         let req = req.clone();
         async move { client.claim(req).await }
     })
+    .instrument(tracing::info_span!("claim"))
     .await;
     let claim = match claim {
         Ok(c) => c,
@@ -216,6 +232,7 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
         running.insert(run_id.clone(), cancel.clone());
     }
     let started = Instant::now();
+    tracing::Span::current().record("attempt", attempt);
     let mut t = RunTelemetry {
         ctx,
         pending_acks: Vec::new(),
@@ -225,10 +242,17 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
         counter: 0,
         masker: Masker::new(spec.secret_values.iter().cloned()),
     };
-    let (status, exit_code, error) = match ctx.sandbox.start(sandbox_spec(ctx, &spec)).await {
+    let started_sandbox = ctx
+        .sandbox
+        .start(sandbox_spec(ctx, &spec))
+        .instrument(tracing::info_span!("sandbox.start"))
+        .await;
+    let (status, exit_code, error) = match started_sandbox {
         Ok(sandbox) => {
             let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
-            let (exit, stop) = supervise(&mut t, sandbox, &cancel, &ctx.stop_runs, timeout).await;
+            let (exit, stop) = supervise(&mut t, sandbox, &cancel, &ctx.stop_runs, timeout)
+                .instrument(tracing::info_span!("sandbox.run"))
+                .await;
             outcome(exit, stop, spec.timeout_seconds)
         }
         Err(e) => {
@@ -242,6 +266,17 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
     };
     if let Ok(mut running) = ctx.running.lock() {
         running.remove(&run_id);
+    }
+    let span = tracing::Span::current();
+    span.record(
+        "status",
+        status
+            .as_str_name()
+            .trim_start_matches("FINAL_STATUS_")
+            .to_ascii_lowercase(),
+    );
+    if let Some(code) = exit_code {
+        span.record("exit_code", code);
     }
     t.settle().await;
     let finish = pb::FinishRequest {
@@ -259,6 +294,7 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
         let req = finish.clone();
         async move { client.finish(req).await }
     })
+    .instrument(tracing::info_span!("finish"))
     .await;
     match done {
         Ok(resp) if !resp.accepted => {

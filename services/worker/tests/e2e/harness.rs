@@ -114,6 +114,8 @@ pub struct StackOptions {
     pub pending_republish_after: Duration,
     /// `VM0_SANDBOX` of the workers.
     pub sandbox: &'static str,
+    /// More environment for the workers.
+    pub worker_env: Vec<(&'static str, String)>,
 }
 
 impl Default for StackOptions {
@@ -125,6 +127,7 @@ impl Default for StackOptions {
             worker_lost_after: Duration::from_secs(60),
             pending_republish_after: Duration::from_secs(30),
             sandbox: "bubblewrap",
+            worker_env: Vec::new(),
         }
     }
 }
@@ -229,6 +232,7 @@ impl Stack {
                     .iter()
                     .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
             )
+            .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -6,3 +6,4 @@ mod harness;
 mod fleet;
 mod lifecycle;
 mod microvm;
+mod traces;
