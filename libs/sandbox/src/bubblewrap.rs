@@ -49,6 +49,19 @@ const ETC_ENTRIES: &[&str] = &[
 const EVENT_QUEUE: usize = 256;
 /// Where the guest agent appears inside the sandbox.
 const AGENT_PATH: &str = "/run/vm0-guest-agent";
+
+/// The capabilities the guest agent keeps when the worker is root.
+const AGENT_CAPS: &[&str] = &[
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_KILL",
+];
+
+/// The run user of the guest agent (`services/guest-agent/src/run_user.rs`).
+const RUN_UID: u32 = 1000;
+const RUN_GID: u32 = 1000;
 /// The agent starts in milliseconds; this only bounds a broken setup.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// What of bwrap's own stderr is kept for a failure report.
@@ -62,6 +75,9 @@ pub struct Bubblewrap {
     agent: PathBuf,
     /// The sandbox's `/etc`, removed when the last clone is dropped.
     etc: std::sync::Arc<tempfile::TempDir>,
+    /// The worker is root: capabilities must be dropped, and /work given to the
+    /// run user. (Otherwise bwrap runs unprivileged and so does everything in it.)
+    as_root_host: bool,
 }
 
 /// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
@@ -140,6 +156,7 @@ impl Bubblewrap {
             program,
             agent: guest_agent.to_owned(),
             etc: std::sync::Arc::new(etc),
+            as_root_host: nix::unistd::geteuid().is_root(),
         })
     }
 
@@ -171,7 +188,19 @@ impl Bubblewrap {
             }
         }
         cmd.arg("--ro-bind").arg(self.etc.path()).arg("/etc");
-        cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+        cmd.args(["--proc", "/proc", "--dev", "/dev"]);
+        // Writable by the run user, like any /tmp.
+        cmd.args(["--perms", "1777", "--tmpfs", "/tmp"]);
+        if self.as_root_host {
+            // bwrap keeps every capability of a root caller. The agent keeps only
+            // what it needs to hand the command to the run user, to write and read
+            // the run's files and to signal the command; the command, no longer
+            // root, has none (and no_new_privs keeps it so).
+            cmd.args(["--cap-drop", "ALL"]);
+            for cap in AGENT_CAPS {
+                cmd.args(["--cap-add", cap]);
+            }
+        }
         cmd.arg("--bind").arg(work).arg("/work");
         let cwd = spec.working_dir.clone().unwrap_or_else(|| "/work".into());
         if cwd != "/work" {
@@ -207,6 +236,10 @@ impl Sandbox for Bubblewrap {
         tokio::fs::create_dir_all(&work)
             .await
             .map_err(SandboxError::Prepare)?;
+        if self.as_root_host {
+            std::os::unix::fs::chown(&work, Some(RUN_UID), Some(RUN_GID))
+                .map_err(SandboxError::Prepare)?;
+        }
         let mut child = match self.command(&spec, &work).spawn() {
             Ok(child) => child,
             Err(source) => {

@@ -392,6 +392,8 @@ pub(crate) fn start_message(spec: &SandboxSpec, sample_interval: Duration) -> Ho
             working_dir: spec.working_dir.clone().unwrap_or_else(|| "/work".into()),
             stdin: spec.stdin.clone(),
             sample_interval_ms: u32::try_from(sample_interval.as_millis()).unwrap_or(u32::MAX),
+            // Commands run as the unprivileged run user in every backend.
+            as_root: false,
         })),
     }
 }

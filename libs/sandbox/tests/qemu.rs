@@ -99,15 +99,16 @@ async fn boots_a_vm_and_runs_the_command_inside() {
             &[
                 "sh",
                 "-c",
-                "echo \"$VM0_PROMPT\"; cat; echo; cat /work/in/a.txt; uname -s; sleep 1; exit 5",
+                "echo \"$VM0_PROMPT\"; cat; echo; cat /work/in/a.txt; uname -s; \
+                 id -u; echo more >> /work/in/a.txt && echo appended; sleep 1; exit 5",
             ],
         ),
         None,
     )
     .await;
     assert_eq!(
-        out, "hello vm\nfrom stdin\ninput file\nLinux\n",
-        "logs: {logs:?}"
+        out, "hello vm\nfrom stdin\ninput file\nLinux\n1000\nappended\n",
+        "the unprivileged run user owns the input files; logs: {logs:?}"
     );
     assert_eq!(exit.code, Some(5), "logs: {logs:?}");
     assert!(samples >= 1, "samples from inside the guest");

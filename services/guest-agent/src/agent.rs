@@ -15,8 +15,8 @@ use vm0_proto::guest::{
     guest_message, host_message,
 };
 
-use crate::files;
 use crate::sample::{Sampler, oom_kills};
+use crate::{files, run_user};
 
 /// Pid of the command being run (0: none), so that PID 1's orphan reaper leaves it
 /// to tokio.
@@ -207,6 +207,9 @@ async fn run(
         .kill_on_drop(true);
     if !start.working_dir.is_empty() {
         cmd.current_dir(&start.working_dir);
+    }
+    if run_user::drops_privileges(start.as_root) {
+        cmd.uid(run_user::RUN_UID).gid(run_user::RUN_GID);
     }
     let oom_before = oom_kills();
     let mut child = match cmd.spawn() {

@@ -33,7 +33,12 @@ async fn write(w: &WriteFile) -> Result<u64, String> {
     let path = absolute(&w.path)?;
     let fail = |e: std::io::Error| format!("writing {}: {e}", w.path);
     if let Some(dir) = path.parent() {
+        // The directories this creates belong to the run user, like the file.
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         tokio::fs::create_dir_all(dir).await.map_err(fail)?;
+        for d in missing {
+            crate::run_user::give_to_run_user(d).map_err(fail)?;
+        }
     }
     let mode = if w.mode == 0 { 0o644 } else { w.mode & 0o7777 };
     let mut file = tokio::fs::OpenOptions::new()
@@ -47,6 +52,7 @@ async fn write(w: &WriteFile) -> Result<u64, String> {
         .map_err(fail)?;
     file.write_all(&w.data).await.map_err(fail)?;
     file.flush().await.map_err(fail)?;
+    crate::run_user::give_to_run_user(path).map_err(fail)?;
     Ok(file.metadata().await.map_err(fail)?.len())
 }
 

@@ -131,6 +131,9 @@ pub fn boot() -> Booted {
     if let Some(mb) = work_mb(&cmdline) {
         mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={mb}m")));
     }
+    if let Err(e) = crate::run_user::give_to_run_user(Path::new("/work")) {
+        eprintln!("vm0-guest-agent: chown /work: {e}");
+    }
     Booted {
         channel,
         times: crate::agent::BootTimes {

@@ -11,6 +11,7 @@
 mod agent;
 mod files;
 mod init;
+mod run_user;
 mod sample;
 
 use agent::BootTimes;

@@ -101,6 +101,7 @@ fn start(argv: &[&str]) -> Start {
         working_dir: String::new(),
         stdin: b"prompt text".to_vec(),
         sample_interval_ms: 0,
+        as_root: false,
     }
 }
 
@@ -196,6 +197,10 @@ async fn garbage_from_the_host_is_refused_clearly() {
 #[tokio::test]
 async fn files_move_before_start_and_after_exit() {
     let dir = tempfile::tempdir().expect("dir");
+    // Like a sandbox's /work: the run user's (when these tests run as root).
+    if running_as_root() {
+        std::os::unix::fs::chown(dir.path(), Some(1000), Some(1000)).expect("chown");
+    }
     let input = dir.path().join("in/prompt.txt");
     let output = dir.path().join("out.bin");
     let path = |p: &std::path::Path| p.display().to_string();
@@ -268,4 +273,34 @@ async fn files_move_before_start_and_after_exit() {
     // A second Start is refused.
     g.send(H::Start(start(&["true"]))).await;
     assert!(matches!(g.recv().await, Some(G::Error(e)) if e.message.contains("expected")));
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The command's ids and effective capabilities, as it sees them.
+async fn identity(as_root: bool) -> String {
+    let mut g = Guest::spawn().await;
+    let mut s = start(&["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status"]);
+    s.as_root = as_root;
+    g.send(H::Start(s)).await;
+    let (out, _, _, exited, errors) = g.until_exit().await;
+    assert_eq!(exited.code, Some(0), "{errors:?}");
+    out
+}
+
+#[tokio::test]
+async fn a_root_agent_runs_the_command_as_the_unprivileged_run_user() {
+    if !running_as_root() {
+        eprintln!("SKIPPED: these tests do not run as root, so the agent cannot drop privileges");
+        return;
+    }
+    assert_eq!(
+        identity(false).await,
+        "1000\n1000\nCapEff:\t0000000000000000\n"
+    );
+    // Unless the host asks for root.
+    assert!(identity(true).await.starts_with("0\n0\n"));
 }

@@ -273,3 +273,40 @@ vm0_db::on_both_databases!(
     cancel_of_a_pending_run_means_it_never_starts,
     sse_resume_at_every_event_gives_exactly_the_rest,
 );
+
+/// The worker runs as root here; the command must not: it runs as the run user,
+/// with no capabilities, owning /work, with a /tmp it can write.
+#[tokio::test]
+async fn the_command_runs_unprivileged() {
+    let stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "who",
+            json!({"command": ["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status; \
+                echo mine > /work/f && cat /work/f; echo t > /tmp/t && echo tmp-ok; \
+                (echo x > /etc/x) 2>/dev/null || echo etc-refused"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "who", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let output: String = stack
+        .events(0, &id, None)
+        .await
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let expected_id = if root { "1000\n1000\n" } else { "" };
+    assert!(output.starts_with(expected_id), "{output}");
+    assert!(
+        output.contains("CapEff:\t0000000000000000\n"),
+        "no capabilities: {output}"
+    );
+    assert!(output.ends_with("mine\ntmp-ok\netc-refused\n"), "{output}");
+}

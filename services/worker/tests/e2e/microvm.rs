@@ -23,7 +23,7 @@ async fn qemu_backend_runs_through_the_gateway(db: Db) {
     stack
         .create_agent(
             "vm",
-            json!({"command": ["sh", "-c", "echo \"from-vm: $VM0_PROMPT\"; uname -s; exit 3"], "resources": {"memoryMb": 256}}),
+            json!({"command": ["sh", "-c", "echo \"from-vm: $VM0_PROMPT\"; uname -s; id -u; exit 3"], "resources": {"memoryMb": 256}}),
         )
         .await;
     stack
@@ -45,7 +45,7 @@ async fn qemu_backend_runs_through_the_gateway(db: Db) {
         .filter(|e| e.0 == "output")
         .map(|e| e.2["content"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(output, "from-vm: hi\nLinux\n");
+    assert_eq!(output, "from-vm: hi\nLinux\n1000\n", "the run user runs it");
     assert!(
         logs.iter().any(|l| l["message"]
             .as_str()
