@@ -236,6 +236,26 @@ impl Bus {
             .map_err(js_err)
     }
 
+    /// Tells every gateway that `token_id` was revoked (best effort: the auth
+    /// cache's time limit is the backstop when NATS is down).
+    pub async fn publish_token_revoked(&self, token_id: &str) -> Result<(), BusError> {
+        self.client
+            .publish(subjects::TOKENS_REVOKED, token_id.to_owned().into())
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subjects::TOKENS_REVOKED.into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Token revocations from every gateway (the payload is the token id).
+    pub async fn subscribe_token_revocations(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(subjects::TOKENS_REVOKED)
+            .await
+            .map_err(js_err)
+    }
+
     /// Cancel requests for every run (a worker filters for the runs it has).
     pub async fn subscribe_cancels(&self) -> Result<async_nats::Subscriber, BusError> {
         self.client

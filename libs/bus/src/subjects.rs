@@ -46,6 +46,10 @@ pub fn cancel(run_id: &str) -> String {
     format!("runs.{run_id}.cancel")
 }
 
+/// Revoked API token ids, from the gateway that revoked them to every gateway
+/// (core NATS, not captured: each replica drops the token from its auth cache).
+pub const TOKENS_REVOKED: &str = "auth.tokens.revoked";
+
 /// The run id of a `runs.<id>.<...>` subject.
 pub fn run_id_of(subject: &str) -> Option<&str> {
     let mut parts = subject.split('.');

@@ -43,8 +43,9 @@ pub fn hash_token(token: &str) -> String {
 }
 
 /// Recently verified tokens, so that a busy client costs one store query per
-/// `ttl`, not one per request. Only valid tokens are cached. A revocation through
-/// this replica takes effect at once; through another replica within `ttl`.
+/// `ttl`, not one per request. Only valid tokens are cached. A revocation takes
+/// effect at once on the replica that made it, on the others as soon as NATS
+/// brings them the news ([`forget_revoked`]), and within `ttl` if NATS is down.
 pub struct TokenCache {
     ttl: Duration,
     entries: RwLock<HashMap<String, CachedToken>>,
@@ -100,6 +101,35 @@ impl TokenCache {
     pub fn forget(&self, token_id: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.retain(|_, e| e.caller.token_id != token_id);
+    }
+}
+
+/// Forgets the tokens other gateways revoke, until `shutdown`.
+pub async fn forget_revoked(
+    tokens: std::sync::Arc<TokenCache>,
+    bus: vm0_bus::Bus,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut revoked = match bus.subscribe_token_revocations().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %crate::error::ErrorChain(&e), "cannot hear token revocations; other gateways' revocations take up to VM0_AUTH_CACHE_SECS here");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = revoked.next() => match msg {
+                Some(msg) => {
+                    if let Ok(token_id) = std::str::from_utf8(&msg.payload) {
+                        tokens.forget(token_id);
+                    }
+                }
+                None => return,
+            },
+        }
     }
 }
 

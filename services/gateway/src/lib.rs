@@ -171,6 +171,13 @@ impl Gateway {
             secrets: self.secrets.clone(),
         };
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(bus) = &self.bus {
+            tasks.spawn(auth::forget_revoked(
+                state.tokens.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let (Some(bus), Some(dispatch)) = (self.bus, dispatch) {
             tasks.spawn(persister::run(
                 self.store.clone(),

@@ -113,6 +113,11 @@ pub async fn revoke(
         .await?
     {
         state.tokens.forget(&id);
+        if let Some(bus) = &state.bus
+            && let Err(e) = bus.publish_token_revoked(&id).await
+        {
+            tracing::warn!(token_id = %id, error = %crate::error::ErrorChain(&e), "revocation not broadcast; other gateways forget the token within VM0_AUTH_CACHE_SECS");
+        }
         tracing::info!(token_id = %id, by = %caller.token_id, "token revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::harness::{Db, Stack, StackOptions, processes_with};
@@ -204,6 +205,62 @@ async fn runs_created_while_nats_is_down_are_not_lost(db: Db) {
     let events = stack.events(0, &id, None).await;
     let outputs: Vec<_> = events.iter().filter(|e| e.0 == "output").collect();
     assert_eq!(outputs.len(), 1, "{events:?}");
+}
+
+/// Each gateway caches verified tokens; a revocation through one gateway reaches
+/// the others' caches over NATS at once, not after the cache's time limit.
+#[tokio::test]
+async fn a_token_revoked_through_one_gateway_is_refused_by_the_others_at_once() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            gateways: 2,
+            workers: 0,
+            auth_cache_ttl: Duration::from_secs(120),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, created) = stack
+        .call(0, Method::POST, "/v1/tokens", Some(json!({"name": "ci"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (id, secret) = (
+        created["id"].as_str().expect("id"),
+        created["token"].as_str().expect("token"),
+    );
+    let agents_on = |gateway: usize| {
+        stack
+            .client
+            .get(stack.url(gateway, "/v1/agents"))
+            .bearer_auth(secret)
+            .send()
+    };
+    // Gateway 1 verifies the token, and caches it for two minutes.
+    assert_eq!(agents_on(1).await.expect("GET").status(), StatusCode::OK);
+    let (status, body) = stack
+        .call(0, Method::DELETE, &format!("/v1/tokens/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let revoked = std::time::Instant::now();
+    loop {
+        let resp = agents_on(1).await.expect("GET");
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            let body: serde_json::Value = resp.json().await.expect("json");
+            assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "gateway 1 still accepts the revoked token after {:?}",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "revocation reached the other gateway in {:?}",
+        revoked.elapsed()
+    );
 }
 
 vm0_db::on_both_databases!(

@@ -116,6 +116,8 @@ pub struct StackOptions {
     pub sandbox: &'static str,
     /// More environment for the workers.
     pub worker_env: Vec<(&'static str, String)>,
+    /// The gateways' `VM0_AUTH_CACHE_SECS`.
+    pub auth_cache_ttl: Duration,
 }
 
 impl Default for StackOptions {
@@ -128,6 +130,7 @@ impl Default for StackOptions {
             pending_republish_after: Duration::from_secs(30),
             sandbox: "bubblewrap",
             worker_env: Vec::new(),
+            auth_cache_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -178,6 +181,7 @@ impl Stack {
     pub async fn add_gateway(&mut self) {
         let mut config = GatewayConfig::for_database(self.database_url.clone());
         config.data_dir = self.dir.path().join(format!("gw{}", self.gateways.len()));
+        config.auth_cache_ttl = self.options.auth_cache_ttl;
         let mut dispatch = DispatchConfig::new(self.nats.url.clone(), WORKER_TOKEN);
         dispatch.worker_lost_after = self.options.worker_lost_after;
         dispatch.pending_republish_after = self.options.pending_republish_after;
