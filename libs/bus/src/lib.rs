@@ -265,6 +265,25 @@ impl Bus {
     }
 }
 
+/// Hands every message of `sub` to `on`, until `stop` is cancelled or the
+/// subscription ends: the loop of a task that listens to a core-NATS signal.
+pub async fn each_message(
+    mut sub: async_nats::Subscriber,
+    stop: &tokio_util::sync::CancellationToken,
+    mut on: impl FnMut(async_nats::Message),
+) {
+    use futures::StreamExt;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = sub.next() => match msg {
+                Some(msg) => on(msg),
+                None => return,
+            },
+        }
+    }
+}
+
 /// Decodes a job pulled from `RUN_JOBS`.
 pub fn decode_job(payload: &[u8]) -> Result<RunJob, BusError> {
     RunJob::decode(payload).map_err(|e| BusError::Decode {

@@ -110,27 +110,19 @@ pub async fn forget_revoked(
     bus: vm0_bus::Bus,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use futures::StreamExt;
-    let mut revoked = match bus.subscribe_token_revocations().await {
+    let revoked = match bus.subscribe_token_revocations().await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %crate::error::ErrorChain(&e), "cannot hear token revocations; other gateways' revocations take up to VM0_AUTH_CACHE_SECS here");
             return;
         }
     };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            msg = revoked.next() => match msg {
-                Some(msg) => {
-                    if let Ok(token_id) = std::str::from_utf8(&msg.payload) {
-                        tokens.forget(token_id);
-                    }
-                }
-                None => return,
-            },
+    vm0_bus::each_message(revoked, &shutdown, |msg| {
+        if let Ok(token_id) = std::str::from_utf8(&msg.payload) {
+            tokens.forget(token_id);
         }
-    }
+    })
+    .await;
 }
 
 impl FromRequestParts<AppState> for Caller {

@@ -218,26 +218,19 @@ async fn heartbeat_loop<S: Sandbox>(
 
 /// Cancel requests over NATS (the heartbeat answer repeats them as a backstop).
 async fn cancel_listener<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, stop: CancellationToken) {
-    let mut sub = match ctx.bus.subscribe_cancels().await {
+    let sub = match ctx.bus.subscribe_cancels().await {
         Ok(sub) => sub,
         Err(e) => {
             tracing::warn!(error = %e, "cannot subscribe to cancel requests; relying on heartbeats");
             return;
         }
     };
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            msg = sub.next() => match msg {
-                Some(msg) => {
-                    if let Some(run_id) = vm0_bus::subjects::run_id_of(msg.subject.as_str()) {
-                        ctx.cancel(run_id);
-                    }
-                }
-                None => return,
-            },
+    vm0_bus::each_message(sub, &stop, |msg| {
+        if let Some(run_id) = vm0_bus::subjects::run_id_of(msg.subject.as_str()) {
+            ctx.cancel(run_id);
         }
-    }
+    })
+    .await;
 }
 
 /// Fetches jobs while there are free slots, until shutdown.
