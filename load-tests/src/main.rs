@@ -146,13 +146,12 @@ async fn first_output(b: &Bench, org: &str, samples: u32) -> Result<()> {
             .send()
             .await?;
         let mut stream = resp.bytes_stream();
-        let mut buf = String::new();
+        let mut decoder = vm0_api_types::sse::SseDecoder::default();
         let got_output = loop {
             let Some(chunk) = stream.next().await else {
                 break None;
             };
-            buf.push_str(&String::from_utf8_lossy(&chunk?));
-            if buf.contains("event: output") {
+            if decoder.push(&chunk?).iter().any(|e| e.event == "output") {
                 break Some(Instant::now());
             }
         };

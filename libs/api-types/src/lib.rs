@@ -13,6 +13,8 @@ pub mod error;
 pub mod ids;
 /// Runs, run events, logs and metrics.
 pub mod runs;
+/// Reading the run event stream as a client.
+pub mod sse;
 /// RFC 3339 timestamps carried as microseconds since the epoch.
 pub mod time;
 /// API tokens (`vm0_live_…`).

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use vm0_api_types::sse::{SseDecoder, SseEvent};
 
 use crate::common::{Db, TestGateway, assert_error};
 
@@ -13,25 +14,14 @@ struct Sse {
     data: Value,
 }
 
-fn parse_block(block: &str) -> Option<Sse> {
-    let (mut event, mut id, mut data) = (String::new(), None, String::new());
-    for line in block.lines() {
-        if let Some(v) = line.strip_prefix("event:") {
-            event = v.trim().to_owned();
-        } else if let Some(v) = line.strip_prefix("id:") {
-            id = Some(v.trim().to_owned());
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data.push_str(v.trim());
+impl From<SseEvent> for Sse {
+    fn from(e: SseEvent) -> Sse {
+        Sse {
+            event: e.event,
+            id: e.id,
+            data: serde_json::from_str(&e.data).expect("data is JSON"),
         }
     }
-    if event.is_empty() {
-        return None;
-    }
-    Some(Sse {
-        event,
-        id,
-        data: serde_json::from_str(&data).expect("data is JSON"),
-    })
 }
 
 /// Opens the event stream and hands each event to `on_event` until it returns
@@ -59,7 +49,7 @@ async fn read_events(
             .starts_with("text/event-stream")
     );
     let mut stream = resp.bytes_stream();
-    let (mut buf, mut events) = (String::new(), Vec::new());
+    let (mut decoder, mut events) = (SseDecoder::default(), Vec::new());
     loop {
         let chunk = tokio::time::timeout(Duration::from_secs(20), stream.next())
             .await
@@ -67,15 +57,12 @@ async fn read_events(
         let Some(chunk) = chunk else {
             return (events, true);
         };
-        buf.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("utf8"));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            if let Some(ev) = parse_block(&block) {
-                let go_on = on_event(&ev);
-                events.push(ev);
-                if !go_on {
-                    return (events, false);
-                }
+        for ev in decoder.push(&chunk.expect("chunk")) {
+            let ev = Sse::from(ev);
+            let go_on = on_event(&ev);
+            events.push(ev);
+            if !go_on {
+                return (events, false);
             }
         }
     }

@@ -391,21 +391,13 @@ impl Stack {
     }
 }
 
-/// `(event, id, data)` of each SSE block.
+/// `(event, id, data)` of each event of a whole stream.
 pub fn parse_sse(text: &str) -> Vec<(String, Option<String>, Value)> {
-    text.split("\n\n")
-        .filter_map(|block| {
-            let (mut ev, mut id, mut data) = (None, None, String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    ev = Some(v.trim().to_owned());
-                } else if let Some(v) = line.strip_prefix("id:") {
-                    id = Some(v.trim().to_owned());
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim());
-                }
-            }
-            Some((ev?, id, serde_json::from_str(&data).unwrap_or(Value::Null)))
+    vm0_api_types::sse::parse_stream(text)
+        .into_iter()
+        .map(|e| {
+            let data = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+            (e.event, e.id, data)
         })
         .collect()
 }
