@@ -15,4 +15,10 @@ pub mod worker {
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
 pub mod guest {
     tonic::include_proto!("vm0.guest.v1");
+
+    /// The run user: commands run as this uid and gid unless `Start.as_root`, and
+    /// `/work` and the files the host writes belong to it. Numeric: no passwd entry
+    /// is needed in the guest.
+    pub const RUN_UID: u32 = 1000;
+    pub const RUN_GID: u32 = 1000;
 }

@@ -21,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
+use vm0_proto::guest::{RUN_GID, RUN_UID};
 
 use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
@@ -59,9 +60,6 @@ const AGENT_CAPS: &[&str] = &[
     "CAP_KILL",
 ];
 
-/// The run user of the guest agent (`services/guest-agent/src/run_user.rs`).
-const RUN_UID: u32 = 1000;
-const RUN_GID: u32 = 1000;
 /// The agent starts in milliseconds; this only bounds a broken setup.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// What of bwrap's own stderr is kept for a failure report.

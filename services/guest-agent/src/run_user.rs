@@ -1,9 +1,6 @@
 //! The user commands run as: unprivileged by default, whatever the sandbox.
 
-/// The unprivileged user commands run as, and the owner of `/work` and of the files
-/// the host writes (no passwd entry needed: ids are numeric).
-pub const RUN_UID: u32 = 1000;
-pub const RUN_GID: u32 = 1000;
+pub use vm0_proto::guest::{RUN_GID, RUN_UID};
 
 /// Whether the command gives up root: only an agent that is root can, and does
 /// unless the host asked for root.
