@@ -102,6 +102,7 @@ fn prepare_etc() -> std::io::Result<tempfile::TempDir> {
     for name in ETC_ENTRIES {
         let _ = copy_tree(&Path::new("/etc").join(name), &dir.path().join(name));
     }
+    crate::run_user::add_to(dir.path())?;
     std::fs::write(dir.path().join("hostname"), "vm0-sandbox\n")?;
     std::fs::write(
         dir.path().join("hosts"),

@@ -293,7 +293,7 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "env", "dd", "head", "tail", "wc",
         "grep", "sed", "awk", "mkdir", "rm", "cp", "mv", "date", "uname", "yes", "seq", "tr",
         "cut", "sort", "printf", "test", "kill", "ps", "free", "df", "id", "hostname", "pwd",
-        "touch",
+        "touch", "whoami",
     ] {
         cpio.symlink(&format!("bin/{applet}"), "busybox")?;
     }
@@ -309,13 +309,18 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
         list.push_str(&format!("{group} /lib/modules/{name}\n"));
     }
     cpio.file("etc/vm0/modules", 0o644, list.as_bytes())?;
-    cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/work:/bin/sh\n")?;
-    cpio.file("etc/group", 0o644, b"root:x:0:\n")?;
+    let passwd = format!(
+        "root:x:0:0:root:/work:/bin/sh\n{}",
+        crate::run_user::passwd_line()
+    );
+    cpio.file("etc/passwd", 0o644, passwd.as_bytes())?;
+    let group = format!("root:x:0:\n{}", crate::run_user::group_line());
+    cpio.file("etc/group", 0o644, group.as_bytes())?;
     Ok(cpio.finish()?.finish()?)
 }
 
 /// Bumped whenever what an image holds changes for the same inputs.
-const IMAGE_FORMAT: &str = "vm0-guest-image-3";
+const IMAGE_FORMAT: &str = "vm0-guest-image-4";
 
 /// The kernel to boot: the uncompressed ELF inside the bzImage, extracted once
 /// next to it. Booting it directly (PVH) skips the kernel's self-decompression,

@@ -20,6 +20,8 @@ pub mod image;
 pub mod microvm;
 /// The QEMU backend.
 pub mod qemu;
+/// The run user's `/etc` entry.
+pub mod run_user;
 /// Resource samples from `/proc`.
 pub mod sample;
 /// Choosing a backend (`VM0_SANDBOX`).

@@ -100,14 +100,14 @@ async fn boots_a_vm_and_runs_the_command_inside() {
                 "sh",
                 "-c",
                 "echo \"$VM0_PROMPT\"; cat; echo; cat /work/in/a.txt; uname -s; \
-                 id -u; echo more >> /work/in/a.txt && echo appended; sleep 1; exit 5",
+                 id -u; whoami; echo more >> /work/in/a.txt && echo appended; sleep 1; exit 5",
             ],
         ),
         None,
     )
     .await;
     assert_eq!(
-        out, "hello vm\nfrom stdin\ninput file\nLinux\n1000\nappended\n",
+        out, "hello vm\nfrom stdin\ninput file\nLinux\n1000\nagent\nappended\n",
         "the unprivileged run user owns the input files; logs: {logs:?}"
     );
     assert_eq!(exit.code, Some(5), "logs: {logs:?}");
@@ -192,7 +192,7 @@ async fn runs_in_a_root_filesystem() {
     std::fs::create_dir_all(tree.join("bin")).expect("bin");
     std::fs::create_dir_all(tree.join("etc")).expect("etc");
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox");
-    for applet in ["sh", "cat", "echo", "touch"] {
+    for applet in ["sh", "cat", "echo", "touch", "whoami"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("link");
     }
     std::fs::write(tree.join("etc/vm0-rootfs-release"), "rootfs-ok\n").expect("marker");
@@ -214,7 +214,7 @@ async fn runs_in_a_root_filesystem() {
             "sh",
             "-c",
             "cat /etc/vm0-rootfs-release; touch /etc/x 2>/dev/null && echo wrote-etc; \
-             echo data > /work/f && cat /work/f",
+             echo data > /work/f && cat /work/f; whoami",
         ],
     );
     let mut run = sandbox.start(s).await.expect("start");
@@ -229,8 +229,9 @@ async fn runs_in_a_root_filesystem() {
     };
     assert_eq!(
         String::from_utf8_lossy(&out),
-        "rootfs-ok\ndata\n",
-        "the command ran in the root filesystem, read-only but /work: {logs:?}"
+        "rootfs-ok\ndata\nagent\n",
+        "the command ran in the root filesystem, read-only but /work, as the run user \
+         the image added to its /etc: {logs:?}"
     );
     assert_eq!(exit.code, Some(0));
 }

@@ -76,6 +76,7 @@ pub(super) fn build(dir: &Path, out: &Path) -> Result<(), ImageError> {
     for point in MOUNT_POINTS {
         std::fs::create_dir_all(staging.join(point))?;
     }
+    crate::run_user::add_to(&staging.join("etc"))?;
     let size = (tree_size(&staging) * 5 / 4 + SLACK_BYTES).next_multiple_of(1024 * 1024);
     let file = std::fs::File::create(out)?;
     file.set_len(size)?;

@@ -282,7 +282,7 @@ async fn the_command_runs_unprivileged() {
     stack
         .create_agent(
             "who",
-            json!({"command": ["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status; \
+            json!({"command": ["sh", "-c", "id -u; id -g; whoami; grep CapEff /proc/self/status; \
                 echo mine > /work/f && cat /work/f; echo t > /tmp/t && echo tmp-ok; \
                 (echo x > /etc/x) 2>/dev/null || echo etc-refused"]}),
         )
@@ -304,6 +304,12 @@ async fn the_command_runs_unprivileged() {
         .unwrap_or(false);
     let expected_id = if root { "1000\n1000\n" } else { "" };
     assert!(output.starts_with(expected_id), "{output}");
+    // The run user has a name (the host's for uid 1000, else `agent`).
+    let name = output.lines().nth(2).unwrap_or_default();
+    assert!(
+        !name.is_empty() && !name.contains("cannot find") && !name.starts_with("CapEff"),
+        "whoami: {output}"
+    );
     assert!(
         output.contains("CapEff:\t0000000000000000\n"),
         "no capabilities: {output}"
