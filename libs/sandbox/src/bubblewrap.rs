@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
 use vm0_proto::guest::{RUN_GID, RUN_UID};
 
+use crate::cgroup::{Hierarchy, Limits, RunCgroup};
+
 use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
@@ -76,6 +78,8 @@ pub struct Bubblewrap {
     /// The worker is root: capabilities must be dropped, and /work given to the
     /// run user. (Otherwise bwrap runs unprivileged and so does everything in it.)
     as_root_host: bool,
+    /// Where runs get their cgroup, or why they run without limits.
+    limits: std::sync::Arc<Result<Hierarchy, String>>,
 }
 
 /// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
@@ -151,11 +155,16 @@ impl Bubblewrap {
             )));
         }
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
+        let limits = Hierarchy::detect().map_err(|e| e.to_string());
+        if let Err(why) = &limits {
+            tracing::warn!(%why, "bubblewrap runs get no memory, CPU or process limits");
+        }
         Ok(Bubblewrap {
             program,
             agent: guest_agent.to_owned(),
             etc: std::sync::Arc::new(etc),
             as_root_host: nix::unistd::geteuid().is_root(),
+            limits: std::sync::Arc::new(limits),
         })
     }
 
@@ -239,6 +248,19 @@ impl Sandbox for Bubblewrap {
             std::os::unix::fs::chown(&work, Some(RUN_UID), Some(RUN_GID))
                 .map_err(SandboxError::Prepare)?;
         }
+        let cgroup = match self.limits.as_ref() {
+            Ok(hierarchy) => Some(
+                hierarchy
+                    .create(&spec.run_id, &Limits::of(&spec))
+                    .map_err(SandboxError::Limits)?,
+            ),
+            Err(_) => None,
+        };
+        let limits_line = match (&cgroup, self.limits.as_ref()) {
+            (Some(_), _) => Limits::of(&spec).to_string(),
+            (None, Err(why)) => format!("no resource limits: {why}"),
+            (None, Ok(_)) => String::new(),
+        };
         let mut child = match self.command(&spec, &work).spawn() {
             Ok(child) => child,
             Err(source) => {
@@ -262,7 +284,13 @@ impl Sandbox for Bubblewrap {
             tx: Box::new(stdin),
         };
         let stderr = child.stderr.take().map(|e| tokio::spawn(keep_tail(e)));
-        tokio::spawn(supervise(child, link, stderr, spec, kill_rx, events_tx));
+        let limits = RunLimits {
+            cgroup,
+            line: limits_line,
+        };
+        tokio::spawn(supervise(
+            child, link, stderr, spec, limits, kill_rx, events_tx,
+        ));
         Ok(RunningSandbox::new(events_rx, kill_tx))
     }
 }
@@ -296,6 +324,30 @@ async fn sample_from_host(pid: u32, spec: SandboxSpec, events: mpsc::Sender<Sand
     }
 }
 
+/// A run's cgroup, and how its limits are described in the run's log.
+struct RunLimits {
+    cgroup: Option<RunCgroup>,
+    line: String,
+}
+
+impl RunLimits {
+    /// Puts the sandbox's processes, all started by now, into the run's cgroup;
+    /// what the agent starts later (the command) inherits it.
+    fn enclose(&self, pid: u32) -> Result<(), String> {
+        let Some(cgroup) = &self.cgroup else {
+            return Ok(());
+        };
+        for p in process_tree(pid) {
+            if let Err(e) = cgroup.add(p)
+                && std::path::Path::new(&format!("/proc/{p}")).exists()
+            {
+                return Err(format!("the run's resource limits: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Owns the sandbox until it is gone: waits for the agent, hands it the input
 /// files and the command, relays until the command ended, kills what is left,
 /// removes the scratch directory, then sends `Exited`.
@@ -304,6 +356,7 @@ async fn supervise(
     mut link: GuestLink,
     stderr: Option<tokio::task::JoinHandle<String>>,
     spec: SandboxSpec,
+    limits: RunLimits,
     mut kill: oneshot::Receiver<()>,
     events: mpsc::Sender<SandboxEvent>,
 ) {
@@ -323,9 +376,11 @@ async fn supervise(
         wait_ready(&mut link, deadline)
             .await
             .map_err(|why| format!("the guest agent did not start: {why}"))?;
+        limits.enclose(pid)?;
         let line = format!(
-            "sandbox started (backend bubblewrap, pid {pid}, guest agent ready in {} ms)",
-            started.elapsed().as_millis()
+            "sandbox started (backend bubblewrap, pid {pid}, guest agent ready in {} ms; {})",
+            started.elapsed().as_millis(),
+            limits.line
         );
         let _ = events.send(SandboxEvent::Log(line)).await;
         send_files(&mut link, &spec.files).await?;
@@ -339,8 +394,12 @@ async fn supervise(
         Ok(()) => {
             vm.link = link;
             let sampler = tokio::spawn(sample_from_host(pid, spec.clone(), events.clone()));
-            let exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
+            let mut exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
             sampler.abort();
+            // The run's own count is exact; the agent only sees the host's.
+            if let Some(cgroup) = &limits.cgroup {
+                exit.oom_killed = cgroup.oom_kills() > 0;
+            }
             exit
         }
         Err(why) => {
@@ -377,6 +436,8 @@ async fn supervise(
         let line = format!("removing {} failed: {e}", spec.scratch_dir.display());
         let _ = events.send(SandboxEvent::Log(line)).await;
     }
+    // Removing the cgroup may wait a moment for the kernel to let go of it.
+    let _ = tokio::task::spawn_blocking(move || drop(limits)).await;
     let _ = events.send(SandboxEvent::Exited(exit)).await;
 }
 

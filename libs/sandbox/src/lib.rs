@@ -12,6 +12,8 @@
 
 /// The bubblewrap backend.
 pub mod bubblewrap;
+/// Per-run cgroups: resource limits where the sandbox shares the host kernel.
+pub mod cgroup;
 /// The Cloud Hypervisor backend.
 pub mod cloud_hypervisor;
 /// Guest images: kernel and initramfs, built from Debian packages.
@@ -142,6 +144,8 @@ pub enum SandboxError {
     InputFile { path: String, reason: String },
     #[error("preparing the sandbox's files failed")]
     Prepare(#[source] std::io::Error),
+    #[error("setting the run's resource limits failed")]
+    Limits(#[source] cgroup::CgroupError),
     #[error("starting {program} failed")]
     Spawn {
         program: String,

@@ -233,3 +233,138 @@ async fn input_files_appear_under_work() {
         "{logs:?}"
     );
 }
+
+/// Whether runs get cgroups here; says why not when they do not.
+fn limits_available() -> bool {
+    match vm0_sandbox::cgroup::Hierarchy::detect() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: bubblewrap runs get no resource limits on this host: {e}");
+            false
+        }
+    }
+}
+
+/// The host directory of the cgroup named in a sandbox's `/proc/self/cgroup` line
+/// (`id:controllers:path`). The sandbox has its own cgroup namespace, rooted where
+/// this process (the worker) is; mounts are the conventional ones.
+fn host_dir(line: &str) -> String {
+    let mut parts = line.splitn(3, ':');
+    let (_, controllers, path) = (
+        parts.next(),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
+    let root = own
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            (c == controllers).then(|| path.trim_end_matches('/').to_owned())
+        })
+        .unwrap_or_default();
+    let mount = if controllers.is_empty() {
+        "/sys/fs/cgroup".to_owned()
+    } else {
+        format!("/sys/fs/cgroup/{controllers}")
+    };
+    format!("{mount}{root}{path}")
+}
+
+fn limit(line: &str, file: &str) -> String {
+    let at = format!("{}/{file}", host_dir(line));
+    std::fs::read_to_string(&at)
+        .unwrap_or_else(|e| panic!("reading {at}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_run_gets_its_memory_cpu_and_process_limits() {
+    if !limits_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(dir.path(), &["sh", "-c", "cat /proc/self/cgroup; sleep 2"]);
+    s.memory_mb = 192;
+    s.vcpus = 2;
+    let bwrap = Bubblewrap::detect(&guest_agent())
+        .await
+        .expect("bubblewrap");
+    let mut sb = bwrap.start(s).await.expect("start");
+    let (mut out, mut logs, mut checked) = (String::new(), Vec::new(), Vec::new());
+    loop {
+        match sb.next_event().await.expect("events end with Exited") {
+            SandboxEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::Exited(exit) => {
+                assert_eq!(exit.code, Some(0));
+                break;
+            }
+            _ => {}
+        }
+        // Read the host's side of the run's cgroups while the run lives.
+        if checked.is_empty() && out.ends_with('\n') {
+            for line in out.lines().filter(|l| l.contains("/vm0-run-run_test")) {
+                let controllers = line.split(':').nth(1).unwrap_or_default();
+                let split: Vec<&str> = controllers.split(',').collect();
+                if controllers.is_empty() {
+                    assert_eq!(limit(line, "memory.max"), (192u64 << 20).to_string());
+                    assert_eq!(limit(line, "cpu.max"), "200000 100000");
+                    assert_eq!(limit(line, "pids.max"), "4096");
+                    checked.push("v2");
+                } else if split.contains(&"memory") {
+                    assert_eq!(
+                        limit(line, "memory.limit_in_bytes"),
+                        (192u64 << 20).to_string()
+                    );
+                    checked.push("memory");
+                } else if split.contains(&"cpu") {
+                    assert_eq!(limit(line, "cpu.cfs_quota_us"), "200000");
+                    checked.push("cpu");
+                } else if split.contains(&"pids") {
+                    assert_eq!(limit(line, "pids.max"), "4096");
+                    checked.push("pids");
+                }
+            }
+            assert!(
+                checked.contains(&"v2") || checked.contains(&"memory"),
+                "the command is in no run cgroup with a memory limit: {out}"
+            );
+        }
+    }
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("limits: 192 MB memory, 2 vCPU, 4096 processes")),
+        "the run's log says its limits: {logs:?}"
+    );
+    eprintln!("checked: {checked:?}");
+    // The run's groups are gone with it.
+    for line in out.lines().filter(|l| l.contains("/vm0-run-run_test")) {
+        let dir = host_dir(line);
+        assert!(
+            !std::path::Path::new(&dir).exists(),
+            "{dir} outlived its run"
+        );
+    }
+}
+
+#[tokio::test]
+async fn memory_beyond_the_limit_is_reported_as_out_of_memory() {
+    if !limits_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &["sh", "-c", "echo filling; exec tail /dev/zero"],
+    );
+    s.memory_mb = 128;
+    let out = tokio::time::timeout(Duration::from_secs(60), run(s, None))
+        .await
+        .expect("the kernel ends the run well within a minute");
+    assert_eq!(out.stdout, "filling\n");
+    assert!(out.exit.oom_killed, "{:?}", out.exit);
+    assert_eq!(out.exit.signal, Some(9), "{:?}", out.exit);
+}

@@ -316,3 +316,36 @@ async fn the_command_runs_unprivileged() {
     );
     assert!(output.ends_with("mine\ntmp-ok\netc-refused\n"), "{output}");
 }
+
+/// On bubblewrap the run's memory is its agent config's too: past it, the kernel
+/// ends the run, and the run says so.
+#[tokio::test]
+async fn memory_beyond_the_limit_ends_the_run_out_of_memory() {
+    if let Err(e) = vm0_sandbox::cgroup::Hierarchy::detect() {
+        eprintln!("SKIPPED: bubblewrap runs get no resource limits on this host: {e}");
+        return;
+    }
+    let stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "hungry",
+            json!({"command": ["sh", "-c", "echo filling; exec tail /dev/zero"], "resources": {"memoryMb": 128}}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "hungry", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(
+        run["error"], "out of memory: the kernel killed the agent",
+        "{run}"
+    );
+    let logs = stack.logs(&id).await;
+    assert!(
+        logs.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limits: 128 MB memory, 1 vCPU, 4096 processes"))),
+        "the run's log says its limits: {logs:?}"
+    );
+}
