@@ -249,11 +249,11 @@ impl Sandbox for Bubblewrap {
                 .map_err(SandboxError::Prepare)?;
         }
         let cgroup = match self.limits.as_ref() {
-            Ok(hierarchy) => Some(
+            Ok(hierarchy) => Some(std::sync::Arc::new(
                 hierarchy
                     .create(&spec.run_id, &Limits::of(&spec))
                     .map_err(SandboxError::Limits)?,
-            ),
+            )),
             Err(_) => None,
         };
         let limits_line = match (&cgroup, self.limits.as_ref()) {
@@ -326,25 +326,32 @@ async fn sample_from_host(pid: u32, spec: SandboxSpec, events: mpsc::Sender<Sand
 
 /// A run's cgroup, and how its limits are described in the run's log.
 struct RunLimits {
-    cgroup: Option<RunCgroup>,
+    cgroup: Option<std::sync::Arc<RunCgroup>>,
     line: String,
 }
 
 impl RunLimits {
-    /// Puts the sandbox's processes, all started by now, into the run's cgroup;
-    /// what the agent starts later (the command) inherits it.
-    fn enclose(&self, pid: u32) -> Result<(), String> {
-        let Some(cgroup) = &self.cgroup else {
+    /// Puts the guest agent, the leaf of bwrap's tree once it is ready, into the
+    /// run's cgroup; the command it starts later is born there. (bwrap's own two
+    /// processes stay out: they hold next to nothing, and each move waits for an
+    /// RCU grace period under a global lock, milliseconds on a virtual machine.)
+    async fn enclose(&self, pid: u32) -> Result<(), String> {
+        let Some(cgroup) = self.cgroup.clone() else {
             return Ok(());
         };
-        for p in process_tree(pid) {
-            if let Err(e) = cgroup.add(p)
-                && std::path::Path::new(&format!("/proc/{p}")).exists()
-            {
-                return Err(format!("the run's resource limits: {e}"));
+        let moved = tokio::task::spawn_blocking(move || {
+            let tree = process_tree(pid);
+            for p in tree.into_iter().filter(|p| process_tree(*p).len() == 1) {
+                if let Err(e) = cgroup.add(p)
+                    && Path::new(&format!("/proc/{p}")).exists()
+                {
+                    return Err(format!("the run's resource limits: {e}"));
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await;
+        moved.map_err(|e| format!("the run's resource limits: {e}"))?
     }
 }
 
@@ -376,7 +383,7 @@ async fn supervise(
         wait_ready(&mut link, deadline)
             .await
             .map_err(|why| format!("the guest agent did not start: {why}"))?;
-        limits.enclose(pid)?;
+        limits.enclose(pid).await?;
         let line = format!(
             "sandbox started (backend bubblewrap, pid {pid}, guest agent ready in {} ms; {})",
             started.elapsed().as_millis(),

@@ -33,8 +33,38 @@ fn stat(pid: u32) -> Option<(u64, i64, u32)> {
     Some((utime + stime, rss, ppid))
 }
 
-/// `root` and all its descendants.
+/// `root` and all its descendants, `root` first.
 pub fn process_tree(root: u32) -> Vec<u32> {
+    // Children lists cost reads of the tree's own processes; a scan of every
+    // process's ppid (kernels without CONFIG_PROC_CHILDREN) costs reads of all.
+    if Path::new(&format!("/proc/{root}/task/{root}/children")).exists() {
+        tree_from_children_lists(root)
+    } else {
+        tree_from_ppids(root)
+    }
+}
+
+fn tree_from_children_lists(root: u32) -> Vec<u32> {
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let pid = tree[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let list =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                tree.extend(
+                    list.split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
+fn tree_from_ppids(root: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -148,5 +178,30 @@ mod tests {
         std::fs::create_dir(dir.path().join("d")).expect("mkdir");
         std::fs::write(dir.path().join("d/g"), [0u8; 24]).expect("write");
         assert_eq!(disk_usage(dir.path()), 1024);
+    }
+
+    #[test]
+    fn both_ways_of_finding_a_tree_agree() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 5 & sh -c 'sleep 5 & wait' & wait"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("sh");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut fast = tree_from_children_lists(child.id());
+        let mut full = tree_from_ppids(child.id());
+        for pid in &full {
+            if let Ok(pid) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = child.wait();
+        fast.sort_unstable();
+        full.sort_unstable();
+        assert_eq!(fast.len(), 4, "sh, sleep, sh, sleep: {fast:?}");
+        assert_eq!(fast, full);
     }
 }
