@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
 use vm0_proto::guest::{RUN_GID, RUN_UID};
 
-use crate::cgroup::{Hierarchy, Limits, RunCgroup};
+use crate::cgroup::{Hierarchy, HostLimits, Limits, RunCgroup};
 
 use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
@@ -117,8 +117,16 @@ fn prepare_etc() -> std::io::Result<tempfile::TempDir> {
 
 impl Bubblewrap {
     /// Finds `bwrap` on `PATH` and checks that it can create namespaces here;
-    /// commands run through `guest_agent`.
+    /// commands run through `guest_agent`, with cgroup limits where the host allows.
     pub async fn detect(guest_agent: &Path) -> Result<Bubblewrap, SandboxError> {
+        Bubblewrap::detect_with(guest_agent, HostLimits::Auto).await
+    }
+
+    /// [`Bubblewrap::detect`], with cgroup limits as `limits` says.
+    pub async fn detect_with(
+        guest_agent: &Path,
+        limits: HostLimits,
+    ) -> Result<Bubblewrap, SandboxError> {
         let unavailable = |reason: String| SandboxError::Unavailable {
             backend: "bubblewrap",
             reason,
@@ -155,9 +163,17 @@ impl Bubblewrap {
             )));
         }
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
-        let limits = Hierarchy::detect().map_err(|e| e.to_string());
-        if let Err(why) = &limits {
-            tracing::warn!(%why, "bubblewrap runs get no memory, CPU or process limits");
+        let limits_setting = limits;
+        let limits = match limits {
+            HostLimits::Auto => Hierarchy::detect().map_err(|e| e.to_string()),
+            HostLimits::Off => Err("turned off (VM0_BUBBLEWRAP_LIMITS=off)".into()),
+        };
+        match (&limits, limits_setting) {
+            (Err(why), HostLimits::Auto) => {
+                tracing::warn!(%why, "bubblewrap runs get no memory, CPU or process limits")
+            }
+            (Err(why), HostLimits::Off) => tracing::info!(%why, "bubblewrap runs get no limits"),
+            (Ok(_), _) => {}
         }
         Ok(Bubblewrap {
             program,

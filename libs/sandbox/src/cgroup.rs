@@ -20,6 +20,31 @@ const RUN_PREFIX: &str = "vm0-run-";
 /// Prefix of a worker's group of runs, followed by `<worker pid>-<instance>`.
 const WORKER_PREFIX: &str = "vm0-w";
 
+/// Whether runs that share the host kernel get cgroup limits
+/// (`VM0_BUBBLEWRAP_LIMITS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostLimits {
+    /// When the host lets this process make cgroups; runs say why not otherwise.
+    #[default]
+    Auto,
+    /// Never (the host's cgroups are someone else's to manage).
+    Off,
+}
+
+impl std::str::FromStr for HostLimits {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HostLimits, String> {
+        match s {
+            "auto" => Ok(HostLimits::Auto),
+            "off" => Ok(HostLimits::Off),
+            other => Err(format!(
+                "unknown limits setting {other:?} (one of: auto, off)"
+            )),
+        }
+    }
+}
+
 /// What a run may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -77,6 +77,8 @@ pub struct SelectOptions {
     pub image_cache: PathBuf,
     /// Where probe VMs keep their sockets.
     pub scratch_dir: PathBuf,
+    /// Whether bubblewrap runs get cgroup limits.
+    pub bubblewrap_limits: crate::cgroup::HostLimits,
 }
 
 /// Any backend, chosen at run time.
@@ -231,7 +233,7 @@ async fn bubblewrap(options: &SelectOptions) -> Result<Bubblewrap, SandboxError>
             backend: "bubblewrap",
             reason: "no guest agent (set VM0_GUEST_AGENT; scripts/guest-agent.sh builds it)".into(),
         })?;
-    Bubblewrap::detect(agent).await
+    Bubblewrap::detect_with(agent, options.bubblewrap_limits).await
 }
 
 /// Picks the backend `options.kind` asks for. An explicit backend that does not

@@ -368,3 +368,30 @@ async fn memory_beyond_the_limit_is_reported_as_out_of_memory() {
     assert!(out.exit.oom_killed, "{:?}", out.exit);
     assert_eq!(out.exit.signal, Some(9), "{:?}", out.exit);
 }
+
+#[tokio::test]
+async fn limits_can_be_turned_off_and_the_run_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bwrap = Bubblewrap::detect_with(&guest_agent(), vm0_sandbox::cgroup::HostLimits::Off)
+        .await
+        .expect("bubblewrap");
+    let mut sb = bwrap
+        .start(spec(dir.path(), &["sh", "-c", "cat /proc/self/cgroup"]))
+        .await
+        .expect("start");
+    let (mut out, mut logs) = (String::new(), Vec::new());
+    loop {
+        match sb.next_event().await.expect("events end with Exited") {
+            SandboxEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::Exited(_) => break,
+            _ => {}
+        }
+    }
+    assert!(!out.contains("vm0-run-"), "{out}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("no resource limits: turned off (VM0_BUBBLEWRAP_LIMITS=off)")),
+        "{logs:?}"
+    );
+}

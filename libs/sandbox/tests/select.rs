@@ -24,6 +24,7 @@ fn options(kind: SandboxKind, scratch: &std::path::Path) -> SelectOptions {
             PathBuf::from,
         ),
         scratch_dir: scratch.to_owned(),
+        bubblewrap_limits: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use vm0_env_config::{parse_opt, parse_or};
+use vm0_sandbox::cgroup::HostLimits;
 use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
 
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct WorkerConfig {
     pub kernel_package: Option<String>,
     /// `VM0_IMAGE_CACHE`: where guest images are built, default `<data dir>/images`.
     pub image_cache: Option<PathBuf>,
+    /// `VM0_BUBBLEWRAP_LIMITS`: `auto` (default: a cgroup per run where the host
+    /// allows) or `off`.
+    pub bubblewrap_limits: HostLimits,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -97,6 +101,7 @@ impl WorkerConfig {
             guest_agent: sibling_guest_agent(),
             kernel_package: None,
             image_cache: None,
+            bubblewrap_limits: HostLimits::Auto,
         }
     }
 
@@ -127,6 +132,7 @@ impl WorkerConfig {
             guest_agent: parse_opt("VM0_GUEST_AGENT")?.or(d.guest_agent),
             kernel_package: parse_opt("VM0_KERNEL_PACKAGE")?.or(d.kernel_package),
             image_cache: parse_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
+            bubblewrap_limits: parse_or("VM0_BUBBLEWRAP_LIMITS", d.bubblewrap_limits)?,
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
@@ -149,6 +155,7 @@ impl WorkerConfig {
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("images")),
             scratch_dir: self.data_dir.join("worker").join(&self.worker_id),
+            bubblewrap_limits: self.bubblewrap_limits,
         }
     }
 
