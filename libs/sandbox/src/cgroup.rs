@@ -340,16 +340,19 @@ fn v1_bases(own: &str, mounts: &str) -> Option<Hierarchy> {
     })
 }
 
+/// The cgroup2 mount point, from `/proc/self/mounts`.
+fn v2_mount_of(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(point))
+    })
+}
+
 /// The delegated v2 cgroup of this process, prepared for run children.
 fn v2_base(own: &str, mounts: &str) -> Result<Hierarchy, CgroupError> {
     let unavailable = |why: String| CgroupError::Unavailable(why);
-    let mount = mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(point))
-        })
+    let mount = v2_mount_of(mounts)
         .ok_or_else(|| unavailable("no cgroup2 mount and no cgroup v1 memory controller".into()))?;
     let path = own
         .lines()
@@ -371,6 +374,14 @@ fn v2_base(own: &str, mounts: &str) -> Result<Hierarchy, CgroupError> {
     if !writable_dir(&base) {
         return Err(unavailable(format!("{} is not writable", base.display())));
     }
+    // Another manager's cgroup (a login session's, say) is not ours to rearrange.
+    if !delegated(path, &base) {
+        return Err(unavailable(format!(
+            "{} is not delegated to this worker (systemd >= 251 with Delegate=yes marks it; \
+             a container's own cgroup namespace needs nothing)",
+            base.display()
+        )));
+    }
     // "No internal processes": this cgroup's processes move to a leaf before its
     // controllers can be enabled for children.
     let leaf = base.join("vm0-worker");
@@ -391,6 +402,15 @@ fn v2_base(own: &str, mounts: &str) -> Result<Hierarchy, CgroupError> {
     Ok(Hierarchy::V2 { base: group })
 }
 
+/// Whether this process may manage the cgroup `base` (its path `path`): the root
+/// of its cgroup namespace (a container), or marked delegated by systemd.
+fn delegated(path: &str, base: &Path) -> bool {
+    path.trim() == "/"
+        || ["trusted.delegate", "user.delegate"]
+            .iter()
+            .any(|name| xattr::get(base, name).is_ok_and(|v| v.is_some()))
+}
+
 fn writable_dir(dir: &Path) -> bool {
     nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok() && dir.is_dir()
 }
@@ -407,6 +427,32 @@ cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 ";
     const OWN: &str = "8:pids:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+
+    #[test]
+    fn systemd_s_delegation_mark_is_read_from_cgroupfs() {
+        let Some(v2) =
+            v2_mount_of(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default())
+        else {
+            eprintln!("SKIPPED: no cgroup2 mount here");
+            return;
+        };
+        let dir = v2.join(format!("vm0-delegate-test-{}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() {
+            eprintln!(
+                "SKIPPED: cannot make a cgroup under {} (not root?)",
+                v2.display()
+            );
+            return;
+        }
+        let before = delegated("/some.service", &dir);
+        let marked = xattr::set(&dir, "trusted.delegate", b"1");
+        let after = delegated("/some.service", &dir);
+        let _ = std::fs::remove_dir(&dir);
+        assert!(!before, "an unmarked cgroup is not ours");
+        marked.expect("cgroupfs takes trusted.* attributes");
+        assert!(after, "a cgroup marked by systemd is ours");
+        assert!(delegated("/", &dir), "a cgroup namespace's root is ours");
+    }
 
     #[test]
     fn v1_controllers_are_found_with_this_process_s_path() {
