@@ -1,7 +1,9 @@
 //! The bubblewrap backend: the command runs on the host kernel in fresh pid, net,
 //! ipc, uts and mount namespaces, with the host system mounted read-only, a private
-//! `/tmp`, and the run's scratch directory as `/work`. `--die-with-parent` ties the
-//! sandbox to the worker: if the worker dies, the kernel kills the sandbox.
+//! `/tmp`, and a tmpfs of the run's `diskMb` as `/work`, as in a microVM (a bwrap
+//! older than 0.7 cannot size one: the run's scratch directory is `/work` then).
+//! `--die-with-parent` ties the sandbox to the worker: if the worker dies, the
+//! kernel kills the sandbox.
 //!
 //! Inside, the guest agent (`vm0-guest-agent --stdio`, bound read-only into the
 //! sandbox) runs the command and speaks the same protocol as in a microVM, over
@@ -21,7 +23,6 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
-use vm0_proto::guest::{RUN_GID, RUN_UID};
 
 use crate::cgroup::{Hierarchy, HostLimits, Limits, RunCgroup};
 
@@ -80,6 +81,8 @@ pub struct Bubblewrap {
     as_root_host: bool,
     /// Where runs get their cgroup, or why they run without limits.
     limits: std::sync::Arc<Result<Hierarchy, String>>,
+    /// bwrap can size a tmpfs (`--size`, bubblewrap 0.7): `/work` is one.
+    work_tmpfs: bool,
 }
 
 /// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
@@ -163,6 +166,8 @@ impl Bubblewrap {
             )));
         }
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
+        let help = Command::new(&program).arg("--help").output().await;
+        let work_tmpfs = help.is_ok_and(|h| String::from_utf8_lossy(&h.stdout).contains("--size"));
         let limits_setting = limits;
         let limits = match limits {
             HostLimits::Auto => Hierarchy::detect().map_err(|e| e.to_string()),
@@ -181,6 +186,7 @@ impl Bubblewrap {
             etc: std::sync::Arc::new(etc),
             as_root_host: nix::unistd::geteuid().is_root(),
             limits: std::sync::Arc::new(limits),
+            work_tmpfs,
         })
     }
 
@@ -225,14 +231,21 @@ impl Bubblewrap {
                 cmd.args(["--cap-add", cap]);
             }
         }
-        cmd.arg("--bind").arg(work).arg("/work");
+        if self.work_tmpfs {
+            let bytes = spec.disk_mb.saturating_mul(1024 * 1024).to_string();
+            cmd.args(["--size", &bytes, "--perms", "0755", "--tmpfs", "/work"]);
+        } else {
+            cmd.arg("--bind").arg(work).arg("/work");
+        }
         let cwd = spec.working_dir.clone().unwrap_or_else(|| "/work".into());
         if cwd != "/work" {
             cmd.args(["--dir", &cwd]);
         }
         cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
-        // The agent sets the command's environment from `Start`.
+        // The agent sets the command's environment from `Start`, and gives /work
+        // to the run user.
         cmd.args(["--chdir", &cwd, "--clearenv", "--", AGENT_PATH, "--stdio"]);
+        cmd.args(["--work", "/work"]);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -257,11 +270,9 @@ impl Sandbox for Bubblewrap {
             });
         }
         let work = spec.scratch_dir.join("work");
-        tokio::fs::create_dir_all(&work)
-            .await
-            .map_err(SandboxError::Prepare)?;
-        if self.as_root_host {
-            std::os::unix::fs::chown(&work, Some(RUN_UID), Some(RUN_GID))
+        if !self.work_tmpfs {
+            tokio::fs::create_dir_all(&work)
+                .await
                 .map_err(SandboxError::Prepare)?;
         }
         let cgroup = match self.limits.as_ref() {
@@ -328,13 +339,12 @@ async fn keep_tail(mut stderr: ChildStderr) -> String {
 
 /// Samples the sandbox's process tree from the host until aborted.
 async fn sample_from_host(pid: u32, spec: SandboxSpec, events: mpsc::Sender<SandboxEvent>) {
-    let work = spec.scratch_dir.join("work");
     let mut tick = tokio::time::interval(spec.sample_interval);
     tick.reset();
     let mut last = (Instant::now(), 0u64);
     loop {
         tick.tick().await;
-        let sample = take_sample(pid, &work, &spec, &mut last);
+        let sample = take_sample(pid, &spec, &mut last);
         // Droppable: output must never wait behind samples.
         let _ = events.try_send(SandboxEvent::Sample(sample));
     }
@@ -484,13 +494,14 @@ fn kill_tree(pid: u32) {
     }
 }
 
-fn take_sample(
-    pid: u32,
-    work: &Path,
-    spec: &SandboxSpec,
-    last: &mut (Instant, u64),
-) -> ResourceSample {
+fn take_sample(pid: u32, spec: &SandboxSpec, last: &mut (Instant, u64)) -> ResourceSample {
     let tree = process_tree(pid);
+    // /work as the sandbox sees it (a tmpfs of its own, or the scratch directory),
+    // through a process inside.
+    let work = tree.last().map_or_else(
+        || spec.scratch_dir.join("work"),
+        |p| PathBuf::from(format!("/proc/{p}/root/work")),
+    );
     let (ticks, memory) = cpu_and_memory(&tree);
     let now = Instant::now();
     let cpu = cpu_percent(last.1, ticks, now.duration_since(last.0).as_secs_f64());
@@ -502,7 +513,7 @@ fn take_sample(
         cpu_percent: cpu,
         memory_used_bytes: memory,
         memory_total_bytes: i64::try_from(spec.memory_mb).unwrap_or(i64::MAX / MB) * MB,
-        disk_used_bytes: disk_usage(work),
+        disk_used_bytes: disk_usage(&work),
         disk_total_bytes: i64::try_from(spec.disk_mb).unwrap_or(i64::MAX / MB) * MB,
         network_rx_bytes: rx,
         network_tx_bytes: tx,

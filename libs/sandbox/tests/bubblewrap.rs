@@ -395,3 +395,33 @@ async fn limits_can_be_turned_off_and_the_run_says_so() {
         "{logs:?}"
     );
 }
+
+#[tokio::test]
+async fn work_holds_disk_mb_and_no_more() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/work/big bs=1M count=200 2>&1 | grep -o 'No space left on device'; \
+             df -m /work | awk 'NR==2 {print $2}'; stat -c %u /work",
+        ],
+    );
+    s.disk_mb = 64;
+    s.memory_mb = 512;
+    let out = run(s, None).await;
+    // The run user's under a root worker; otherwise the worker's own user's.
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("me"));
+    let owner = if me == 0 { 1000 } else { me };
+    assert_eq!(
+        out.stdout,
+        format!("No space left on device\n64\n{owner}\n"),
+        "stderr: {}",
+        out.stderr
+    );
+    assert!(
+        !dir.path().join("scratch").exists(),
+        "nothing left on the host"
+    );
+}

@@ -2,7 +2,8 @@
 //! host, over one byte stream carrying length-prefixed protobuf frames
 //! (`proto/vm0/guest/v1/guest.proto`).
 //!
-//! `vm0-guest-agent --stdio` speaks on stdin/stdout (bubblewrap);
+//! `vm0-guest-agent --stdio [--work DIR]` speaks on stdin/stdout (bubblewrap, which
+//! names its `/work`);
 //! `vm0-guest-agent --device PATH` on a character device such as a virtio-serial
 //! port (`/dev/vport0p1`). As PID 1 of a microVM it sets the machine up (`init`),
 //! then serves the host on the virtio-serial port (QEMU) or the vsock port
@@ -20,7 +21,7 @@ use init::{Booted, Channel};
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: vm0-guest-agent --stdio | --device PATH");
+    eprintln!("usage: vm0-guest-agent --stdio [--work DIR] | --device PATH");
     ExitCode::from(2)
 }
 
@@ -71,6 +72,17 @@ fn main() -> ExitCode {
             tokio::io::stdout(),
             BootTimes::default(),
         )),
+        // bubblewrap: DIR is the sandbox's /work, made by bwrap as root.
+        ["--stdio", "--work", dir] => {
+            if let Err(e) = run_user::give_to_run_user(std::path::Path::new(dir)) {
+                eprintln!("vm0-guest-agent: giving {dir} to the run user: {e}");
+            }
+            runtime.block_on(agent::serve(
+                tokio::io::stdin(),
+                tokio::io::stdout(),
+                BootTimes::default(),
+            ))
+        }
         ["--device", path] => runtime.block_on(serve_device(path.as_ref(), BootTimes::default())),
         _ => return usage(),
     };
