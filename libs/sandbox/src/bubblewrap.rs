@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, oneshot};
 use vm0_proto::frame;
 
 use crate::cgroup::{Hierarchy, HostLimits, Limits, RunCgroup};
-
 use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
@@ -125,10 +124,10 @@ impl Bubblewrap {
         Bubblewrap::detect_with(guest_agent, HostLimits::Auto).await
     }
 
-    /// [`Bubblewrap::detect`], with cgroup limits as `limits` says.
+    /// [`Bubblewrap::detect`], with cgroup limits as `setting` says.
     pub async fn detect_with(
         guest_agent: &Path,
-        limits: HostLimits,
+        setting: HostLimits,
     ) -> Result<Bubblewrap, SandboxError> {
         let unavailable = |reason: String| SandboxError::Unavailable {
             backend: "bubblewrap",
@@ -168,12 +167,11 @@ impl Bubblewrap {
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
         let help = Command::new(&program).arg("--help").output().await;
         let work_tmpfs = help.is_ok_and(|h| String::from_utf8_lossy(&h.stdout).contains("--size"));
-        let limits_setting = limits;
-        let limits = match limits {
+        let limits = match setting {
             HostLimits::Auto => Hierarchy::detect().map_err(|e| e.to_string()),
             HostLimits::Off => Err("turned off (VM0_BUBBLEWRAP_LIMITS=off)".into()),
         };
-        match (&limits, limits_setting) {
+        match (&limits, setting) {
             (Err(why), HostLimits::Auto) => {
                 tracing::warn!(%why, "bubblewrap runs get no memory, CPU or process limits")
             }
@@ -275,18 +273,21 @@ impl Sandbox for Bubblewrap {
                 .await
                 .map_err(SandboxError::Prepare)?;
         }
-        let cgroup = match self.limits.as_ref() {
-            Ok(hierarchy) => Some(std::sync::Arc::new(
-                hierarchy
-                    .create(&spec.run_id, &Limits::of(&spec))
-                    .map_err(SandboxError::Limits)?,
-            )),
-            Err(_) => None,
-        };
-        let limits_line = match (&cgroup, self.limits.as_ref()) {
-            (Some(_), _) => Limits::of(&spec).to_string(),
-            (None, Err(why)) => format!("no resource limits: {why}"),
-            (None, Ok(_)) => String::new(),
+        let limits = match self.limits.as_ref() {
+            Ok(hierarchy) => {
+                let wanted = Limits::of(&spec);
+                let cgroup = hierarchy
+                    .create(&spec.run_id, &wanted)
+                    .map_err(SandboxError::Limits)?;
+                RunLimits {
+                    cgroup: Some(std::sync::Arc::new(cgroup)),
+                    line: wanted.to_string(),
+                }
+            }
+            Err(why) => RunLimits {
+                cgroup: None,
+                line: format!("no resource limits: {why}"),
+            },
         };
         let mut child = match self.command(&spec, &work).spawn() {
             Ok(child) => child,
@@ -311,10 +312,6 @@ impl Sandbox for Bubblewrap {
             tx: Box::new(stdin),
         };
         let stderr = child.stderr.take().map(|e| tokio::spawn(keep_tail(e)));
-        let limits = RunLimits {
-            cgroup,
-            line: limits_line,
-        };
         tokio::spawn(supervise(
             child, link, stderr, spec, limits, kill_rx, events_tx,
         ));
