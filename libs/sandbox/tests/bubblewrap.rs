@@ -37,6 +37,7 @@ struct Outcome {
     stdout: String,
     stderr: String,
     samples: usize,
+    logs: Vec<String>,
     exit: ExitReport,
 }
 
@@ -44,8 +45,12 @@ async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
     let bwrap = Bubblewrap::detect(&guest_agent())
         .await
         .expect("bubblewrap works on this machine (scripts/test.sh installs it)");
+    run_on(&bwrap, spec, kill_after).await
+}
+
+async fn run_on(bwrap: &Bubblewrap, spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
     let mut sb = bwrap.start(spec).await.expect("start");
-    let (mut stdout, mut stderr, mut samples) = (Vec::new(), Vec::new(), 0);
+    let (mut stdout, mut stderr, mut samples, mut logs) = (Vec::new(), Vec::new(), 0, Vec::new());
     let killer = tokio::time::sleep(kill_after.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(killer);
     loop {
@@ -55,12 +60,14 @@ async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
                 SandboxEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 SandboxEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 SandboxEvent::Sample(_) => samples += 1,
-                SandboxEvent::Log(_) | SandboxEvent::Booted(_) => {}
+                SandboxEvent::Log(l) => logs.push(l),
+                SandboxEvent::Booted(_) => {}
                 SandboxEvent::Exited(exit) => {
                     return Outcome {
                         stdout: String::from_utf8_lossy(&stdout).into(),
                         stderr: String::from_utf8_lossy(&stderr).into(),
                         samples,
+                        logs,
                         exit,
                     };
                 }
@@ -375,24 +382,19 @@ async fn limits_can_be_turned_off_and_the_run_says_so() {
     let bwrap = Bubblewrap::detect_with(&guest_agent(), vm0_sandbox::cgroup::HostLimits::Off)
         .await
         .expect("bubblewrap");
-    let mut sb = bwrap
-        .start(spec(dir.path(), &["sh", "-c", "cat /proc/self/cgroup"]))
-        .await
-        .expect("start");
-    let (mut out, mut logs) = (String::new(), Vec::new());
-    loop {
-        match sb.next_event().await.expect("events end with Exited") {
-            SandboxEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
-            SandboxEvent::Log(l) => logs.push(l),
-            SandboxEvent::Exited(_) => break,
-            _ => {}
-        }
-    }
-    assert!(!out.contains("vm0-run-"), "{out}");
+    let out = run_on(
+        &bwrap,
+        spec(dir.path(), &["sh", "-c", "cat /proc/self/cgroup"]),
+        None,
+    )
+    .await;
+    assert!(!out.stdout.contains("vm0-run-"), "{}", out.stdout);
     assert!(
-        logs.iter()
+        out.logs
+            .iter()
             .any(|l| l.contains("no resource limits: turned off (VM0_BUBBLEWRAP_LIMITS=off)")),
-        "{logs:?}"
+        "{:?}",
+        out.logs
     );
 }
 
