@@ -107,6 +107,7 @@ async fn one_run<V: Vmm>(
         files: Vec::new(),
         scratch_dir: scratch,
         sample_interval: Duration::ZERO,
+        as_root: false,
     };
     let started = Instant::now();
     let mut run = sandbox.start(spec).await?;

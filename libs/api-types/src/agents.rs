@@ -92,6 +92,27 @@ pub struct AgentConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub working_dir: Option<String>,
+    /// Who runs the command: `agent` (default), or `root` on microVM workers.
+    #[serde(default, skip_serializing_if = "RunAs::is_default")]
+    pub user: RunAs,
+}
+
+/// The user a run's command runs as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunAs {
+    /// The unprivileged run user (uid and gid 1000, no capabilities).
+    #[default]
+    Agent,
+    /// root inside the VM: for agents that install packages as they go. The
+    /// bubblewrap backend refuses it (the host kernel would be its kernel).
+    Root,
+}
+
+impl RunAs {
+    fn is_default(&self) -> bool {
+        *self == RunAs::Agent
+    }
 }
 
 /// What a guest image name may be (`config.image`, `vm0 image build --name`).

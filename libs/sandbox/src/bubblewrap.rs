@@ -267,6 +267,11 @@ impl Sandbox for Bubblewrap {
                 name: name.clone(),
             });
         }
+        if spec.as_root {
+            return Err(SandboxError::RootOnHost {
+                backend: "bubblewrap",
+            });
+        }
         let work = spec.scratch_dir.join("work");
         if !self.work_tmpfs {
             tokio::fs::create_dir_all(&work)

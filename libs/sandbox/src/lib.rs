@@ -62,6 +62,8 @@ pub struct SandboxSpec {
     pub scratch_dir: PathBuf,
     /// How often resource samples are taken.
     pub sample_interval: std::time::Duration,
+    /// Run the command as root (microVMs only) instead of the run user.
+    pub as_root: bool,
 }
 
 /// How long each phase of a microVM's boot took.
@@ -140,6 +142,10 @@ pub enum SandboxError {
     UnknownImage { name: String },
     #[error("the {backend} backend has no guest images; image {name:?} needs a microVM worker")]
     NoImages { backend: &'static str, name: String },
+    #[error(
+        "the {backend} backend runs commands unprivileged on the host kernel; user \"root\" needs a microVM worker"
+    )]
+    RootOnHost { backend: &'static str },
     #[error("input file {path:?}: {reason}")]
     InputFile { path: String, reason: String },
     #[error("preparing the sandbox's files failed")]

@@ -307,6 +307,7 @@ pub async fn probe<V: Vmm>(
         files: Vec::new(),
         scratch_dir: scratch_dir.to_owned(),
         sample_interval: Duration::ZERO,
+        as_root: false,
     };
     let files = VmFiles::in_dir(scratch_dir);
     let req = VmRequest {
@@ -392,8 +393,7 @@ pub(crate) fn start_message(spec: &SandboxSpec, sample_interval: Duration) -> Ho
             working_dir: spec.working_dir.clone().unwrap_or_else(|| "/work".into()),
             stdin: spec.stdin.clone(),
             sample_interval_ms: u32::try_from(sample_interval.as_millis()).unwrap_or(u32::MAX),
-            // Commands run as the unprivileged run user in every backend.
-            as_root: false,
+            as_root: spec.as_root,
         })),
     }
 }

@@ -30,6 +30,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         files: Vec::new(),
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(100),
+        as_root: false,
     }
 }
 

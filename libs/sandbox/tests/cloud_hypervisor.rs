@@ -29,6 +29,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         files: Vec::new(),
         scratch_dir: scratch.to_owned(),
         sample_interval: Duration::from_millis(500),
+        as_root: false,
     }
 }
 

@@ -64,6 +64,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         }],
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(500),
+        as_root: false,
     }
 }
 
@@ -233,5 +234,15 @@ async fn runs_in_a_root_filesystem() {
         "the command ran in the root filesystem, read-only but /work, as the run user \
          the image added to its /etc: {logs:?}"
     );
+    assert_eq!(exit.code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_runs_the_command_only_when_asked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(dir.path(), &["sh", "-c", "id -u; whoami"]);
+    s.as_root = true;
+    let (out, logs, exit, _) = run(s, None).await;
+    assert_eq!(out, "0\nroot\n", "logs: {logs:?}");
     assert_eq!(exit.code, Some(0));
 }

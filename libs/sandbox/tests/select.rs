@@ -42,6 +42,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         files: Vec::new(),
         scratch_dir: scratch.join("run"),
         sample_interval: Duration::from_secs(1),
+        as_root: false,
     };
     let mut run = sandbox.start(spec).await.expect("start");
     let mut out = Vec::new();

@@ -195,6 +195,7 @@ impl ControlPlaneService {
             timeout_seconds: config.timeout_seconds,
             image: config.image.unwrap_or_default(),
             next_event_seq,
+            as_root: config.user == vm0_api_types::agents::RunAs::Root,
         })
     }
 

@@ -222,6 +222,7 @@ fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
             .join("runs")
             .join(&spec.run_id),
         sample_interval: ctx.config.sample_interval,
+        as_root: spec.as_root,
     }
 }
 

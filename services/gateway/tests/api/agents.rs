@@ -176,6 +176,11 @@ async fn agent_validation(db: Db) {
             "invalid_parameter",
             "extra",
         ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "user": "admin"}}),
+            "invalid_parameter",
+            "config.user",
+        ),
     ];
     for (body, code, param) in cases {
         let got = gw.post("/v1/agents", body.clone()).await;

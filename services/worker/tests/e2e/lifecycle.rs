@@ -349,3 +349,23 @@ async fn memory_beyond_the_limit_ends_the_run_out_of_memory() {
         "the run's log says its limits: {logs:?}"
     );
 }
+
+/// `"user": "root"` is for microVMs; bubblewrap refuses it rather than give a
+/// command root on the host kernel.
+#[tokio::test]
+async fn root_on_bubblewrap_is_refused_with_the_reason() {
+    let stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent("rooted", json!({"command": ["id", "-u"], "user": "root"}))
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "rooted", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("user \"root\" needs a microVM worker"),
+        "{run}"
+    );
+}
