@@ -179,16 +179,18 @@ impl Hierarchy {
     /// Makes the cgroup of run `run_id` with `limits`.
     pub fn create(&self, run_id: &str, limits: &Limits) -> Result<RunCgroup, CgroupError> {
         let name = format!("{RUN_PREFIX}{run_id}");
-        let dirs: Vec<PathBuf> = self.bases().iter().map(|b| b.join(&name)).collect();
-        for dir in &dirs {
-            // A run started again on this worker: its old group is empty.
-            let _ = std::fs::remove_dir(dir);
-            std::fs::create_dir(dir).map_err(io("creating", dir))?;
-        }
-        let cgroup = RunCgroup {
+        // Built up as the groups are made, so that a failure removes what was made.
+        let mut cgroup = RunCgroup {
             v2: matches!(self, Hierarchy::V2 { .. }),
-            dirs,
+            dirs: Vec::new(),
         };
+        for base in self.bases() {
+            let dir = base.join(&name);
+            // A run started again on this worker: its old group is empty.
+            let _ = std::fs::remove_dir(&dir);
+            std::fs::create_dir(&dir).map_err(io("creating", &dir))?;
+            cgroup.dirs.push(dir);
+        }
         cgroup.limit(self, limits)?;
         Ok(cgroup)
     }
