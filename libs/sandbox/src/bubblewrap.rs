@@ -499,8 +499,9 @@ fn kill_tree(pid: u32) {
 fn take_sample(pid: u32, spec: &SandboxSpec, last: &mut (Instant, u64)) -> ResourceSample {
     let tree = process_tree(pid);
     // /work as the sandbox sees it (a tmpfs of its own, or the scratch directory),
-    // through a process inside.
-    let work = tree.last().map_or_else(
+    // through a process inside: any of the tree but bwrap's outer one, which sees
+    // the host's.
+    let work = tree.get(1).map_or_else(
         || spec.scratch_dir.join("work"),
         |p| PathBuf::from(format!("/proc/{p}/root/work")),
     );
@@ -508,7 +509,7 @@ fn take_sample(pid: u32, spec: &SandboxSpec, last: &mut (Instant, u64)) -> Resou
     let now = Instant::now();
     let cpu = cpu_percent(last.1, ticks, now.duration_since(last.0).as_secs_f64());
     *last = (now, ticks);
-    // The command's own network namespace: any process of the tree but bwrap's outer one.
+    // The command's own network namespace, seen the same way.
     let (rx, tx) = tree.get(1).map_or((0, 0), |p| network(*p));
     const MB: i64 = 1024 * 1024;
     ResourceSample {
