@@ -23,6 +23,11 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     carrier.remove(TRACEPARENT)
 }
 
+/// The `traceparent` header of an HTTP request or gRPC call, if it has one.
+pub fn traceparent_of(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())
+}
+
 /// Makes `span` a child of the remote span `traceparent` names. A malformed
 /// value (it may come from a client) is ignored: the span starts its own trace.
 pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {

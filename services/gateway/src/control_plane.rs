@@ -68,11 +68,7 @@ pub fn server(
 /// The span of one control-plane call: a child of the worker's span when the call
 /// carries a trace context, and none otherwise (heartbeats stay out of traces).
 pub fn rpc_span(req: &axum::http::Request<()>) -> tracing::Span {
-    let Some(parent) = req
-        .headers()
-        .get(vm0_telemetry::propagation::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(parent) = vm0_telemetry::propagation::traceparent_of(req.headers()) else {
         return tracing::Span::none();
     };
     let method = req.uri().path().rsplit('/').next().unwrap_or_default();

@@ -54,11 +54,7 @@ pub async fn middleware(req: Request, next: Next) -> Response {
         otel.status_code = tracing::field::Empty,
     );
     // A client's trace continues here (a CI job tracing its own steps, say).
-    if let Some(parent) = req
-        .headers()
-        .get(vm0_telemetry::propagation::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(parent) = vm0_telemetry::propagation::traceparent_of(req.headers()) {
         vm0_telemetry::propagation::set_remote_parent(&span, parent);
     }
     let started = Instant::now();
