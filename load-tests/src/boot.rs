@@ -108,6 +108,7 @@ async fn one_run<V: Vmm>(
         scratch_dir: scratch,
         sample_interval: Duration::ZERO,
         as_root: false,
+        slot_user: None,
     };
     let started = Instant::now();
     let mut run = sandbox.start(spec).await?;

@@ -258,10 +258,12 @@ async fn main() -> Result<()> {
             sandbox: args.sandbox.parse().map_err(anyhow::Error::msg)?,
             ..vm0_worker::WorkerConfig::defaults().apply_env()?
         };
-        let sandbox = vm0_worker::sandbox(&wc).await?;
+        let slots = vm0_worker::Slots::for_config(&wc)?;
+        let sandbox = vm0_worker::sandbox(&wc, &slots).await?;
         workers.push(tokio::spawn(vm0_worker::run(
             wc,
             sandbox,
+            slots,
             worker_stop.clone(),
         )));
     }

@@ -21,4 +21,8 @@ pub mod guest {
     /// is needed in the guest.
     pub const RUN_UID: u32 = 1000;
     pub const RUN_GID: u32 = 1000;
+    /// Processes a run may have at once, in every backend (a fork bomb ends here,
+    /// not in the host's process table): the pids cgroup of a bubblewrap run, and
+    /// the command's `RLIMIT_NPROC` everywhere.
+    pub const RUN_PROCESSES_MAX: u64 = 4096;
 }

@@ -5,6 +5,15 @@
 //! `--die-with-parent` ties the sandbox to the worker: if the worker dies, the
 //! kernel kills the sandbox.
 //!
+//! Nothing of the worker crosses in: bwrap itself starts with an empty
+//! environment (its pid 1 keeps bwrap's, which the command could read in `/proc`)
+//! and no descriptor but its pipes and the seccomp programs; the whole sandbox,
+//! bwrap's pid 1 and the guest agent included, lives under the jail's syscall
+//! policy (`vm0-seccomp`: no new namespaces, mounts, keyrings, bpf, ...). Under a
+//! root worker the command runs as the host uid of its slot (`SandboxSpec::
+//! slot_user`), never one another run or a host user has; `/tmp` and `/work` are
+//! tmpfs of `diskMb` each.
+//!
 //! Inside, the guest agent (`vm0-guest-agent --stdio`, bound read-only into the
 //! sandbox) runs the command and speaks the same protocol as in a microVM, over
 //! bwrap's stdin and stdout: one host side (`microvm::relay`) for every backend.
@@ -28,6 +37,7 @@ use crate::cgroup::{Hierarchy, HostLimits, Limits, RunCgroup};
 use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
+use crate::slot_user::SlotUser;
 use crate::{ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec};
 
 /// Host paths made visible read-only (when they exist).
@@ -82,6 +92,8 @@ pub struct Bubblewrap {
     limits: std::sync::Arc<Result<Hierarchy, String>>,
     /// bwrap can size a tmpfs (`--size`, bubblewrap 0.7): `/work` is one.
     work_tmpfs: bool,
+    /// The jail's seccomp programs, as bwrap reads them.
+    seccomp: std::sync::Arc<[Vec<u8>; 2]>,
 }
 
 /// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
@@ -166,7 +178,20 @@ impl Bubblewrap {
         }
         let etc = prepare_etc().map_err(SandboxError::Prepare)?;
         let help = Command::new(&program).arg("--help").output().await;
-        let work_tmpfs = help.is_ok_and(|h| String::from_utf8_lossy(&h.stdout).contains("--size"));
+        let help = help.map_or_else(
+            |_| String::new(),
+            |h| String::from_utf8_lossy(&h.stdout).into_owned(),
+        );
+        let work_tmpfs = help.contains("--size");
+        // Two programs (EPERM and ENOSYS answers) need the repeatable option.
+        if !help.contains("--add-seccomp-fd") {
+            return Err(unavailable(
+                "this bwrap has no --add-seccomp-fd (bubblewrap 0.5 or later is needed for the syscall policy)".into(),
+            ));
+        }
+        let seccomp = vm0_seccomp::Programs::build()
+            .map_err(|e| unavailable(format!("the syscall policy: {e}")))?
+            .as_bytes();
         let limits = match setting {
             HostLimits::Auto => Hierarchy::detect().map_err(|e| e.to_string()),
             HostLimits::Off => Err("turned off (VM0_BUBBLEWRAP_LIMITS=off)".into()),
@@ -185,11 +210,36 @@ impl Bubblewrap {
             as_root_host: nix::unistd::geteuid().is_root(),
             limits: std::sync::Arc::new(limits),
             work_tmpfs,
+            seccomp: std::sync::Arc::new(seccomp),
         })
     }
 
-    fn command(&self, spec: &SandboxSpec, work: &Path) -> Command {
-        let mut cmd = Command::new(&self.program);
+    /// Names the slots' host uids `agent` in the sandbox's `/etc` (as uid 1000 is
+    /// in a microVM), so that `whoami` and git's default identity work for them.
+    pub fn with_slot_users(self, users: &[SlotUser]) -> Result<Bubblewrap, SandboxError> {
+        for user in users {
+            crate::run_user::add_ids(self.etc.path(), user.uid, user.gid)
+                .map_err(SandboxError::Prepare)?;
+        }
+        Ok(self)
+    }
+
+    /// The seccomp programs on pipes bwrap reads them from (each well under a
+    /// pipe's buffer, so writing cannot block).
+    fn seccomp_fds(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        use std::io::Write;
+        let mut fds = Vec::new();
+        for program in self.seccomp.iter() {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            std::fs::File::from(write).write_all(program)?;
+            fds.push(read);
+        }
+        Ok(fds)
+    }
+
+    fn command(&self, spec: &SandboxSpec, work: &Path) -> std::io::Result<Command> {
+        // No environment: bwrap's pid 1 keeps bwrap's own for the sandbox's life.
+        let mut cmd = crate::spawn::command(&self.program);
         cmd.args([
             "--die-with-parent",
             "--new-session",
@@ -217,7 +267,11 @@ impl Bubblewrap {
         }
         cmd.arg("--ro-bind").arg(self.etc.path()).arg("/etc");
         cmd.args(["--proc", "/proc", "--dev", "/dev"]);
-        // Writable by the run user, like any /tmp.
+        let disk_bytes = spec.disk_mb.saturating_mul(1024 * 1024).to_string();
+        // Writable by the run user, like any /tmp, and as large as /work.
+        if self.work_tmpfs {
+            cmd.args(["--size", &disk_bytes]);
+        }
         cmd.args(["--perms", "1777", "--tmpfs", "/tmp"]);
         if self.as_root_host {
             // bwrap keeps every capability of a root caller. The agent keeps only
@@ -230,8 +284,7 @@ impl Bubblewrap {
             }
         }
         if self.work_tmpfs {
-            let bytes = spec.disk_mb.saturating_mul(1024 * 1024).to_string();
-            cmd.args(["--size", &bytes, "--perms", "0755", "--tmpfs", "/work"]);
+            cmd.args(["--size", &disk_bytes, "--perms", "0755", "--tmpfs", "/work"]);
         } else {
             cmd.arg("--bind").arg(work).arg("/work");
         }
@@ -239,17 +292,27 @@ impl Bubblewrap {
         if cwd != "/work" {
             cmd.args(["--dir", &cwd]);
         }
+        // Reachable by the command too (`vm0-guest-agent probe`); bwrap would make
+        // the directory root's own.
+        cmd.args(["--perms", "0755", "--dir", "/run"]);
         cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
+        let fds = self.seccomp_fds()?;
+        for fd in crate::spawn::pass_fds(&mut cmd, fds) {
+            cmd.args(["--add-seccomp-fd", &fd.to_string()]);
+        }
         // The agent sets the command's environment from `Start`, and gives /work
         // to the run user.
         cmd.args(["--chdir", &cwd, "--clearenv", "--", AGENT_PATH, "--stdio"]);
         cmd.args(["--work", "/work"]);
+        if self.as_root_host
+            && let Some(user) = spec.slot_user
+        {
+            cmd.args(["--run-as", &format!("{}:{}", user.uid, user.gid)]);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        cmd
+            .stderr(Stdio::piped());
+        Ok(cmd)
     }
 }
 
@@ -294,7 +357,7 @@ impl Sandbox for Bubblewrap {
                 line: format!("no resource limits: {why}"),
             },
         };
-        let mut child = match self.command(&spec, &work).spawn() {
+        let mut child = match self.command(&spec, &work).and_then(|mut c| c.spawn()) {
             Ok(child) => child,
             Err(source) => {
                 let _ = tokio::fs::remove_dir_all(&spec.scratch_dir).await;

@@ -56,7 +56,7 @@ impl CloudHypervisor {
     /// Spawns the VMM and waits until its API answers.
     async fn spawn(&self, files: &VmFiles) -> Result<(Child, ApiClient), BootFailure> {
         let fail = |reason: String| BootFailure::new("vmm-spawn", reason);
-        let mut process = crate::vmm::command(&self.program)
+        let mut process = crate::spawn::command(&self.program)
             .arg("--api-socket")
             .arg(format!("path={}", files.api_socket.display()))
             .spawn()

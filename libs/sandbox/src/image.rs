@@ -311,10 +311,13 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
     cpio.file("etc/vm0/modules", 0o644, list.as_bytes())?;
     let passwd = format!(
         "root:x:0:0:root:/work:/bin/sh\n{}",
-        crate::run_user::passwd_line()
+        crate::run_user::passwd_line(vm0_proto::guest::RUN_UID, vm0_proto::guest::RUN_GID)
     );
     cpio.file("etc/passwd", 0o644, passwd.as_bytes())?;
-    let group = format!("root:x:0:\n{}", crate::run_user::group_line());
+    let group = format!(
+        "root:x:0:\n{}",
+        crate::run_user::group_line(vm0_proto::guest::RUN_GID)
+    );
     cpio.file("etc/group", 0o644, group.as_bytes())?;
     Ok(cpio.finish()?.finish()?)
 }

@@ -28,8 +28,10 @@ pub mod run_user;
 pub mod sample;
 /// Choosing a backend (`VM0_SANDBOX`).
 pub mod select;
-/// Spawning VMM processes.
-mod vmm;
+/// Host uids of a worker's slots.
+pub mod slot_user;
+/// Spawning the processes around a run (bwrap, VMMs).
+mod spawn;
 
 use std::path::PathBuf;
 
@@ -64,6 +66,10 @@ pub struct SandboxSpec {
     pub sample_interval: std::time::Duration,
     /// Run the command as root (microVMs only) instead of the run user.
     pub as_root: bool,
+    /// The host uid and gid of the run's slot (a root worker has one per slot):
+    /// what the command runs as in bubblewrap, and the VMM of a microVM. `None`:
+    /// the worker's own user (a worker that is not root).
+    pub slot_user: Option<slot_user::SlotUser>,
 }
 
 /// How long each phase of a microVM's boot took.

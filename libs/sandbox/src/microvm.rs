@@ -308,6 +308,7 @@ pub async fn probe<V: Vmm>(
         scratch_dir: scratch_dir.to_owned(),
         sample_interval: Duration::ZERO,
         as_root: false,
+        slot_user: None,
     };
     let files = VmFiles::in_dir(scratch_dir);
     let req = VmRequest {

@@ -74,7 +74,7 @@ impl Qemu {
     }
 
     fn command(&self, spec: &SandboxSpec, image: &GuestImage, files: &VmFiles) -> Command {
-        let mut cmd = crate::vmm::command(&self.program);
+        let mut cmd = crate::spawn::command(&self.program);
         cmd.args([
             "-M",
             &format!("microvm,accel={}", self.accel.as_str()),

@@ -10,20 +10,26 @@ use vm0_proto::guest::{RUN_GID, RUN_UID};
 /// The run user's name where the sandbox's `/etc` has none for its uid.
 pub const RUN_USER: &str = "agent";
 
-pub fn passwd_line() -> String {
-    format!("{RUN_USER}:x:{RUN_UID}:{RUN_GID}:vm0 run user:/work:/bin/sh\n")
+pub fn passwd_line(uid: u32, gid: u32) -> String {
+    format!("{RUN_USER}:x:{uid}:{gid}:vm0 run user:/work:/bin/sh\n")
 }
 
-pub fn group_line() -> String {
-    format!("{RUN_USER}:x:{RUN_GID}:\n")
+pub fn group_line(gid: u32) -> String {
+    format!("{RUN_USER}:x:{gid}:\n")
 }
 
 /// Adds the run user to `etc/passwd` and `etc/group` (creating them if absent)
 /// where they have no entry for its ids; an existing entry is kept.
 pub fn add_to(etc: &Path) -> std::io::Result<()> {
+    add_ids(etc, RUN_UID, RUN_GID)
+}
+
+/// [`add_to`] for another uid and gid (a slot's host identity, bubblewrap): the
+/// name is the same, `agent`.
+pub fn add_ids(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::fs::create_dir_all(etc)?;
-    add_unless_present(&etc.join("passwd"), RUN_UID, &passwd_line())?;
-    add_unless_present(&etc.join("group"), RUN_GID, &group_line())
+    add_unless_present(&etc.join("passwd"), uid, &passwd_line(uid, gid))?;
+    add_unless_present(&etc.join("group"), gid, &group_line(gid))
 }
 
 fn add_unless_present(file: &Path, id: u32, line: &str) -> std::io::Result<()> {

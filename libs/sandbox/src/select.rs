@@ -79,6 +79,8 @@ pub struct SelectOptions {
     pub scratch_dir: PathBuf,
     /// Whether bubblewrap runs get cgroup limits.
     pub bubblewrap_limits: crate::cgroup::HostLimits,
+    /// The host uids of the worker's slots (none when it is not root).
+    pub slot_users: Vec<crate::slot_user::SlotUser>,
 }
 
 /// Any backend, chosen at run time.
@@ -233,7 +235,9 @@ async fn bubblewrap(options: &SelectOptions) -> Result<Bubblewrap, SandboxError>
             backend: "bubblewrap",
             reason: "no guest agent (set VM0_GUEST_AGENT; scripts/guest-agent.sh builds it)".into(),
         })?;
-    Bubblewrap::detect_with(agent, options.bubblewrap_limits).await
+    Bubblewrap::detect_with(agent, options.bubblewrap_limits)
+        .await?
+        .with_slot_users(&options.slot_users)
 }
 
 /// Picks the backend `options.kind` asks for. An explicit backend that does not

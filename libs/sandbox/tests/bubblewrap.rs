@@ -31,6 +31,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(100),
         as_root: false,
+        slot_user: None,
     }
 }
 
@@ -427,4 +428,201 @@ async fn work_holds_disk_mb_and_no_more() {
         !dir.path().join("scratch").exists(),
         "nothing left on the host"
     );
+}
+
+/// The pids of processes whose command line contains `needle`.
+fn pids_matching(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// bwrap's pid 1 keeps bwrap's own environment for the sandbox's whole life, and
+/// a command that shares its uid (an unprivileged worker) reads it in `/proc`: it
+/// must hold nothing of the worker's.
+#[tokio::test]
+async fn bwrap_itself_starts_with_an_empty_environment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let marker = "vm0-environ-marker-5813";
+    let argv = ["sh", "-c", &format!("echo up; sleep 5 # {marker}")];
+    let bwrap = Bubblewrap::detect(&guest_agent()).await.expect("bwrap");
+    let mut sb = bwrap.start(spec(dir.path(), &argv)).await.expect("start");
+    loop {
+        match sb.next_event().await.expect("events") {
+            SandboxEvent::Stdout(_) => break,
+            SandboxEvent::Exited(x) => panic!("exited early: {x:?}"),
+            _ => {}
+        }
+    }
+    // The command's ancestors: the guest agent, bwrap's pid 1, the outer bwrap.
+    let command = *pids_matching(marker).first().expect("the command runs");
+    let mut bwraps = Vec::new();
+    let mut pid = command;
+    while pid > 1 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        pid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("ppid");
+        if std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|e| e.to_string_lossy().ends_with("/bwrap"))
+        {
+            bwraps.push(pid);
+        }
+    }
+    assert_eq!(bwraps.len(), 2, "outer bwrap and its pid 1: {bwraps:?}");
+    assert!(
+        std::env::vars().any(|(k, _)| k == "VM0_GUEST_AGENT"),
+        "this test process has an environment to leak"
+    );
+    for pid in bwraps {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+        assert!(
+            environ.is_empty(),
+            "bwrap {pid} has an environment: {}",
+            String::from_utf8_lossy(&environ).replace('\0', " ")
+        );
+    }
+    sb.kill();
+    while let Some(ev) = sb.next_event().await {
+        if matches!(ev, SandboxEvent::Exited(_)) {
+            break;
+        }
+    }
+}
+
+/// What a hostile command tries first: new user and mount namespaces (the way
+/// into most kernel attack surface), mounts, keyrings, bpf, perf, userfaultfd,
+/// io_uring and vsock. Each is refused by the seccomp policy.
+#[tokio::test]
+async fn the_jail_refuses_namespaces_mounts_keyrings_and_bpf() {
+    let dir = tempfile::tempdir().expect("dir");
+    let script = "unshare -U true 2>/dev/null && echo unshare-user-allowed; \
+                  unshare -m true 2>/dev/null && echo unshare-mount-allowed; \
+                  grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+                  echo pid1 $(grep '^Seccomp:' /proc/1/status); \
+                  /run/vm0-guest-agent probe";
+    let out = run(spec(dir.path(), &["sh", "-c", script]), None).await;
+    assert_eq!(out.exit.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(!out.stdout.contains("-allowed"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("Seccomp:\t2"),
+        "filtered: {}",
+        out.stdout
+    );
+    // bwrap loaded the policy into the whole sandbox, its own pid 1 included.
+    assert!(
+        out.stdout.contains("pid1 Seccomp: 2"),
+        "bwrap's pid 1 is filtered: {}",
+        out.stdout
+    );
+    let probes: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("probe "))
+        .collect();
+    for name in [
+        "unshare-user",
+        "unshare-mount",
+        "unshare-net",
+        "mount",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring",
+        "socket-vsock",
+    ] {
+        let line = format!("probe {name}: refused (EPERM)");
+        assert!(probes.contains(&line.as_str()), "{line} not in {probes:?}");
+    }
+    assert!(
+        probes.contains(&"probe clone3: absent (ENOSYS)"),
+        "{probes:?}"
+    );
+}
+
+/// `/tmp` is a tmpfs of `diskMb` like `/work`: filling it stops there, not at the
+/// host's memory.
+#[tokio::test]
+async fn tmp_is_bounded_like_work() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/tmp/big bs=1M count=200 2>&1 | grep -o 'No space left on device'; \
+             df -m /tmp | awk 'NR==2 {print $2}'",
+        ],
+    );
+    s.disk_mb = 48;
+    let out = run(s, None).await;
+    assert_eq!(
+        out.stdout, "No space left on device\n48\n",
+        "stderr: {}",
+        out.stderr
+    );
+}
+
+/// Under a root worker each slot has a host uid of its own: two runs of
+/// different slots are different users, and neither is a user of the host (uid
+/// 1000 is one on many machines).
+#[tokio::test]
+async fn runs_of_different_slots_are_different_host_users() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: slot uids need a root worker; this test runs as a user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let leases = tempfile::tempdir().expect("leases");
+    let slots = vm0_sandbox::slot_user::SlotUsers::lease(
+        vm0_sandbox::slot_user::UidRange::default(),
+        2,
+        leases.path(),
+    )
+    .expect("two slot uids");
+    let bwrap = Bubblewrap::detect(&guest_agent())
+        .await
+        .expect("bwrap")
+        .with_slot_users(slots.users())
+        .expect("etc");
+    let mut seen = Vec::new();
+    for user in slots.users() {
+        let mut s = spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "id -u; id -g; whoami; stat -c %u /work; touch /work/f && stat -c %u /work/f",
+            ],
+        );
+        s.slot_user = Some(*user);
+        let out = run_on(&bwrap, s, None).await;
+        assert_eq!(
+            out.stdout,
+            format!("{0}\n{1}\nagent\n{0}\n{0}\n", user.uid, user.gid),
+            "stderr: {}",
+            out.stderr
+        );
+        seen.push(user.uid);
+    }
+    assert_ne!(seen[0], seen[1]);
+    let host_users = std::fs::read_to_string("/etc/passwd").expect("passwd");
+    for uid in seen {
+        assert!(
+            !host_users
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(&uid.to_string())),
+            "{uid} is a host user"
+        );
+    }
 }

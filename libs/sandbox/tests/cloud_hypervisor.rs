@@ -30,6 +30,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         scratch_dir: scratch.to_owned(),
         sample_interval: Duration::from_millis(500),
         as_root: false,
+        slot_user: None,
     }
 }
 

@@ -65,6 +65,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(500),
         as_root: false,
+        slot_user: None,
     }
 }
 
@@ -245,4 +246,46 @@ async fn root_runs_the_command_only_when_asked() {
     let (out, logs, exit, _) = run(s, None).await;
     assert_eq!(out, "0\nroot\n", "logs: {logs:?}");
     assert_eq!(exit.code, Some(0));
+}
+
+/// The command in a microVM lives under the same syscall policy as in
+/// bubblewrap (the guest agent installs it for the command alone), unless the
+/// agent config asked for root in its own VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_lives_under_the_jail_policy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "grep '^Seccomp:' /proc/self/status; /run/vm0-guest-agent probe",
+        ],
+    );
+    let (out, logs, exit, _) = run(s, None).await;
+    assert_eq!(exit.code, Some(0), "{out}; logs: {logs:?}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    for name in [
+        "unshare-user",
+        "unshare-mount",
+        "mount",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring",
+    ] {
+        let line = format!("probe {name}: refused (EPERM)");
+        assert!(out.lines().any(|l| l == line), "{line} not in {out}");
+    }
+    assert!(out.contains("probe clone3: absent (ENOSYS)"), "{out}");
+
+    let mut s = spec(
+        dir.path(),
+        &["sh", "-c", "grep '^Seccomp:' /proc/self/status"],
+    );
+    s.as_root = true;
+    let (out, _, _, _) = run(s, None).await;
+    assert_eq!(out, "Seccomp:\t0\n", "root in its own VM is not filtered");
 }

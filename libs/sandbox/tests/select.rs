@@ -25,6 +25,7 @@ fn options(kind: SandboxKind, scratch: &std::path::Path) -> SelectOptions {
         ),
         scratch_dir: scratch.to_owned(),
         bubblewrap_limits: Default::default(),
+        slot_users: Vec::new(),
     }
 }
 
@@ -43,6 +44,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         scratch_dir: scratch.join("run"),
         sample_interval: Duration::from_secs(1),
         as_root: false,
+        slot_user: None,
     };
     let mut run = sandbox.start(spec).await.expect("start");
     let mut out = Vec::new();

@@ -74,8 +74,14 @@ pub async fn run() -> Result<()> {
         ..vm0_worker::WorkerConfig::defaults().apply_env()?
     };
     let worker_stop = CancellationToken::new();
-    let sandbox = vm0_worker::sandbox(&worker_config).await?;
-    let worker = tokio::spawn(vm0_worker::run(worker_config, sandbox, worker_stop.clone()));
+    let slots = vm0_worker::Slots::for_config(&worker_config)?;
+    let sandbox = vm0_worker::sandbox(&worker_config, &slots).await?;
+    let worker = tokio::spawn(vm0_worker::run(
+        worker_config,
+        sandbox,
+        slots,
+        worker_stop.clone(),
+    ));
 
     println!(
         "vm0 dev is running (data in {}); Ctrl-C stops it",

@@ -165,6 +165,64 @@ async fn idle(m: HostMessage, out: &mpsc::Sender<GuestMessage>, expected: &str) 
     }
 }
 
+/// The jail's syscall policy, built once.
+fn policy() -> Result<&'static vm0_seccomp::Programs, String> {
+    static POLICY: std::sync::OnceLock<Result<vm0_seccomp::Programs, String>> =
+        std::sync::OnceLock::new();
+    POLICY
+        .get_or_init(|| vm0_seccomp::Programs::build().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Caps the processes the command may have at [`RUN_PROCESSES_MAX`] more than
+/// its uid has now (the limit is inherited; root's own forks are not counted).
+///
+/// [`RUN_PROCESSES_MAX`]: vm0_proto::guest::RUN_PROCESSES_MAX
+fn limit_processes() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let now = std::fs::read_dir("/proc").map_or(0, |d| {
+        d.flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .count() as u64
+    });
+    let max = now + vm0_proto::guest::RUN_PROCESSES_MAX;
+    let _ = setrlimit(Resource::RLIMIT_NPROC, max, max);
+}
+
+/// Starts the command under the jail's syscall policy, unless it runs as root
+/// (a microVM's root is the tenant's own) or this agent already lives under it
+/// (bubblewrap loads it into the whole sandbox). The policy is installed on a
+/// thread of its own just before the fork: the command inherits it, the agent
+/// (which still mounts, reaps and powers off) does not.
+fn spawn(mut cmd: Command, as_root: bool) -> std::io::Result<tokio::process::Child> {
+    if as_root {
+        return cmd.spawn();
+    }
+    limit_processes();
+    if vm0_seccomp::already_filtered() {
+        return cmd.spawn();
+    }
+    let policy = policy().map_err(|why| {
+        std::io::Error::other(format!("the syscall policy cannot be built: {why}"))
+    })?;
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _entered = runtime.enter();
+        policy
+            .apply_to_this_thread()
+            .map_err(std::io::Error::other)?;
+        cmd.spawn()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the thread starting the command panicked"))?
+}
+
 fn signal_group(pgid: Option<u32>, sig: Signal) {
     if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
         let _ = killpg(Pid::from_raw(pid), sig);
@@ -209,10 +267,11 @@ async fn run(
         cmd.current_dir(&start.working_dir);
     }
     if run_user::drops_privileges(start.as_root) {
-        cmd.uid(run_user::RUN_UID).gid(run_user::RUN_GID);
+        let (uid, gid) = run_user::ids();
+        cmd.uid(uid).gid(gid);
     }
     let oom_before = oom_kills();
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn(cmd, start.as_root) {
         Ok(c) => c,
         Err(e) => return failed(format!("cannot start {program}: {e}")).await,
     };

@@ -134,12 +134,37 @@ pub fn boot() -> Booted {
     if let Err(e) = crate::run_user::give_to_run_user(Path::new("/work")) {
         eprintln!("vm0-guest-agent: chown /work: {e}");
     }
+    expose_self();
     Booted {
         channel,
         times: crate::agent::BootTimes {
             kernel_boot_ms,
             init_ms: uptime_ms().saturating_sub(kernel_boot_ms),
         },
+    }
+}
+
+/// The agent at `/run/vm0-guest-agent`, where bubblewrap puts it too, so that a
+/// command can run `vm0-guest-agent probe` in every backend (also from inside a
+/// root filesystem, where `/init` is not visible).
+fn expose_self() {
+    let at = "/run/vm0-guest-agent";
+    let made = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(at);
+    if let Err(e) = made.and_then(|_| {
+        mount(
+            Some("/proc/self/exe"),
+            at,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)
+    }) {
+        eprintln!("vm0-guest-agent: binding itself to {at}: {e}");
     }
 }
 

@@ -2,16 +2,18 @@
 //! host, over one byte stream carrying length-prefixed protobuf frames
 //! (`proto/vm0/guest/v1/guest.proto`).
 //!
-//! `vm0-guest-agent --stdio [--work DIR]` speaks on stdin/stdout (bubblewrap, which
-//! names its `/work`);
+//! `vm0-guest-agent --stdio [--work DIR] [--run-as UID:GID]` speaks on stdin/stdout
+//! (bubblewrap, which names its `/work` and the host uid of the run's slot);
 //! `vm0-guest-agent --device PATH` on a character device such as a virtio-serial
 //! port (`/dev/vport0p1`). As PID 1 of a microVM it sets the machine up (`init`),
 //! then serves the host on the virtio-serial port (QEMU) or the vsock port
 //! (Cloud Hypervisor) the kernel command line names, and powers off.
+//! `vm0-guest-agent probe` reports, from inside a sandbox, what the jail refuses.
 
 mod agent;
 mod files;
 mod init;
+mod probe;
 mod run_user;
 mod sample;
 
@@ -21,12 +23,35 @@ use init::{Booted, Channel};
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: vm0-guest-agent --stdio [--work DIR] | --device PATH");
+    eprintln!(
+        "usage: vm0-guest-agent --stdio [--work DIR] [--run-as UID:GID] | --device PATH | probe [--connect HOST:PORT]..."
+    );
     ExitCode::from(2)
+}
+
+/// What `--stdio` was told.
+#[derive(Default)]
+struct StdioArgs<'a> {
+    work: Option<&'a str>,
+    run_as: Option<(u32, u32)>,
+}
+
+fn stdio_args<'a>(args: &[&'a str]) -> Option<StdioArgs<'a>> {
+    let mut parsed = StdioArgs::default();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match (*arg, rest.next()) {
+            ("--work", Some(dir)) => parsed.work = Some(dir),
+            ("--run-as", Some(ids)) => parsed.run_as = Some(run_user::parse(ids)?),
+            _ => return None,
+        }
+    }
+    Some(parsed)
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // As a VM's init: set the machine up, serve the host, power off.
     if std::process::id() == 1 {
         let booted = init::boot();
@@ -51,6 +76,10 @@ fn main() -> ExitCode {
         }
         init::power_off();
     }
+    // Before any thread exists: the probe forks.
+    if let ["probe", rest @ ..] = args.as_slice() {
+        return probe::run(rest);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -61,20 +90,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["--stdio"] => runtime.block_on(agent::serve(
-            tokio::io::stdin(),
-            tokio::io::stdout(),
-            BootTimes::default(),
-        )),
-        // bubblewrap: DIR is the sandbox's /work, made by bwrap as root.
-        ["--stdio", "--work", dir] => {
-            if let Err(e) = run_user::give_to_run_user(std::path::Path::new(dir)) {
+    let result = match args.as_slice() {
+        ["--stdio", rest @ ..] => {
+            let Some(stdio) = stdio_args(rest) else {
+                return usage();
+            };
+            // The command (same uid under an unprivileged worker) may not read this
+            // process's memory or /proc entries.
+            let _ = nix::sys::prctl::set_dumpable(false);
+            if let Some((uid, gid)) = stdio.run_as {
+                run_user::set(uid, gid);
+            }
+            // bubblewrap: DIR is the sandbox's /work, made by bwrap as root.
+            if let Some(dir) = stdio.work
+                && let Err(e) = run_user::give_to_run_user(std::path::Path::new(dir))
+            {
                 eprintln!("vm0-guest-agent: giving {dir} to the run user: {e}");
             }
             runtime.block_on(agent::serve(

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use vm0_env_config::{parse_opt, parse_or};
 use vm0_sandbox::cgroup::HostLimits;
 use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
+use vm0_sandbox::slot_user::UidRange;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -47,6 +48,9 @@ pub struct WorkerConfig {
     /// `VM0_BUBBLEWRAP_LIMITS`: `auto` (default: a cgroup per run where the host
     /// allows) or `off`.
     pub bubblewrap_limits: HostLimits,
+    /// `VM0_SLOT_UIDS`: the host uids a root worker's slots lease, one each
+    /// (default 2000000-2000999).
+    pub slot_uids: UidRange,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -102,6 +106,7 @@ impl WorkerConfig {
             kernel_package: None,
             image_cache: None,
             bubblewrap_limits: HostLimits::Auto,
+            slot_uids: UidRange::default(),
         }
     }
 
@@ -133,6 +138,7 @@ impl WorkerConfig {
             kernel_package: parse_opt("VM0_KERNEL_PACKAGE")?.or(d.kernel_package),
             image_cache: parse_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
             bubblewrap_limits: parse_or("VM0_BUBBLEWRAP_LIMITS", d.bubblewrap_limits)?,
+            slot_uids: parse_or("VM0_SLOT_UIDS", d.slot_uids)?,
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
@@ -156,6 +162,7 @@ impl WorkerConfig {
                 .unwrap_or_else(|| self.data_dir.join("images")),
             scratch_dir: self.data_dir.join("worker").join(&self.worker_id),
             bubblewrap_limits: self.bubblewrap_limits,
+            slot_users: Vec::new(),
         }
     }
 

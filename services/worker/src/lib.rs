@@ -15,6 +15,8 @@ pub mod control;
 pub mod mask;
 /// One run, from claim to finish.
 pub mod run;
+/// Slots and their host uids.
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,18 +24,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use vm0_bus::Bus;
 use vm0_proto::worker as pb;
 use vm0_sandbox::Sandbox;
 
 pub use config::WorkerConfig;
+pub use slots::Slots;
 
 /// The sandbox backend the configuration asks for (`auto`: the best that works
-/// here), logged with the reasons for the choice.
-pub async fn sandbox(config: &WorkerConfig) -> anyhow::Result<vm0_sandbox::select::AnySandbox> {
-    let selection = vm0_sandbox::select::select(&config.select_options())
+/// here), logged with the reasons for the choice; it knows the slots' host uids.
+pub async fn sandbox(
+    config: &WorkerConfig,
+    slots: &Slots,
+) -> anyhow::Result<vm0_sandbox::select::AnySandbox> {
+    let mut options = config.select_options();
+    options.slot_users = slots.users().to_vec();
+    let selection = vm0_sandbox::select::select(&options)
         .await
         .context("choosing the sandbox backend")?;
     tracing::info!(
@@ -55,7 +62,7 @@ pub struct WorkerCtx<S> {
     pub sandbox: S,
     /// Runs in progress: run id → token that stops it.
     pub running: Mutex<HashMap<String, CancellationToken>>,
-    pub slots: Arc<Semaphore>,
+    pub slots: Slots,
     /// Cancelled when running runs must stop (drain timeout passed).
     pub stop_runs: CancellationToken,
 }
@@ -85,6 +92,7 @@ impl<S> WorkerCtx<S> {
 pub async fn run<S: Sandbox>(
     config: WorkerConfig,
     sandbox: S,
+    slots: Slots,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let bus = Bus::connect(
@@ -97,7 +105,7 @@ pub async fn run<S: Sandbox>(
         .context("creating JetStream streams")?;
     let control = control::connect(&config.control_plane_url, &config.worker_token)?;
     let ctx = Arc::new(WorkerCtx {
-        slots: Arc::new(Semaphore::new(config.slots as usize)),
+        slots,
         config,
         bus,
         control,
@@ -190,7 +198,7 @@ async fn heartbeat_loop<S: Sandbox>(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let free = u32::try_from(ctx.slots.available_permits()).unwrap_or(0);
+        let free = u32::try_from(ctx.slots.available()).unwrap_or(0);
         let req = pb::HeartbeatRequest {
             worker_id: ctx.config.worker_id.clone(),
             free: Some(pb::Capacity {
@@ -244,9 +252,9 @@ async fn job_loop<S: Sandbox>(
         // Wait for a free slot (or shutdown) before asking for work.
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            permit = ctx.slots.clone().acquire_owned() => permit?,
+            slot = ctx.slots.acquire() => slot?,
         };
-        let free = ctx.slots.available_permits() + 1;
+        let free = ctx.slots.available() + 1;
         let batch = consumer
             .batch()
             .max_messages(free)
@@ -278,11 +286,11 @@ async fn job_loop<S: Sandbox>(
             };
             let slot = match permit.take() {
                 Some(p) => p,
-                None => ctx.slots.clone().acquire_owned().await?,
+                None => ctx.slots.acquire().await?,
             };
             let ctx = ctx.clone();
             runs.spawn(async move {
-                run::execute(ctx, msg).await;
+                run::execute(ctx, msg, slot.user()).await;
                 drop(slot);
             });
         }

@@ -17,8 +17,9 @@ async fn serve() -> Result<()> {
     let config = WorkerConfig::from_env()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
-    let sandbox = vm0_worker::sandbox(&config).await?;
-    vm0_worker::run(config, sandbox, shutdown).await
+    let slots = vm0_worker::Slots::for_config(&config)?;
+    let sandbox = vm0_worker::sandbox(&config, &slots).await?;
+    vm0_worker::run(config, sandbox, slots, shutdown).await
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

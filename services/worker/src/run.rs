@@ -14,6 +14,7 @@ use vm0_api_types::Timestamp;
 use vm0_api_types::runs::{LogLevel, LogType, RunEventType};
 use vm0_bus::{RunJob, Telemetry};
 use vm0_proto::worker::{self as pb, ClaimOutcome, FinalStatus};
+use vm0_sandbox::slot_user::SlotUser;
 use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
 
 use crate::WorkerCtx;
@@ -25,7 +26,11 @@ const MAX_PENDING_ACKS: usize = 256;
 /// Progress acks are sent this often (well under the job's ack wait).
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-pub async fn execute<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message) {
+pub async fn execute<S: Sandbox>(
+    ctx: Arc<WorkerCtx<S>>,
+    msg: jetstream::Message,
+    slot_user: Option<SlotUser>,
+) {
     let job = match vm0_bus::decode_job(&msg.payload) {
         Ok(job) => job,
         Err(e) => {
@@ -44,10 +49,15 @@ pub async fn execute<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message
         exit_code = tracing::field::Empty,
     );
     vm0_telemetry::propagation::set_remote_parent(&span, &job.traceparent);
-    execute_job(ctx, msg, job).instrument(span).await
+    execute_job(ctx, msg, job, slot_user).instrument(span).await
 }
 
-async fn execute_job<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message, job: RunJob) {
+async fn execute_job<S: Sandbox>(
+    ctx: Arc<WorkerCtx<S>>,
+    msg: jetstream::Message,
+    job: RunJob,
+    slot_user: Option<SlotUser>,
+) {
     let req = pb::ClaimRequest {
         run_id: job.run_id.clone(),
         worker_id: ctx.config.worker_id.clone(),
@@ -74,7 +84,7 @@ async fn execute_job<S: Sandbox>(ctx: Arc<WorkerCtx<S>>, msg: jetstream::Message
         (Ok(ClaimOutcome::Claimed), Some(spec)) => {
             let progress = CancellationToken::new();
             let keepalive = tokio::spawn(keep_in_progress(msg.clone(), progress.clone()));
-            run_claimed(&ctx, spec, claim.attempt).await;
+            run_claimed(&ctx, spec, claim.attempt, slot_user).await;
             progress.cancel();
             let _ = keepalive.await;
         }
@@ -193,7 +203,11 @@ impl<S> RunTelemetry<'_, S> {
     }
 }
 
-fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
+fn sandbox_spec<S>(
+    ctx: &WorkerCtx<S>,
+    spec: &pb::RunSpec,
+    slot_user: Option<SlotUser>,
+) -> SandboxSpec {
     let mut env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -223,10 +237,16 @@ fn sandbox_spec<S>(ctx: &WorkerCtx<S>, spec: &pb::RunSpec) -> SandboxSpec {
             .join(&spec.run_id),
         sample_interval: ctx.config.sample_interval,
         as_root: spec.as_root,
+        slot_user,
     }
 }
 
-async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt: u32) {
+async fn run_claimed<S: Sandbox>(
+    ctx: &WorkerCtx<S>,
+    spec: pb::RunSpec,
+    attempt: u32,
+    slot_user: Option<SlotUser>,
+) {
     let run_id = spec.run_id.clone();
     let cancel = CancellationToken::new();
     if let Ok(mut running) = ctx.running.lock() {
@@ -245,7 +265,7 @@ async fn run_claimed<S: Sandbox>(ctx: &WorkerCtx<S>, spec: pb::RunSpec, attempt:
     };
     let started_sandbox = ctx
         .sandbox
-        .start(sandbox_spec(ctx, &spec))
+        .start(sandbox_spec(ctx, &spec, slot_user))
         .instrument(tracing::info_span!("sandbox.start"))
         .await;
     let (status, exit_code, error) = match started_sandbox {
