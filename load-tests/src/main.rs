@@ -61,6 +61,9 @@ struct Args {
     /// PostgreSQL instead of SQLite.
     #[arg(long)]
     database_url: Option<String>,
+    /// The control plane without TLS (to measure what TLS costs; loopback only).
+    #[arg(long)]
+    plain_grpc: bool,
 }
 
 struct Bench {
@@ -227,7 +230,6 @@ async fn main() -> Result<()> {
         .local_addr()?
         .port();
     let mut nats = vm0_bus::server::NatsServer::start(port, &dir.path().join("nats"), None).await?;
-    let nats_url = nats.url();
     let db_url = args
         .database_url
         .clone()
@@ -235,24 +237,32 @@ async fn main() -> Result<()> {
     let mut config = GatewayConfig::for_database(db_url.clone());
     config.data_dir = dir.path().to_owned();
     config.db_max_connections = 16;
-    let token = "bench-worker-token-0123456789";
-    config.dispatch = Some(DispatchConfig::new(nats_url.clone(), token));
+    let mut dispatch_config = DispatchConfig::new(nats.options(vm0_bus::Role::Gateway));
+    let tls_dir = dir.path().join("tls");
+    if !args.plain_grpc {
+        dispatch_config.grpc_tls = Some(vm0_gateway::config::GrpcTls::local(&tls_dir)?);
+    }
+    config.dispatch = Some(dispatch_config);
     let gateway = Gateway::open(config, vm0_gateway::secrets::SecretBox::random()).await?;
     let store = gateway.store.clone();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", http.local_addr()?);
-    let control = format!("http://{}", grpc.local_addr()?);
+    let scheme = if args.plain_grpc { "http" } else { "https" };
+    let control = format!("{scheme}://127.0.0.1:{}", grpc.local_addr()?.port());
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
     let mut workers = Vec::new();
     let worker_stop = CancellationToken::new();
     for i in 0..args.workers {
+        let name = format!("bench-{i}");
+        let credential = vm0_gateway::worker_auth::create_credential(&store, &name).await?;
         let wc = vm0_worker::WorkerConfig {
-            worker_id: format!("bench-{i}"),
-            nats_url: nats_url.clone(),
+            worker_id: name,
+            nats: nats.options(vm0_bus::Role::Worker),
             control_plane_url: control.clone(),
-            worker_token: token.into(),
+            control_plane_ca: (!args.plain_grpc).then(|| tls_dir.join("ca.pem")),
+            worker_token: credential,
             slots: args.slots,
             data_dir: dir.path().to_owned(),
             sandbox: args.sandbox.parse().map_err(anyhow::Error::msg)?,
@@ -270,7 +280,7 @@ async fn main() -> Result<()> {
     let org = store
         .ensure_organization("bench", vm0_api_types::Timestamp::now().micros())
         .await?;
-    let api_key = vm0_gateway::routes::tokens::create_token(&store, &org.id, "bench", None)
+    let api_key = vm0_gateway::routes::tokens::create_token(&store, &org.id, "bench", None, None)
         .await?
         .token;
     let b = Bench {

@@ -9,6 +9,8 @@ pub enum ErrorType {
     AuthenticationError,
     /// 400, and the other 4xx caused by the request itself (405, 413, 415)
     InvalidRequestError,
+    /// 403: the caller is known but may not do this
+    PermissionError,
     /// 404
     NotFoundError,
     /// 409
@@ -42,6 +44,8 @@ pub enum ErrorCode {
     /// The store or another dependency is unreachable.
     ServiceUnavailable,
     RateLimited,
+    /// The caller's token may not act on this resource.
+    InsufficientPermissions,
 }
 
 /// The body of the `error` member.

@@ -20,6 +20,8 @@ pub enum IdKind {
     StorageVersion,
     Upload,
     Request,
+    /// A worker's credential (not part of the public API).
+    WorkerCredential,
 }
 
 impl IdKind {
@@ -37,6 +39,7 @@ impl IdKind {
             IdKind::StorageVersion => "sv",
             IdKind::Upload => "upl",
             IdKind::Request => "req",
+            IdKind::WorkerCredential => "wcr",
         }
     }
 
@@ -55,6 +58,7 @@ impl IdKind {
             IdKind::StorageVersion => "version",
             IdKind::Upload => "upload session",
             IdKind::Request => "request",
+            IdKind::WorkerCredential => "worker credential",
         }
     }
 }

@@ -8,7 +8,11 @@
 //!   JSON [`Telemetry`] from workers and the control plane; the gateways' persister
 //!   stores it, SSE handlers follow it live.
 //! - `runs.<id>.cancel` (core NATS, not stored): cancel requests to the owning worker.
+//!
+//! Every connection is a role's user ([`auth`]): the gateway's or the workers'.
 
+/// Roles, their subject permissions, the server's `authorization` block.
+pub mod auth;
 /// A local nats-server process (`vm0 dev`, tests, benchmarks).
 pub mod server;
 /// Subject names.
@@ -16,12 +20,14 @@ pub mod subjects;
 /// The telemetry messages (JSON).
 pub mod telemetry;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use prost::Message;
 pub use vm0_proto::worker::RunJob;
 
+pub use auth::{Credentials, Role};
 pub use telemetry::Telemetry;
 
 pub const JOBS_STREAM: &str = "RUN_JOBS";
@@ -37,6 +43,58 @@ pub const JOB_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Deliveries of a job before JetStream gives up on it (the gateway's sweeper
 /// republishes runs that stay pending).
 pub const JOB_MAX_DELIVER: i64 = 5;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// `nats://host:port` (or `tls://`), several comma-separated for a cluster.
+    pub url: String,
+    /// The role's user and password (`VM0_NATS_USER`, `VM0_NATS_PASSWORD`).
+    pub credentials: Option<Credentials>,
+    /// The CA that signed the servers' certificates (`VM0_NATS_CA`): TLS is then
+    /// required, and only servers it signed are trusted.
+    pub ca: Option<PathBuf>,
+}
+
+impl NatsOptions {
+    pub fn new(url: impl Into<String>) -> NatsOptions {
+        NatsOptions {
+            url: url.into(),
+            credentials: None,
+            ca: None,
+        }
+    }
+
+    pub fn with_credentials(mut self, credentials: Credentials) -> NatsOptions {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    pub fn with_ca(mut self, ca: impl Into<PathBuf>) -> NatsOptions {
+        self.ca = Some(ca.into());
+        self
+    }
+
+    /// Adds what the environment says: `VM0_NATS_USER` and `VM0_NATS_PASSWORD`
+    /// (the role's user), `VM0_NATS_CA` (TLS). The gateway's and the worker's
+    /// configuration read them here, and only here.
+    pub fn with_env(mut self) -> Result<NatsOptions, String> {
+        match (
+            std::env::var("VM0_NATS_USER"),
+            std::env::var("VM0_NATS_PASSWORD"),
+        ) {
+            (Ok(user), Ok(password)) => {
+                self = self.with_credentials(Credentials { user, password });
+            }
+            (Err(_), Err(_)) => {}
+            _ => return Err("VM0_NATS_USER and VM0_NATS_PASSWORD go together".into()),
+        }
+        if let Some(ca) = std::env::var_os("VM0_NATS_CA") {
+            self = self.with_ca(PathBuf::from(ca));
+        }
+        Ok(self)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -66,16 +124,26 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects (retrying in the background if the server goes away later).
-    pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects as `role` (retrying in the background if the server goes away
+    /// later).
+    pub async fn connect(options: &NatsOptions, role: Role, name: &str) -> Result<Bus, BusError> {
+        let url = options.url.as_str();
+        let mut connect = async_nats::ConnectOptions::new()
             .name(name)
+            .custom_inbox_prefix(role.inbox_prefix())
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(c) = &options.credentials {
+            connect = connect.user_and_password(c.user.clone(), c.password.clone());
+        }
+        if let Some(ca) = &options.ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = connect
             .connect(url)
             .await
             .map_err(|source| BusError::Connect {
-                url: url.to_owned(),
+                url: redact(url),
                 source,
             })?;
         // Wait briefly for the first connection so that callers fail fast on a typo.
@@ -97,7 +165,8 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Creates the streams if missing (idempotent; every process calls it at start).
+    /// Creates the streams and their durable consumers if missing (idempotent;
+    /// every gateway calls it at start; workers may not).
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         self.js
             .get_or_create_stream(stream::Config {
@@ -126,6 +195,8 @@ impl Bus {
             })
             .await
             .map_err(js_err)?;
+        self.create_jobs_consumer().await?;
+        self.persister_consumer().await?;
         Ok(())
     }
 
@@ -147,9 +218,17 @@ impl Bus {
         Ok(())
     }
 
-    /// The durable pull consumer workers share. Each worker fetches at most as many
-    /// jobs as it has free slots, which is what bounds its in-flight jobs.
+    /// The durable pull consumer workers share, which the gateways create. Each
+    /// worker fetches at most as many jobs as it has free slots, which is what
+    /// bounds its in-flight jobs.
     pub async fn jobs_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
+        self.js
+            .get_consumer_from_stream(WORKERS_CONSUMER, JOBS_STREAM)
+            .await
+            .map_err(js_err)
+    }
+
+    async fn create_jobs_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
         let stream = self.js.get_stream(JOBS_STREAM).await.map_err(js_err)?;
         stream
             .get_or_create_consumer(
@@ -282,6 +361,19 @@ pub async fn each_message(
             },
         }
     }
+}
+
+/// `url` without a password it may carry (`nats://user:pass@host`), for messages.
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &u[..scheme], &u[at + 1..])
+            }
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Decodes a job pulled from `RUN_JOBS`.

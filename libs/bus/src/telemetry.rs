@@ -61,6 +61,26 @@ impl Telemetry {
     pub fn decode(payload: &[u8]) -> Result<Telemetry, serde_json::Error> {
         serde_json::from_slice(payload)
     }
+
+    /// The run id and message of a telemetry subject's payload, if the message
+    /// belongs on that subject. A message's kind must match its channel: workers
+    /// may publish output, logs and metrics, never status, so a `complete` or
+    /// `status` event on an output subject is someone's forgery.
+    pub fn from_subject(subject: &str, payload: &[u8]) -> Result<(String, Telemetry), String> {
+        let mut parts = subject.split('.');
+        let (run_id, channel) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("runs"), Some(id), Some(channel), None) if !id.is_empty() => (id, channel),
+            _ => return Err(format!("not a telemetry subject: {subject}")),
+        };
+        let msg = Telemetry::decode(payload).map_err(|e| format!("undecodable: {e}"))?;
+        if msg.channel().as_str() != channel {
+            return Err(format!(
+                "a {} message on the {channel} subject",
+                msg.channel().as_str()
+            ));
+        }
+        Ok((run_id.to_owned(), msg))
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +103,20 @@ mod tests {
             m
         );
         assert_eq!(m.channel(), Channel::Output);
+        let bytes = serde_json::to_vec(&m).expect("bytes");
+        assert_eq!(
+            Telemetry::from_subject("runs.run_a.output", &bytes).map(|(id, _)| id),
+            Ok("run_a".to_owned())
+        );
+        let complete = Telemetry::Event {
+            seq: 9,
+            event: RunEventType::Complete,
+            data: serde_json::json!({"status": "completed"}),
+            ts: 1,
+        };
+        let forged = serde_json::to_vec(&complete).expect("bytes");
+        assert!(Telemetry::from_subject("runs.run_a.output", &forged).is_err());
+        assert!(Telemetry::from_subject("runs.run_a.status", &forged).is_ok());
+        assert!(Telemetry::from_subject("runs.run_a.output.x", &bytes).is_err());
     }
 }

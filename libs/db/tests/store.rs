@@ -39,6 +39,7 @@ async fn one_of_many_concurrent_cancels_wins(db: Db) {
         .expect("agent");
     let run = store
         .create_run(NewRun {
+            id: vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Run),
             org_id: org.id.clone(),
             agent_id: agent.id.clone(),
             agent_name: agent.name.clone(),

@@ -2,6 +2,11 @@
 //! the data dir), one gateway (SQLite under the data dir) and one worker in this
 //! process, a bootstrap API key and an example agent. Ctrl-C stops everything:
 //! the worker drains, the gateway stops, nats-server is terminated.
+//!
+//! It is set up as a fleet is: nats-server has the gateway's and the worker's
+//! users with fresh passwords (no anonymous access), the control plane speaks TLS
+//! with a certificate from a CA under the data dir, and the worker has a
+//! credential of its own (`dev`, minted at every start).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,13 +18,16 @@ use vm0_api_types::Timestamp;
 use vm0_api_types::agents::AgentConfig;
 use vm0_api_types::tokens::{display_prefix, is_token};
 use vm0_bus::server::NatsServer;
+use vm0_bus::{NatsOptions, Role};
 use vm0_db::Store;
-use vm0_gateway::config::DispatchConfig;
+use vm0_gateway::config::{DispatchConfig, GrpcTls};
 use vm0_gateway::{GatewayConfig, auth, routes};
 
 /// Organization that owns what `vm0 dev` creates.
 const DEV_ORG: &str = "default";
 const EXAMPLE_AGENT: &str = "example";
+/// The worker's name (and credential) in `vm0 dev`.
+const DEV_WORKER: &str = "dev";
 
 pub async fn run() -> Result<()> {
     let mut config = GatewayConfig::from_env()?;
@@ -27,21 +35,31 @@ pub async fn run() -> Result<()> {
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let shutdown = CancellationToken::new();
 
-    // NATS: the one given, or our own.
-    let (nats_url, nats) = match std::env::var("VM0_NATS_URL") {
-        Ok(url) => (url, None),
+    // NATS: the one given (its VM0_NATS_USER serves both roles), or our own.
+    let (gateway_nats, worker_nats, nats) = match std::env::var("VM0_NATS_URL") {
+        Ok(url) => {
+            let options = NatsOptions::new(url)
+                .with_env()
+                .map_err(anyhow::Error::msg)?;
+            (options.clone(), options, None)
+        }
         Err(_) => {
             let server = start_nats(&data_dir).await?;
-            (server.url(), Some(server))
+            (
+                server.options(Role::Gateway),
+                server.options(Role::Worker),
+                Some(server),
+            )
         }
     };
-    let worker_token = hex::encode(rand::random::<[u8; 24]>());
     let grpc_addr: SocketAddr = match std::env::var("VM0_GRPC_ADDR") {
         Ok(a) => a.parse().context("VM0_GRPC_ADDR")?,
         Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let mut dispatch = DispatchConfig::new(nats_url.clone(), worker_token.clone());
+    let tls_dir = data_dir.join("tls");
+    let mut dispatch = DispatchConfig::new(gateway_nats);
     dispatch.grpc_addr = grpc_addr;
+    dispatch.grpc_tls = Some(GrpcTls::local(&tls_dir)?);
     config.dispatch = Some(dispatch);
 
     let secrets = vm0_gateway::secrets::SecretBox::from_env_or_file(&data_dir)?;
@@ -52,6 +70,11 @@ pub async fn run() -> Result<()> {
         .await?;
     let api_key = bootstrap_key(&store, &org.id).await?;
     ensure_example_agent(&store, &org.id).await?;
+    // A fresh credential for this run's worker; the last run's is revoked.
+    store
+        .revoke_worker_credential(DEV_WORKER, Timestamp::now().micros())
+        .await?;
+    let worker_token = vm0_gateway::worker_auth::create_credential(&store, DEV_WORKER).await?;
 
     let http_addr = gateway.config.http_addr;
     let http = tokio::net::TcpListener::bind(http_addr)
@@ -61,13 +84,15 @@ pub async fn run() -> Result<()> {
         })?;
     let grpc = tokio::net::TcpListener::bind(grpc_addr).await?;
     let addr = http.local_addr()?;
-    let control_plane = format!("http://{}", grpc.local_addr()?);
+    // By name, as the certificate says; the port is what the listener got.
+    let control_plane = format!("https://127.0.0.1:{}", grpc.local_addr()?.port());
     let server = tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
 
     let worker_config = vm0_worker::WorkerConfig {
-        worker_id: format!("dev-{}", hex::encode(rand::random::<[u8; 3]>())),
-        nats_url,
+        worker_id: DEV_WORKER.into(),
+        nats: worker_nats,
         control_plane_url: control_plane,
+        control_plane_ca: Some(tls_dir.join("ca.pem")),
         worker_token,
         data_dir: data_dir.clone(),
         drain_timeout: Duration::from_secs(10),
@@ -125,7 +150,7 @@ async fn start_nats(data_dir: &Path) -> Result<NatsServer> {
 /// `VM0_BOOTSTRAP_API_KEY` when set (registered once), otherwise a fresh key.
 async fn bootstrap_key(store: &Store, org_id: &str) -> Result<String> {
     let Ok(key) = std::env::var("VM0_BOOTSTRAP_API_KEY") else {
-        let created = routes::tokens::create_token(store, org_id, "vm0 dev", None).await?;
+        let created = routes::tokens::create_token(store, org_id, "vm0 dev", None, None).await?;
         return Ok(created.token);
     };
     anyhow::ensure!(
@@ -141,7 +166,15 @@ async fn bootstrap_key(store: &Store, org_id: &str) -> Result<String> {
         None => {
             let now = Timestamp::now().micros();
             store
-                .insert_token(org_id, "bootstrap", &hash, display_prefix(&key), now, None)
+                .insert_token(
+                    org_id,
+                    "bootstrap",
+                    &hash,
+                    display_prefix(&key),
+                    now,
+                    None,
+                    None,
+                )
                 .await?;
         }
     }

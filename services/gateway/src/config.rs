@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use vm0_bus::NatsOptions;
 use vm0_env_config::parse_or;
 
 /// Validated configuration.
@@ -29,20 +30,70 @@ pub struct GatewayConfig {
     /// `VM0_SSE_POLL_MS`: how often an open event stream looks for new events
     /// without NATS (with NATS, new events arrive live), default 250.
     pub sse_poll: Duration,
+    /// `VM0_TOKEN_MAX_DAYS`: the longest lifetime of a token minted through the
+    /// API (those asking none get it); none by default.
+    pub token_max_days: Option<u32>,
+    /// `VM0_AUTH_FAILURES_PER_MINUTE`: bad tokens an address may present a
+    /// minute before it is answered `429`, default 30 (0: no limit).
+    pub auth_failures_per_minute: u32,
+    /// `VM0_TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks of load
+    /// balancers whose `X-Forwarded-For` names the client; none by default.
+    pub trusted_proxies: Vec<crate::auth::Cidr>,
     /// Dispatch: everything that needs NATS. `None` serves the API from the store
     /// alone (runs stay pending).
     pub dispatch: Option<DispatchConfig>,
 }
 
+/// The control plane's TLS identity (PEM), from `VM0_GRPC_TLS_CERT` and
+/// `VM0_GRPC_TLS_KEY`.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GrpcTls(..)")
+    }
+}
+
+impl GrpcTls {
+    /// A certificate for the loopback addresses from the CA kept in `dir` (made
+    /// there first if absent): what `vm0 dev`, the tests and the benchmarks
+    /// serve the control plane with. The CA certificate is `dir/ca.pem`.
+    pub fn local(dir: &std::path::Path) -> Result<GrpcTls> {
+        let ca = vm0_tls::authority_in(dir, "vm0 local CA")?;
+        let names = ["127.0.0.1", "::1", "localhost"].map(String::from);
+        let cert = ca.server(&names)?;
+        vm0_tls::write_set(dir, &ca, "control-plane", &cert)?;
+        Ok(GrpcTls {
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        })
+    }
+
+    /// Reads the certificate (chain) and key files.
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> Result<GrpcTls> {
+        Ok(GrpcTls {
+            cert_pem: std::fs::read_to_string(cert)
+                .with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key)
+                .with_context(|| format!("reading {}", key.display()))?,
+        })
+    }
+}
+
 /// Settings of the dispatch path: NATS, the gRPC control plane, the reaper.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
-    /// `VM0_NATS_URL`, e.g. `nats://127.0.0.1:4222`.
-    pub nats_url: String,
+    /// `VM0_NATS_URL` (e.g. `nats://127.0.0.1:4222`), with the gateway role's
+    /// `VM0_NATS_USER` / `VM0_NATS_PASSWORD` and `VM0_NATS_CA` (TLS).
+    pub nats: NatsOptions,
     /// `VM0_GRPC_ADDR`, default `127.0.0.1:9090`: the control plane for workers.
     pub grpc_addr: SocketAddr,
-    /// `VM0_WORKER_TOKEN`: the bearer token workers present (required).
-    pub worker_token: String,
+    /// TLS of the control plane; required unless it listens on loopback only.
+    pub grpc_tls: Option<GrpcTls>,
     /// `VM0_HEARTBEAT_INTERVAL_MS`, default 5000: asked of workers.
     pub heartbeat_interval: Duration,
     /// `VM0_WORKER_LOST_AFTER_SECS`, default 60: silence after which a worker's runs fail.
@@ -61,12 +112,12 @@ pub struct DispatchConfig {
 }
 
 impl DispatchConfig {
-    /// Defaults around a NATS URL and a worker token (tests, `vm0 dev`).
-    pub fn new(nats_url: impl Into<String>, worker_token: impl Into<String>) -> DispatchConfig {
+    /// Defaults around a NATS connection (tests, `vm0 dev`).
+    pub fn new(nats: NatsOptions) -> DispatchConfig {
         DispatchConfig {
-            nats_url: nats_url.into(),
+            nats,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            worker_token: worker_token.into(),
+            grpc_tls: None,
             heartbeat_interval: Duration::from_secs(5),
             worker_lost_after: Duration::from_secs(60),
             timeout_grace: Duration::from_secs(30),
@@ -80,17 +131,32 @@ impl DispatchConfig {
         let Ok(nats_url) = std::env::var("VM0_NATS_URL") else {
             return Ok(None);
         };
-        let worker_token = std::env::var("VM0_WORKER_TOKEN").map_err(|_| {
-            anyhow::anyhow!(
-                "VM0_WORKER_TOKEN must be set when VM0_NATS_URL is (workers present it)"
-            )
-        })?;
-        anyhow::ensure!(
-            worker_token.len() >= 16,
-            "VM0_WORKER_TOKEN must be at least 16 characters"
-        );
-        let mut c = DispatchConfig::new(nats_url, worker_token);
+        if std::env::var_os("VM0_WORKER_TOKEN").is_some() {
+            tracing::warn!(
+                "VM0_WORKER_TOKEN is not read by gateways any more: every worker has a \
+                 credential of its own (vm0-gateway worker-token create --name W)"
+            );
+        }
+        let nats = NatsOptions::new(nats_url)
+            .with_env()
+            .map_err(anyhow::Error::msg)?;
+        let mut c = DispatchConfig::new(nats);
         c.grpc_addr = parse_or("VM0_GRPC_ADDR", c.grpc_addr)?;
+        c.grpc_tls = match (
+            std::env::var_os("VM0_GRPC_TLS_CERT"),
+            std::env::var_os("VM0_GRPC_TLS_KEY"),
+        ) {
+            (Some(cert), Some(key)) => Some(GrpcTls::from_files(cert.as_ref(), key.as_ref())?),
+            (None, None) => None,
+            _ => anyhow::bail!("VM0_GRPC_TLS_CERT and VM0_GRPC_TLS_KEY go together"),
+        };
+        anyhow::ensure!(
+            c.grpc_tls.is_some() || c.grpc_addr.ip().is_loopback(),
+            "VM0_GRPC_ADDR {} is not a loopback address: workers' run secrets would cross the \
+             network in clear. Set VM0_GRPC_TLS_CERT and VM0_GRPC_TLS_KEY (vm0-gateway tls \
+             create makes a set)",
+            c.grpc_addr
+        );
         c.heartbeat_interval = Duration::from_millis(parse_or("VM0_HEARTBEAT_INTERVAL_MS", 5000)?);
         c.worker_lost_after = Duration::from_secs(parse_or("VM0_WORKER_LOST_AFTER_SECS", 60)?);
         c.timeout_grace = Duration::from_secs(parse_or("VM0_TIMEOUT_GRACE_SECS", 30)?);
@@ -135,6 +201,24 @@ impl GatewayConfig {
             auth_cache_secs <= 300,
             "VM0_AUTH_CACHE_SECS must be at most 300"
         );
+        let token_max_days: Option<u32> = vm0_env_config::parse_opt("VM0_TOKEN_MAX_DAYS")?;
+        anyhow::ensure!(
+            token_max_days
+                .is_none_or(|d| (1..=vm0_api_types::tokens::MAX_EXPIRES_IN_DAYS).contains(&d)),
+            "VM0_TOKEN_MAX_DAYS must be from 1 to {}",
+            vm0_api_types::tokens::MAX_EXPIRES_IN_DAYS
+        );
+        let trusted_proxies = match std::env::var("VM0_TRUSTED_PROXIES") {
+            Ok(list) => list
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e: String| anyhow::anyhow!("VM0_TRUSTED_PROXIES: {e}"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Err(_) => Vec::new(),
+        };
         let db_max_connections = parse_or("VM0_DB_MAX_CONNECTIONS", 16)?;
         anyhow::ensure!(
             db_max_connections >= 1,
@@ -149,6 +233,9 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(heartbeat_secs),
             auth_cache_ttl: Duration::from_secs(auth_cache_secs),
             sse_poll: Duration::from_millis(poll_ms),
+            token_max_days,
+            auth_failures_per_minute: parse_or("VM0_AUTH_FAILURES_PER_MINUTE", 30)?,
+            trusted_proxies,
             dispatch: DispatchConfig::from_env()?,
         })
     }
@@ -164,6 +251,9 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(15),
             auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
+            token_max_days: None,
+            auth_failures_per_minute: 30,
+            trusted_proxies: Vec::new(),
             dispatch: None,
         }
     }

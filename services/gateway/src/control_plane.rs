@@ -1,11 +1,15 @@
 //! The gRPC control plane workers talk to: registration, heartbeats, claims (the
 //! fence), status reports and finishes. Served by every gateway; all state is in
 //! the store, so a worker may talk to any replica.
+//!
+//! Every call is authenticated by the worker's own credential
+//! ([`crate::worker_auth`]), which fixes who it is: a request about another
+//! worker is refused, and reports and finishes are fenced by attempt and owner, so
+//! a worker touches only runs it holds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 use vm0_api_types::Timestamp;
 use vm0_api_types::agents::AgentConfig;
@@ -20,6 +24,7 @@ use crate::config::DispatchConfig;
 use crate::dispatch::publish_events;
 use crate::error::ErrorChain;
 use crate::secrets::SecretBox;
+use crate::worker_auth::{WorkerAuth, identity};
 
 /// Agent versions cached at most.
 const VERSION_CACHE: usize = 10_000;
@@ -30,39 +35,33 @@ pub struct ControlPlaneService {
     bus: Bus,
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
+    auth: WorkerAuth,
 }
 
-/// The service wrapped in the worker-token check.
+/// The service; each call authenticates its worker.
 pub fn server(
     store: Store,
     bus: Bus,
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
-) -> tonic::service::interceptor::InterceptedService<
-    ControlPlaneServer<ControlPlaneService>,
-    impl tonic::service::Interceptor + Clone,
-> {
-    let expected = format!("Bearer {}", config.worker_token).into_bytes();
-    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default();
-        if bool::from(given.ct_eq(&expected)) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or wrong worker token"))
-        }
-    };
-    let svc = ControlPlaneService {
+) -> ControlPlaneServer<ControlPlaneService> {
+    ControlPlaneServer::new(ControlPlaneService {
+        auth: WorkerAuth::new(store.clone()),
         store,
         versions: Default::default(),
         bus,
         secrets,
         config,
-    };
-    ControlPlaneServer::with_interceptor(svc, check)
+    })
+}
+
+impl ControlPlaneService {
+    /// The calling worker's id: its credential's name, which the request's
+    /// `worker_id` must match (or leave empty).
+    async fn caller<T>(&self, req: &Request<T>, claimed: &str) -> Result<String, Status> {
+        let name = self.auth.authenticate(req.metadata()).await?;
+        identity(&name, claimed)
+    }
 }
 
 /// The span of one control-plane call: a child of the worker's span when the call
@@ -80,16 +79,6 @@ pub fn rpc_span(req: &axum::http::Request<()>) -> tracing::Span {
 fn internal(e: &dyn std::error::Error) -> Status {
     tracing::error!(error = %ErrorChain(e), "control plane request failed");
     Status::internal("control plane error; see the gateway's log")
-}
-
-fn check_worker_id(id: &str) -> Result<(), Status> {
-    let ok = (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    ok.then_some(()).ok_or_else(|| {
-        Status::invalid_argument("worker_id must be 1-128 characters of [A-Za-z0-9-_.]")
-    })
 }
 
 fn check_run_id(id: &str) -> Result<(), Status> {
@@ -166,7 +155,10 @@ impl ControlPlaneService {
         let variables: BTreeMap<String, String> =
             serde_json::from_str(&run.variables).unwrap_or_default();
         let secrets = match &run.secrets_sealed {
-            Some(sealed) => self.secrets.open(sealed).map_err(|e| internal(&e))?,
+            Some(sealed) => self
+                .secrets
+                .open(&run.id, sealed)
+                .map_err(|e| internal(&e))?,
             None => BTreeMap::new(),
         };
         let mut env: std::collections::HashMap<String, String> = config.env.into_iter().collect();
@@ -223,11 +215,11 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
-        check_worker_id(&r.worker_id)?;
         self.store
             .register_worker(
-                &r.worker_id,
+                &worker_id,
                 &r.hostname,
                 &r.sandbox,
                 &capacity_json(r.capacity),
@@ -235,8 +227,9 @@ impl ControlPlane for ControlPlaneService {
             )
             .await
             .map_err(|e| internal(&e))?;
-        tracing::info!(worker_id = %r.worker_id, sandbox = %r.sandbox, capacity = ?r.capacity, "worker registered");
+        tracing::info!(%worker_id, sandbox = %r.sandbox, capacity = ?r.capacity, "worker registered");
         Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id,
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             lost_after_ms: u32::try_from(self.config.worker_lost_after.as_millis())
@@ -248,12 +241,12 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
-        check_worker_id(&r.worker_id)?;
         let known = self
             .store
             .heartbeat_worker(
-                &r.worker_id,
+                &worker_id,
                 &capacity_json(r.free),
                 Timestamp::now().micros(),
             )
@@ -267,7 +260,7 @@ impl ControlPlane for ControlPlaneService {
         }
         let cancel_run_ids = self
             .store
-            .cancel_requested_runs(&r.worker_id)
+            .cancel_requested_runs(&worker_id)
             .await
             .map_err(|e| internal(&e))?;
         Ok(Response::new(pb::HeartbeatResponse {
@@ -280,12 +273,12 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::ClaimRequest>,
     ) -> Result<Response<pb::ClaimResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
-        check_worker_id(&r.worker_id)?;
         check_run_id(&r.run_id)?;
         let worker = self
             .store
-            .get_worker(&r.worker_id)
+            .get_worker(&worker_id)
             .await
             .map_err(|e| internal(&e))?
             .ok_or_else(|| Status::failed_precondition("unknown worker: register first"))?;
@@ -319,7 +312,7 @@ impl ControlPlane for ControlPlaneService {
                             format!(
                                 "the agent asks for {} vCPUs, {} MB of memory and {} MB of disk, \
                                  more than worker {} has ({vcpus} vCPUs, {mem} MB, {disk} MB)",
-                                res.vcpus, res.memory_mb, res.disk_mb, r.worker_id
+                                res.vcpus, res.memory_mb, res.disk_mb, worker_id
                             ),
                         )
                         .await;
@@ -329,7 +322,7 @@ impl ControlPlane for ControlPlaneService {
         let now = Timestamp::now().micros();
         let outcome = self
             .store
-            .claim_run(&r.run_id, &r.worker_id, now)
+            .claim_run(&r.run_id, &worker_id, now)
             .await
             .map_err(|e| internal(&e))?;
         let (outcome, attempt, spec, events) = match outcome {
@@ -342,7 +335,7 @@ impl ControlPlane for ControlPlaneService {
             ClaimOutcome::NotFound => (PbClaim::NotFound, 0, None, vec![]),
         };
         self.publish_later(events);
-        tracing::debug!(run_id = %r.run_id, worker_id = %r.worker_id, outcome = ?outcome, "claim");
+        tracing::debug!(run_id = %r.run_id, %worker_id, outcome = ?outcome, "claim");
         Ok(Response::new(pb::ClaimResponse {
             outcome: outcome.into(),
             attempt: u32::try_from(attempt).unwrap_or(0),
@@ -355,8 +348,8 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::ReportStatusRequest>,
     ) -> Result<Response<pb::ReportStatusResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
-        check_worker_id(&r.worker_id)?;
         check_run_id(&r.run_id)?;
         let run = self
             .store
@@ -365,7 +358,7 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?;
         let current = run.is_some_and(|run| {
             run.status == RunStatus::Running.as_str()
-                && run.worker_id.as_deref() == Some(r.worker_id.as_str())
+                && run.worker_id.as_deref() == Some(worker_id.as_str())
                 && i64::from(run.attempt) == i64::from(r.attempt)
         });
         if current && !r.message.is_empty() {
@@ -375,7 +368,7 @@ impl ControlPlane for ControlPlaneService {
                 log_type: vm0_api_types::runs::LogType::System,
                 level: vm0_api_types::runs::LogLevel::Info,
                 message: r.message.chars().take(4096).collect(),
-                metadata: serde_json::json!({"workerId": r.worker_id}),
+                metadata: serde_json::json!({"workerId": worker_id}),
             };
             self.store
                 .append_logs(&r.run_id, &[line])
@@ -391,8 +384,8 @@ impl ControlPlane for ControlPlaneService {
         &self,
         req: Request<pb::FinishRequest>,
     ) -> Result<Response<pb::FinishResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
-        check_worker_id(&r.worker_id)?;
         check_run_id(&r.run_id)?;
         let status = final_status(r.status)?;
         let error = (!r.error.is_empty()).then(|| r.error.chars().take(4096).collect::<String>());
@@ -404,7 +397,7 @@ impl ControlPlane for ControlPlaneService {
         let finish = FinishRun {
             run_id: r.run_id.clone(),
             attempt: i32::try_from(r.attempt).unwrap_or(-1),
-            worker_id: Some(r.worker_id.clone()),
+            worker_id: Some(worker_id.clone()),
             status,
             exit_code: r.exit_code,
             error,
@@ -425,7 +418,7 @@ impl ControlPlane for ControlPlaneService {
             }
             FinishOutcome::Stale => false,
         };
-        tracing::debug!(run_id = %r.run_id, worker_id = %r.worker_id, %status, accepted, "finish");
+        tracing::debug!(run_id = %r.run_id, %worker_id, %status, accepted, "finish");
         Ok(Response::new(pb::FinishResponse { accepted }))
     }
 }

@@ -13,6 +13,8 @@ use crate::request_id;
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ApiErrorBody,
+    /// Seconds a rate-limited client should wait (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
                 message: message.into(),
                 param: None,
             },
+            retry_after: None,
         }
     }
 
@@ -161,6 +164,29 @@ impl ApiError {
         )
     }
 
+    /// 429 with `Retry-After: secs`.
+    pub fn rate_limited(message: impl Into<String>, secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorType::RateLimitError,
+            ErrorCode::RateLimited,
+            message,
+        );
+        e.retry_after = Some(secs);
+        e
+    }
+
+    /// 403: the caller is known, but may not do this (a token acting outside the
+    /// tokens it minted).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            ErrorType::PermissionError,
+            ErrorCode::InsufficientPermissions,
+            message,
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -209,6 +235,10 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }
@@ -229,6 +259,21 @@ mod tests {
         let e: ApiError = StoreError::Corrupt("bad".into()).into();
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!e.body.message.contains("bad"), "internal detail leaked");
+    }
+
+    #[test]
+    fn rate_limits_say_when_to_retry_and_forbidden_is_403() {
+        let resp = ApiError::rate_limited("slow down", 42).into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("42")
+        );
+        let e = ApiError::forbidden("no");
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert_eq!(e.body.kind, ErrorType::PermissionError);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub mod request_id;
 pub mod routes;
 /// Run secrets sealed at rest.
 pub mod secrets;
+/// Worker credentials: who may talk to the control plane.
+pub mod worker_auth;
 
 use std::sync::Arc;
 
@@ -55,8 +57,10 @@ use routes::{agents, events, health, runs, telemetry, tokens};
 pub struct AppState {
     pub store: Store,
     pub config: Arc<GatewayConfig>,
-    /// Recently verified API tokens.
+    /// Recently verified (and refused) API tokens.
     pub tokens: Arc<auth::TokenCache>,
+    /// Bad tokens per client address.
+    pub auth_failures: Arc<auth::FailureLimit>,
     /// Cancelled at shutdown; long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
     /// NATS, when dispatch is configured.
@@ -130,14 +134,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Opens the store (migrating it), connects to NATS when dispatch is configured
-    /// (creating the streams), and loads the secrets key.
+    /// Opens the store (migrating it), checks that the secrets key is the
+    /// deployment's, and connects to NATS when dispatch is configured (creating
+    /// the streams).
     pub async fn open(config: GatewayConfig, secrets: SecretBox) -> anyhow::Result<Gateway> {
         use anyhow::Context;
         let store = open_store(&config).await?;
+        secrets.check_against(&store).await?;
         let bus = match &config.dispatch {
             Some(d) => {
-                let bus = Bus::connect(&d.nats_url, "vm0-gateway").await?;
+                let bus = Bus::connect(&d.nats, vm0_bus::Role::Gateway, "vm0-gateway").await?;
                 bus.ensure_streams()
                     .await
                     .context("creating JetStream streams")?;
@@ -165,6 +171,9 @@ impl Gateway {
         let state = AppState {
             store: self.store.clone(),
             tokens: Arc::new(auth::TokenCache::new(self.config.auth_cache_ttl)),
+            auth_failures: Arc::new(auth::FailureLimit::new(
+                self.config.auth_failures_per_minute,
+            )),
             config: Arc::new(self.config),
             shutdown: shutdown.clone(),
             bus: self.bus.clone(),
@@ -191,12 +200,29 @@ impl Gateway {
                 shutdown.clone(),
             ));
             if let Some(grpc) = grpc {
+                let addr = grpc.local_addr()?;
+                let mut builder = tonic::transport::Server::builder();
+                match &dispatch.grpc_tls {
+                    Some(tls) => {
+                        let identity =
+                            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+                        builder = builder
+                            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                            .map_err(|e| anyhow::anyhow!("the control plane's TLS: {e}"))?;
+                    }
+                    // Run secrets cross this link: in clear only on loopback.
+                    None if !addr.ip().is_loopback() => anyhow::bail!(
+                        "the control plane listens on {addr}, which is not loopback, without TLS \
+                         (set VM0_GRPC_TLS_CERT and VM0_GRPC_TLS_KEY)"
+                    ),
+                    None => {}
+                }
                 let svc = control_plane::server(self.store.clone(), bus, self.secrets, dispatch);
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
                     let incoming =
                         tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-                    let served = tonic::transport::Server::builder()
+                    let served = builder
                         .trace_fn(control_plane::rpc_span)
                         .add_service(svc)
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -212,9 +238,13 @@ impl Gateway {
         let http = http.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(http, app(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        // Connect info: the client's address limits bad tokens per address.
+        let served = axum::serve(
+            http,
+            app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         served?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use vm0_api_types::runs::{LogLevel, LogType, RunEventType};
-use vm0_bus::{Bus, Telemetry, subjects};
+use vm0_bus::{Bus, Telemetry};
 use vm0_db::entity::run_event;
 use vm0_db::{NewLog, NewMetric, Store};
 
@@ -137,17 +137,9 @@ async fn drain(store: &Store, bus: &Bus, shutdown: &CancellationToken) -> anyhow
         for msg in chunk {
             let msg = msg.map_err(|e| anyhow::anyhow!("telemetry consumer: {e}"))?;
             let subject = msg.subject.to_string();
-            match (
-                subjects::run_id_of(&subject),
-                Telemetry::decode(&msg.payload),
-            ) {
-                (Some(run_id), Ok(t)) => rows.add(run_id, t),
-                (_, Err(e)) => {
-                    tracing::warn!(%subject, error = %e, "dropping undecodable telemetry")
-                }
-                (None, _) => {
-                    tracing::warn!(%subject, "dropping telemetry on an unexpected subject")
-                }
+            match Telemetry::from_subject(&subject, &msg.payload) {
+                Ok((run_id, t)) => rows.add(&run_id, t),
+                Err(why) => tracing::warn!(%subject, %why, "dropping telemetry"),
             }
             messages.push(msg);
         }

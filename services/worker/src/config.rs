@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use vm0_bus::NatsOptions;
 use vm0_env_config::{parse_opt, parse_or};
 use vm0_sandbox::cgroup::HostLimits;
 use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
@@ -11,13 +12,21 @@ use vm0_sandbox::slot_user::UidRange;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// `VM0_WORKER_ID`, default `<hostname>-<random>`.
+    /// `VM0_WORKER_ID`: empty by default, meaning the name the credential was
+    /// minted for (the control plane says it at registration); if set, it must
+    /// be that name.
     pub worker_id: String,
-    /// `VM0_NATS_URL`, default `nats://127.0.0.1:4222`.
-    pub nats_url: String,
-    /// `VM0_CONTROL_PLANE_URL`, default `http://127.0.0.1:9090`.
+    /// `VM0_NATS_URL` (default `nats://127.0.0.1:4222`) with the worker role's
+    /// `VM0_NATS_USER`, `VM0_NATS_PASSWORD` and `VM0_NATS_CA`.
+    pub nats: NatsOptions,
+    /// `VM0_CONTROL_PLANE_URL`, default `http://127.0.0.1:9090`: `https://`
+    /// anywhere but loopback.
     pub control_plane_url: String,
-    /// `VM0_WORKER_TOKEN` (required).
+    /// `VM0_CONTROL_PLANE_CA`: the CA that signed the control plane's
+    /// certificate (PEM); the system's roots when unset.
+    pub control_plane_ca: Option<PathBuf>,
+    /// `VM0_WORKER_TOKEN` (required): this worker's credential
+    /// (`vm0-gateway worker-token create --name W`).
     pub worker_token: String,
     /// `VM0_WORKER_SLOTS`: runs at once, default the number of CPUs.
     pub slots: u32,
@@ -60,14 +69,6 @@ fn sibling_guest_agent() -> Option<PathBuf> {
     agent.is_file().then_some(agent)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into())
-}
-
 /// Total memory of the machine in MB.
 fn memory_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -85,13 +86,11 @@ impl WorkerConfig {
     /// Defaults sized to this machine, with an empty token.
     pub fn defaults() -> WorkerConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let suffix: String = (0..6)
-            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-            .collect();
         WorkerConfig {
-            worker_id: format!("{}-{suffix}", hostname()),
-            nats_url: "nats://127.0.0.1:4222".into(),
+            worker_id: String::new(),
+            nats: NatsOptions::new("nats://127.0.0.1:4222"),
             control_plane_url: "http://127.0.0.1:9090".into(),
+            control_plane_ca: None,
             worker_token: String::new(),
             slots: cpus,
             vcpus: cpus,
@@ -114,10 +113,17 @@ impl WorkerConfig {
     /// `vm0 dev` starts from here and sets the addresses and token itself.
     pub fn apply_env(self) -> Result<WorkerConfig> {
         let d = self;
+        let nats = match std::env::var("VM0_NATS_URL") {
+            Ok(url) => NatsOptions::new(url),
+            Err(_) => d.nats,
+        }
+        .with_env()
+        .map_err(anyhow::Error::msg)?;
         let config = WorkerConfig {
             worker_id: parse_or("VM0_WORKER_ID", d.worker_id)?,
-            nats_url: parse_or("VM0_NATS_URL", d.nats_url)?,
+            nats,
             control_plane_url: parse_or("VM0_CONTROL_PLANE_URL", d.control_plane_url)?,
+            control_plane_ca: parse_opt("VM0_CONTROL_PLANE_CA")?.or(d.control_plane_ca),
             worker_token: parse_or("VM0_WORKER_TOKEN", d.worker_token)?,
             slots: parse_or("VM0_WORKER_SLOTS", d.slots)?,
             vcpus: d.vcpus,
@@ -148,6 +154,15 @@ impl WorkerConfig {
         Ok(config)
     }
 
+    /// The directory name of this worker's scratch files (its id, once known).
+    pub fn scratch_name(&self) -> &str {
+        if self.worker_id.is_empty() {
+            "unregistered"
+        } else {
+            &self.worker_id
+        }
+    }
+
     /// What choosing the sandbox backend needs.
     pub fn select_options(&self) -> SelectOptions {
         SelectOptions {
@@ -160,7 +175,7 @@ impl WorkerConfig {
                 .image_cache
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("images")),
-            scratch_dir: self.data_dir.join("worker").join(&self.worker_id),
+            scratch_dir: self.data_dir.join("worker").join(self.scratch_name()),
             bubblewrap_limits: self.bubblewrap_limits,
             slot_users: Vec::new(),
         }
@@ -168,8 +183,9 @@ impl WorkerConfig {
 
     /// The whole configuration from the environment; `VM0_WORKER_TOKEN` is required.
     pub fn from_env() -> Result<WorkerConfig> {
-        std::env::var("VM0_WORKER_TOKEN")
-            .context("VM0_WORKER_TOKEN must be set (the token the gateway expects from workers)")?;
+        std::env::var("VM0_WORKER_TOKEN").context(
+            "VM0_WORKER_TOKEN must be set: this worker's credential (vm0-gateway worker-token create --name W)",
+        )?;
         WorkerConfig::defaults().apply_env()
     }
 }

@@ -1,5 +1,6 @@
-//! The gRPC client of the control plane, with the worker token on every call and
-//! retries for transient failures.
+//! The gRPC client of the control plane, with the worker's credential on every
+//! call and retries for transient failures. TLS (`https://`) wherever the control
+//! plane is not on loopback: the claim answer carries the run's secrets.
 
 use std::time::Duration;
 
@@ -26,14 +27,51 @@ impl tonic::service::Interceptor for AuthHeader {
     }
 }
 
-pub fn connect(url: &str, token: &str) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(url.to_owned())?
+/// Whether a URL's host is a loopback address (or `localhost`).
+fn loopback(uri: &http::Uri) -> bool {
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+pub fn connect(url: &str, token: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("VM0_CONTROL_PLANE_URL {url:?}: {e}"))?;
+    let mut endpoint = Channel::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy();
+        .timeout(Duration::from_secs(30));
+    match uri.scheme_str() {
+        Some("https") => {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            tls = match ca {
+                Some(ca) => {
+                    let pem = std::fs::read_to_string(ca).map_err(|e| {
+                        anyhow::anyhow!("reading VM0_CONTROL_PLANE_CA {}: {e}", ca.display())
+                    })?;
+                    tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                }
+                None => tls.with_native_roots(),
+            };
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Some("http") if loopback(&uri) => {}
+        Some("http") => anyhow::bail!(
+            "VM0_CONTROL_PLANE_URL {url} is plain http to another machine: run secrets would \
+             cross the network in clear; use https:// (and VM0_CONTROL_PLANE_CA)"
+        ),
+        _ => anyhow::bail!("VM0_CONTROL_PLANE_URL {url} must be https:// (or http:// on loopback)"),
+    }
+    let channel = endpoint.connect_lazy();
     let header = format!("Bearer {token}")
         .parse()
-        .map_err(|_| anyhow::anyhow!("the worker token has characters not allowed in a header"))?;
+        .map_err(|_| anyhow::anyhow!("VM0_WORKER_TOKEN has characters not allowed in a header"))?;
     Ok(ControlPlaneClient::with_interceptor(
         channel,
         AuthHeader(header),
@@ -67,4 +105,24 @@ where
         }
     }
     unreachable!("the loop returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_http_is_for_loopback_only() {
+        for ok in [
+            "http://127.0.0.1:9090",
+            "http://localhost:9090",
+            "http://[::1]:9090",
+            "https://gw:9090",
+        ] {
+            assert!(connect(ok, "t", None).is_ok(), "{ok}");
+        }
+        let err = connect("http://10.0.0.5:9090", "t", None).expect_err("refused");
+        assert!(err.to_string().contains("https://"), "{err}");
+        assert!(connect("ftp://x", "t", None).is_err());
+    }
 }

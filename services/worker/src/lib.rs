@@ -95,15 +95,23 @@ pub async fn run<S: Sandbox>(
     slots: Slots,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    let control = control::connect(
+        &config.control_plane_url,
+        &config.worker_token,
+        config.control_plane_ca.as_deref(),
+    )?;
+    // Who we are is what our credential says.
+    let registered = register(&control, &config, sandbox.name()).await?;
+    config.worker_id = registered.worker_id.clone();
+    let heartbeat_every =
+        Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     let bus = Bus::connect(
-        &config.nats_url,
+        &config.nats,
+        vm0_bus::Role::Worker,
         &format!("vm0-worker {}", config.worker_id),
     )
     .await?;
-    bus.ensure_streams()
-        .await
-        .context("creating JetStream streams")?;
-    let control = control::connect(&config.control_plane_url, &config.worker_token)?;
     let ctx = Arc::new(WorkerCtx {
         slots,
         config,
@@ -113,7 +121,6 @@ pub async fn run<S: Sandbox>(
         running: Mutex::new(HashMap::new()),
         stop_runs: CancellationToken::new(),
     });
-    let heartbeat_every = register(&ctx).await?;
     tracing::info!(
         worker_id = %ctx.config.worker_id,
         slots = ctx.config.slots,
@@ -158,8 +165,11 @@ pub async fn run<S: Sandbox>(
     pulled
 }
 
-async fn register<S: Sandbox>(ctx: &WorkerCtx<S>) -> anyhow::Result<Duration> {
-    let c = &ctx.config;
+async fn register(
+    control: &control::Client,
+    c: &WorkerConfig,
+    sandbox: &str,
+) -> anyhow::Result<pb::RegisterWorkerResponse> {
     let req = pb::RegisterWorkerRequest {
         worker_id: c.worker_id.clone(),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -172,19 +182,21 @@ async fn register<S: Sandbox>(ctx: &WorkerCtx<S>) -> anyhow::Result<Duration> {
             memory_mb: c.memory_mb,
             disk_mb: c.disk_mb,
         }),
-        sandbox: ctx.sandbox.name().to_owned(),
+        sandbox: sandbox.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let resp = control::retry("register", || {
-        let mut client = ctx.control.clone();
+        let mut client = control.clone();
         let req = req.clone();
         async move { client.register_worker(req).await }
     })
     .await
     .context("registering with the control plane")?;
-    Ok(Duration::from_millis(u64::from(
-        resp.heartbeat_interval_ms.max(100),
-    )))
+    anyhow::ensure!(
+        !resp.worker_id.is_empty(),
+        "the control plane did not say who this worker is (an older gateway?)"
+    );
+    Ok(resp)
 }
 
 async fn heartbeat_loop<S: Sandbox>(
@@ -214,7 +226,7 @@ async fn heartbeat_loop<S: Sandbox>(
                     ctx.cancel(id);
                 }
                 if resp.reregister
-                    && let Err(e) = register(&ctx).await
+                    && let Err(e) = register(&ctx.control, &ctx.config, ctx.sandbox.name()).await
                 {
                     tracing::warn!(error = %e, "re-registering failed");
                 }
@@ -247,7 +259,19 @@ async fn job_loop<S: Sandbox>(
     runs: &mut tokio::task::JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer = ctx.bus.jobs_consumer().await?;
+    // The gateways make the consumer; a worker started first waits for it.
+    let consumer = loop {
+        match ctx.bus.jobs_consumer().await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the jobs consumer is not there yet (gateways create it); retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     loop {
         // Wait for a free slot (or shutdown) before asking for work.
         let first = tokio::select! {

@@ -15,6 +15,10 @@ pub struct Model {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    /// The token that minted this one through the API (`None`: minted by the
+    /// operator, `vm0-gateway token create`). Revoking a token revokes what it
+    /// minted.
+    pub created_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

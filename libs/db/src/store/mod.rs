@@ -11,6 +11,7 @@ mod run_batch;
 mod runs;
 mod telemetry;
 mod tokens;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;

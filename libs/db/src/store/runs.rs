@@ -11,6 +11,9 @@ use crate::entity::{checkpoint, run, run_event, run_log, session, storage, stora
 /// Everything needed to insert a run; resolved and validated by the caller.
 #[derive(Debug, Clone)]
 pub struct NewRun {
+    /// A fresh run id (`new_id(IdKind::Run)`): the caller seals the run's secrets
+    /// to it before the run exists.
+    pub id: String,
     pub org_id: String,
     pub agent_id: String,
     pub agent_name: String,
@@ -87,7 +90,7 @@ impl Store {
     /// writer (`run_batch`); returns once the run is committed.
     pub async fn create_run(&self, new: NewRun) -> Result<run::Model, StoreError> {
         let run = run::Model {
-            id: new_id(IdKind::Run),
+            id: new.id,
             org_id: new.org_id,
             agent_id: new.agent_id,
             agent_name: new.agent_name,
@@ -216,6 +219,10 @@ impl Store {
                 .col_expr(run::Column::CompletedAt, Expr::value(now))
                 .col_expr(run::Column::ExecutionTimeMs, Expr::value(execution_ms))
                 .col_expr(run::Column::LastEventSeq, Expr::value(seq + 2))
+                .col_expr(
+                    run::Column::SecretsSealed,
+                    Expr::value(Option::<String>::None),
+                )
                 .filter(run::Column::Id.eq(id))
                 .filter(run::Column::Status.eq(current.status.clone()))
                 .filter(run::Column::LastEventSeq.eq(seq))

@@ -46,7 +46,9 @@ impl Store {
             .await?)
     }
 
-    /// Stores a token by the hash of its secret.
+    /// Stores a token by the hash of its secret; `created_by` is the token that
+    /// minted it through the API (`None`: the operator).
+    #[allow(clippy::too_many_arguments)]
     pub async fn insert_token(
         &self,
         org_id: &str,
@@ -55,6 +57,7 @@ impl Store {
         prefix: &str,
         now: i64,
         expires_at: Option<i64>,
+        created_by: Option<&str>,
     ) -> Result<api_token::Model, StoreError> {
         let row = api_token::ActiveModel {
             id: Set(new_id(IdKind::Token)),
@@ -65,6 +68,7 @@ impl Store {
             created_at: Set(now),
             expires_at: Set(expires_at),
             revoked_at: Set(None),
+            created_by: Set(created_by.map(str::to_owned)),
         };
         Ok(row.insert(self.conn()).await?)
     }
@@ -77,6 +81,13 @@ impl Store {
     ) -> Result<Option<api_token::Model>, StoreError> {
         Ok(api_token::Entity::find()
             .filter(api_token::Column::TokenHash.eq(token_hash))
+            .one(self.conn())
+            .await?)
+    }
+
+    /// A token by id, whatever its organization and state (operator commands).
+    pub async fn find_token_by_id(&self, id: &str) -> Result<Option<api_token::Model>, StoreError> {
+        Ok(api_token::Entity::find_by_id(id.to_owned())
             .one(self.conn())
             .await?)
     }
@@ -106,20 +117,81 @@ impl Store {
             .await?)
     }
 
-    /// Revokes a token of `org_id`; false if there is no such live token.
-    pub async fn revoke_token(&self, org_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
-        let txn = self.begin_write().await?;
-        let res = api_token::Entity::update_many()
-            .col_expr(
-                api_token::Column::RevokedAt,
-                sea_orm::sea_query::Expr::value(now),
-            )
+    /// A live token of `org_id` by id.
+    pub async fn get_token(
+        &self,
+        org_id: &str,
+        id: &str,
+    ) -> Result<Option<api_token::Model>, StoreError> {
+        Ok(api_token::Entity::find_by_id(id.to_owned())
             .filter(api_token::Column::OrgId.eq(org_id))
-            .filter(api_token::Column::Id.eq(id))
             .filter(api_token::Column::RevokedAt.is_null())
-            .exec(&*txn)
+            .one(self.conn())
+            .await?)
+    }
+
+    /// Whether `ancestor` minted `id`, directly or through tokens it minted.
+    pub async fn token_descends_from(
+        &self,
+        org_id: &str,
+        id: &str,
+        ancestor: &str,
+    ) -> Result<bool, StoreError> {
+        let mut current = api_token::Entity::find_by_id(id.to_owned())
+            .filter(api_token::Column::OrgId.eq(org_id))
+            .one(self.conn())
             .await?;
+        // A minting chain is short; the bound only guards against a corrupt cycle.
+        for _ in 0..1000 {
+            let Some(parent) = current.and_then(|t| t.created_by) else {
+                return Ok(false);
+            };
+            if parent == ancestor {
+                return Ok(true);
+            }
+            current = api_token::Entity::find_by_id(parent)
+                .filter(api_token::Column::OrgId.eq(org_id))
+                .one(self.conn())
+                .await?;
+        }
+        Ok(false)
+    }
+
+    /// Revokes a live token of `org_id` and every live token it minted, directly
+    /// or not; the ids revoked (empty if there is no such live token).
+    pub async fn revoke_token(
+        &self,
+        org_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.begin_write().await?;
+        let mut revoked = Vec::new();
+        let mut frontier = vec![id.to_owned()];
+        while let Some(next) = frontier.pop() {
+            let res = api_token::Entity::update_many()
+                .col_expr(
+                    api_token::Column::RevokedAt,
+                    sea_orm::sea_query::Expr::value(now),
+                )
+                .filter(api_token::Column::OrgId.eq(org_id))
+                .filter(api_token::Column::Id.eq(next.clone()))
+                .filter(api_token::Column::RevokedAt.is_null())
+                .exec(&*txn)
+                .await?;
+            if res.rows_affected != 1 {
+                continue;
+            }
+            let children = api_token::Entity::find()
+                .filter(api_token::Column::OrgId.eq(org_id))
+                .filter(api_token::Column::CreatedBy.eq(next.clone()))
+                .filter(api_token::Column::RevokedAt.is_null())
+                .all(&*txn)
+                .await?;
+            frontier.extend(children.into_iter().map(|c| c.id));
+            revoked.push(next);
+        }
         txn.commit().await?;
-        Ok(res.rows_affected == 1)
+        Ok(revoked)
     }
 }

@@ -4,6 +4,11 @@
 //! as they are stored, with a `heartbeat` (no id) every `sse_heartbeat`. The stream
 //! ends right after `complete`. Each event's `id:` is `evt_<seq>`, the per-run
 //! sequence number, so a resumed stream gets exactly the events it missed.
+//!
+//! A stream lives no longer than its token: when the token is revoked (heard at
+//! once on this replica, over NATS from others) or expires, the stream sends an
+//! `error` event (`{type, code, message}`, no id) and ends. With NATS down, the
+//! store is asked at every heartbeat.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -68,10 +73,19 @@ pub async fn stream(
     let after = resume_position(&headers, &q)?;
     let run = load(&state, &caller, &id).await?;
     let (tx, rx) = mpsc::channel(64);
-    let org_id = caller.org_id;
+    // Subscribed before the stream starts: a revocation from now on is heard.
+    let revocations = state.tokens.revocations();
     tokio::spawn(async move {
-        if let Err(e) = pump(&state, &org_id, &run.id, after, &tx).await {
-            tracing::warn!(run_id = %run.id, error = %ErrorChain(e.as_ref()), "event stream ended early");
+        tokio::select! {
+            pumped = pump(&state, &caller.org_id, &run.id, after, &tx) => {
+                if let Err(e) = pumped {
+                    tracing::warn!(run_id = %run.id, error = %ErrorChain(e.as_ref()), "event stream ended early");
+                }
+            }
+            why = token_ends(&state, &caller, revocations) => {
+                tracing::info!(run_id = %run.id, token_id = %caller.token_id, why, "event stream ended: its token is no longer valid");
+                let _ = tx.send(Ok(auth_error(why))).await;
+            }
         }
     });
     let mut resp = Sse::new(ReceiverStream::new(rx)).into_response();
@@ -88,6 +102,58 @@ fn sse_event(e: &StoredEvent) -> Event {
         .event(e.event_type.as_str())
         .id(event_id(e.seq))
         .data(e.data.to_string())
+}
+
+/// The `error` event that ends a stream whose token stopped being valid.
+fn auth_error(message: &str) -> Event {
+    Event::default().event(RunEventType::Error.as_str()).data(
+        serde_json::json!({"type": "authentication_error", "code": "invalid_api_key", "message": message})
+            .to_string(),
+    )
+}
+
+/// Resolves when the caller's token is revoked or expires, with the reason.
+async fn token_ends(
+    state: &AppState,
+    caller: &Caller,
+    mut revocations: tokio::sync::broadcast::Receiver<String>,
+) -> &'static str {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut recheck = tokio::time::interval(state.config.sse_heartbeat);
+    recheck.reset();
+    loop {
+        let expiry = async {
+            match caller.expires_at {
+                Some(at) => {
+                    let left = (at - Timestamp::now().micros()).max(0);
+                    tokio::time::sleep(std::time::Duration::from_micros(left as u64)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let ask_store = tokio::select! {
+            heard = revocations.recv() => match heard {
+                Ok(id) if id == caller.token_id => return "This API key has been revoked",
+                Ok(_) => false,
+                // Missed some: the store knows.
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => std::future::pending().await,
+            },
+            _ = expiry => return "This API key has expired",
+            _ = recheck.tick() => true,
+        };
+        if ask_store
+            && matches!(
+                state
+                    .store
+                    .get_token(&caller.org_id, &caller.token_id)
+                    .await,
+                Ok(None)
+            )
+        {
+            return "This API key has been revoked";
+        }
+    }
 }
 
 fn heartbeat() -> Event {
@@ -177,7 +243,9 @@ async fn pump(
             }
             msg = next_live(&mut live) => match msg {
                 Some(msg) => {
-                    if let Ok(Telemetry::Event { seq, event, data, .. }) = Telemetry::decode(&msg.payload)
+                    if let Ok((id, Telemetry::Event { seq, event, data, .. })) =
+                        Telemetry::from_subject(msg.subject.as_str(), &msg.payload)
+                        && id == run_id
                         && seq >= next
                     {
                         ahead.insert(seq, StoredEvent { seq, event_type: event, data });

@@ -284,13 +284,15 @@ pub async fn create(
         .as_ref()
         .map(|s| s.0.keys().collect())
         .unwrap_or_default();
+    let run_id = vm0_api_types::ids::new_id(IdKind::Run);
     let secrets_sealed = req
         .secrets
         .as_ref()
         .filter(|s| !s.0.is_empty())
-        .map(|s| state.secrets.seal(&s.0));
+        .map(|s| state.secrets.seal(&run_id, &s.0));
     let config = convert::agent_config(&target.version)?;
     let new = NewRun {
+        id: run_id,
         org_id: caller.org_id.clone(),
         agent_id: target.agent.id.clone(),
         agent_name: target.agent.name.clone(),

@@ -104,6 +104,7 @@ async fn expired_and_revoked_tokens_are_401(db: Db) {
             "vm0_live_x",
             now - 10,
             Some(now - 1),
+            None,
         )
         .await
         .expect("insert");

@@ -90,7 +90,7 @@ impl TestGateway {
     pub async fn mint_token(&self, org: &str) -> String {
         let now = vm0_api_types::Timestamp::now().micros();
         let org = self.store.ensure_organization(org, now).await.expect("org");
-        vm0_gateway::routes::tokens::create_token(&self.store, &org.id, "test", None)
+        vm0_gateway::routes::tokens::create_token(&self.store, &org.id, "test", None, None)
             .await
             .expect("token")
             .token

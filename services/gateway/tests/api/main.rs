@@ -11,3 +11,4 @@ mod http;
 mod pagination;
 mod runs;
 mod tenancy;
+mod token_trust;

@@ -126,7 +126,7 @@ async fn a_killed_worker_loses_its_run_and_the_others_complete(db: Db) {
         0,
         "the sandbox outlived its worker"
     );
-    let survivor = stack.add_worker();
+    let survivor = stack.add_worker().await;
     let others: Vec<String> = futures_ids(&stack, 3).await;
     let lost = stack.wait_finished(&doomed, Duration::from_secs(30)).await;
     assert_eq!(lost["status"], "failed");

@@ -1,6 +1,8 @@
-//! A whole stack for end-to-end tests: a real nats-server on a free port, gateways
-//! in this process (HTTP + gRPC on free ports) over SQLite or PostgreSQL, and
-//! workers as real `vm0-worker` processes, so that a test can `kill -9` one.
+//! A whole stack for end-to-end tests: a real nats-server on a free port (with the
+//! gateway's and the workers' users), gateways in this process (HTTP, and gRPC
+//! over TLS, on free ports) over SQLite or PostgreSQL, and workers as real
+//! `vm0-worker` processes with credentials of their own, so that a test can
+//! `kill -9` one. Workers run as root unless a test asks for another user.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,11 +11,10 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use vm0_bus::{NatsOptions, Role};
 use vm0_db::Store;
-use vm0_gateway::config::DispatchConfig;
+use vm0_gateway::config::{DispatchConfig, GrpcTls};
 use vm0_gateway::{Gateway, GatewayConfig};
-
-pub const WORKER_TOKEN: &str = "e2e-worker-token-0123456789";
 
 pub use vm0_db::testing::TestDb as Db;
 
@@ -26,7 +27,6 @@ fn free_port() -> u16 {
 
 /// A nats-server with JetStream, killed on drop.
 pub struct Nats {
-    pub url: String,
     server: vm0_bus::server::NatsServer,
 }
 
@@ -35,10 +35,12 @@ impl Nats {
         let server = vm0_bus::server::NatsServer::start(free_port(), &dir.join("nats"), None)
             .await
             .expect("nats-server starts (scripts/test.sh installs it)");
-        Nats {
-            url: server.url(),
-            server,
-        }
+        Nats { server }
+    }
+
+    /// How `role` connects (address, user, password).
+    pub fn options(&self, role: Role) -> NatsOptions {
+        self.server.options(role)
     }
 
     /// Starts the server again (same port, same JetStream store) after `stop`.
@@ -94,6 +96,7 @@ impl Drop for WorkerProc {
 
 pub struct GatewayProc {
     pub base: String,
+    /// `https://127.0.0.1:<port>`, signed by the stack's CA (`Stack::ca_file`).
     pub grpc: String,
     shutdown: CancellationToken,
 }
@@ -118,6 +121,9 @@ pub struct StackOptions {
     pub worker_env: Vec<(&'static str, String)>,
     /// The gateways' `VM0_AUTH_CACHE_SECS`.
     pub auth_cache_ttl: Duration,
+    /// Run the workers as this uid (and gid) instead of root: an unprivileged
+    /// worker, as the Dockerfile's `USER vm0` or `vm0 dev` by a normal user.
+    pub worker_uid: Option<u32>,
 }
 
 impl Default for StackOptions {
@@ -131,6 +137,7 @@ impl Default for StackOptions {
             sandbox: "bubblewrap",
             worker_env: Vec::new(),
             auth_cache_ttl: Duration::from_secs(5),
+            worker_uid: None,
         }
     }
 }
@@ -173,7 +180,7 @@ impl Stack {
         }
         stack.token = stack.mint_token("acme").await;
         for _ in 0..options.workers {
-            stack.add_worker();
+            stack.add_worker().await;
         }
         stack
     }
@@ -182,7 +189,8 @@ impl Stack {
         let mut config = GatewayConfig::for_database(self.database_url.clone());
         config.data_dir = self.dir.path().join(format!("gw{}", self.gateways.len()));
         config.auth_cache_ttl = self.options.auth_cache_ttl;
-        let mut dispatch = DispatchConfig::new(self.nats.url.clone(), WORKER_TOKEN);
+        let mut dispatch = DispatchConfig::new(self.nats.options(Role::Gateway));
+        dispatch.grpc_tls = Some(GrpcTls::local(&self.tls_dir()).expect("control plane TLS"));
         dispatch.worker_lost_after = self.options.worker_lost_after;
         dispatch.pending_republish_after = self.options.pending_republish_after;
         dispatch.heartbeat_interval = Duration::from_millis(300);
@@ -201,7 +209,10 @@ impl Stack {
             .await
             .expect("bind");
         let base = format!("http://{}", http.local_addr().expect("addr"));
-        let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+        let grpc_url = format!(
+            "https://127.0.0.1:{}",
+            grpc.local_addr().expect("addr").port()
+        );
         let shutdown = CancellationToken::new();
         tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
         self.gateways.push(GatewayProc {
@@ -211,21 +222,56 @@ impl Stack {
         });
     }
 
-    /// Starts a worker process talking to gateway `i % n`.
-    pub fn add_worker(&mut self) -> usize {
+    /// The stack's database, for another gateway.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone()
+    }
+
+    /// The secrets key the stack's gateways share.
+    pub fn secrets_key(&self) -> [u8; 32] {
+        self.secrets_key
+    }
+
+    /// The directory of the stack's CA and control-plane certificate.
+    pub fn tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// The CA the control plane's certificate chains to.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.tls_dir().join("ca.pem")
+    }
+
+    /// Mints worker `name`'s credential.
+    pub async fn worker_credential(&self, name: &str) -> String {
+        vm0_gateway::worker_auth::create_credential(&self.store, name)
+            .await
+            .expect("worker credential")
+    }
+
+    /// Starts a worker process talking to gateway `i % n`, with a credential of
+    /// its own.
+    pub async fn add_worker(&mut self) -> usize {
         let n = self.workers.len();
         let id = format!("w{n}-{}", std::process::id());
+        let credential = self.worker_credential(&id).await;
         let gateway = &self.gateways[n % self.gateways.len()];
-        let child = Command::new(env!("CARGO_BIN_EXE_vm0-worker"))
-            .env_clear()
+        let nats = self.nats.options(Role::Worker);
+        let creds = nats.credentials.clone().expect("the worker role's user");
+        let data_dir = self.dir.path().join("workers");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm0-worker"));
+        cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn,vm0_worker=info")
             .env("VM0_WORKER_ID", &id)
-            .env("VM0_NATS_URL", &self.nats.url)
+            .env("VM0_NATS_URL", &nats.url)
+            .env("VM0_NATS_USER", &creds.user)
+            .env("VM0_NATS_PASSWORD", &creds.password)
             .env("VM0_CONTROL_PLANE_URL", &gateway.grpc)
-            .env("VM0_WORKER_TOKEN", WORKER_TOKEN)
+            .env("VM0_CONTROL_PLANE_CA", self.ca_file())
+            .env("VM0_WORKER_TOKEN", credential)
             .env("VM0_WORKER_SLOTS", self.options.worker_slots.to_string())
-            .env("VM0_DATA_DIR", self.dir.path().join("workers"))
+            .env("VM0_DATA_DIR", &data_dir)
             .env("VM0_SAMPLE_INTERVAL_MS", "200")
             .env("VM0_DRAIN_TIMEOUT_SECS", "20")
             .env("VM0_SANDBOX", self.options.sandbox)
@@ -238,9 +284,21 @@ impl Stack {
             )
             .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start vm0-worker");
+            .stderr(Stdio::inherit());
+        if let Some(uid) = self.options.worker_uid {
+            // The unprivileged worker's own directories; it reads the CA and the
+            // test's binaries, which are world-readable.
+            for dir in [self.dir.path().to_owned(), data_dir.clone()] {
+                std::fs::create_dir_all(&dir).expect("dir");
+                let _ = std::os::unix::fs::chown(&dir, Some(uid), Some(uid));
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let _ =
+                std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755));
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid).env("HOME", &data_dir);
+        }
+        let child = cmd.spawn().expect("start vm0-worker");
         self.workers.push(WorkerProc { id, child });
         n
     }
@@ -261,7 +319,7 @@ impl Stack {
     pub async fn mint_token(&self, org: &str) -> String {
         let now = vm0_api_types::Timestamp::now().micros();
         let org = self.store.ensure_organization(org, now).await.expect("org");
-        vm0_gateway::routes::tokens::create_token(&self.store, &org.id, "e2e", None)
+        vm0_gateway::routes::tokens::create_token(&self.store, &org.id, "e2e", None, None)
             .await
             .expect("token")
             .token

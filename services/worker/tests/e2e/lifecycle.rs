@@ -198,7 +198,7 @@ async fn cancel_of_a_pending_run_means_it_never_starts(db: Db) {
     let other = stack
         .create_run(0, json!({"agent": "never", "prompt": "p"}))
         .await;
-    stack.add_worker();
+    stack.add_worker().await;
     stack.wait_finished(&other, WAIT).await;
     let run = stack.run(&id).await;
     assert_eq!(run["status"], "cancelled");

@@ -7,3 +7,4 @@ mod fleet;
 mod lifecycle;
 mod microvm;
 mod traces;
+mod trust;
