@@ -60,6 +60,9 @@ struct Args {
     memory_mb: u64,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// Run each VMM unjailed and without a cgroup (what the hardening costs).
+    #[arg(long)]
+    no_jail: bool,
 }
 
 fn recipe(args: &Args, cache_dir: PathBuf) -> ImageRecipe {
@@ -93,6 +96,7 @@ async fn one_run<V: Vmm>(
     sandbox: &MicroVm<V>,
     scratch: PathBuf,
     args: &Args,
+    slot_user: Option<vm0_sandbox::slot_user::SlotUser>,
 ) -> Result<(BootTimings, Duration, Duration)> {
     let spec = SandboxSpec {
         run_id: "bench".into(),
@@ -108,7 +112,7 @@ async fn one_run<V: Vmm>(
         scratch_dir: scratch,
         sample_interval: Duration::ZERO,
         as_root: false,
-        slot_user: None,
+        slot_user,
     };
     let started = Instant::now();
     let mut run = sandbox.start(spec).await?;
@@ -142,16 +146,32 @@ async fn measure<V: Vmm>(
     dir: &std::path::Path,
 ) -> Result<()> {
     println!(
-        "backend: {}, {} runs, {} vCPU(s), {} MB",
+        "backend: {}, {} runs, {} vCPU(s), {} MB, {}",
         vmm.describe(),
         args.runs,
         args.vcpus,
-        args.memory_mb
+        args.memory_mb,
+        if args.no_jail {
+            "VMM unjailed, no cgroup"
+        } else {
+            "VMM jailed, in a cgroup"
+        }
     );
-    let sandbox = MicroVm::new(vmm, image);
+    let mut sandbox = MicroVm::new(vmm, image);
+    // As a worker runs them: jailed, as a slot's uid under root, in a cgroup.
+    let leases = dir.join("leases");
+    let slots = (!args.no_jail && vm0_sandbox::slot_user::can_switch_uids())
+        .then(|| vm0_sandbox::slot_user::SlotUsers::lease(Default::default(), 1, &leases))
+        .transpose()?;
+    let slot_user = slots.as_ref().and_then(|s| s.users().first().copied());
+    if !args.no_jail {
+        sandbox = sandbox
+            .with_jail(vm0_sandbox::vmm_jail::VmmJail::detect().map_err(anyhow::Error::msg)?)
+            .with_limits(vm0_sandbox::cgroup::Hierarchy::detect().map_err(|e| e.to_string()));
+    }
     let mut rows: Vec<(BootTimings, Duration, Duration)> = Vec::new();
     for i in 0..args.runs {
-        rows.push(one_run(&sandbox, dir.join(format!("run-{i}")), args).await?);
+        rows.push(one_run(&sandbox, dir.join(format!("run-{i}")), args, slot_user).await?);
     }
     let column = |f: &dyn Fn(&(BootTimings, Duration, Duration)) -> Duration| {
         rows.iter().map(|r| ms(f(r))).collect::<Vec<_>>()

@@ -380,9 +380,12 @@ impl Sandbox for Bubblewrap {
             tx: Box::new(stdin),
         };
         let stderr = child.stderr.take().map(|e| tokio::spawn(keep_tail(e)));
-        tokio::spawn(supervise(
-            child, link, stderr, spec, limits, kill_rx, events_tx,
-        ));
+        // The hierarchy outlives the run's cgroup (dropping it removes its groups).
+        let hierarchy = self.limits.clone();
+        tokio::spawn(async move {
+            let _hierarchy = hierarchy;
+            supervise(child, link, stderr, spec, limits, kill_rx, events_tx).await
+        });
         Ok(RunningSandbox::new(events_rx, kill_tx))
     }
 }

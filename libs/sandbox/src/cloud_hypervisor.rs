@@ -3,9 +3,10 @@
 //! `vm.shutdown`, `vm.delete`, `vmm.shutdown`, and SIGKILL if it is still there).
 //! The guest agent listens on a vsock port; the host reaches it through Cloud
 //! Hypervisor's hybrid vsock: connect to the unix socket given in the VM's vsock
-//! config and write `CONNECT <port>\n` (answered `OK <host port>\n`). The console
-//! is off and the serial port goes to a file: Cloud Hypervisor's default console
-//! is the VMM's own terminal, which is the worker's.
+//! config and write `CONNECT <port>\n` (answered `OK <host port>\n`). The
+//! virtio console is off and the serial port goes to the VMM's stdout, which the
+//! host keeps, bounded, in memory. The VMM runs in its jail (`vmm_jail`) with
+//! Cloud Hypervisor's own seccomp filter (its default).
 
 /// The REST API client and request bodies.
 pub mod api;
@@ -19,7 +20,8 @@ use tokio::process::Child;
 
 use crate::SandboxSpec;
 use crate::image::GuestImage;
-use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm};
+use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm, VmmHost};
+use crate::vmm_jail::VmPaths;
 use api::{
     ApiClient, ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig,
     VmConfig, VsockConfig,
@@ -53,19 +55,23 @@ impl CloudHypervisor {
         Ok(CloudHypervisor { program })
     }
 
-    /// Spawns the VMM and waits until its API answers.
-    async fn spawn(&self, files: &VmFiles) -> Result<(Child, ApiClient), BootFailure> {
+    /// Spawns the VMM (in its jail) and waits until its API answers.
+    async fn spawn(&self, host: &VmmHost<'_>) -> Result<(Child, ApiClient, VmPaths), BootFailure> {
         let fail = |reason: String| BootFailure::new("vmm-spawn", reason);
-        let mut process = crate::spawn::command(&self.program)
+        let start_failed =
+            |e: std::io::Error| fail(format!("starting {} failed: {e}", self.program.display()));
+        let mut launch = host.launch(&self.program, true).map_err(start_failed)?;
+        launch
+            .cmd
             .arg("--api-socket")
-            .arg(format!("path={}", files.api_socket.display()))
-            .spawn()
-            .map_err(|e| fail(format!("starting {} failed: {e}", self.program.display())))?;
+            .arg(format!("path={}", launch.paths.api_socket.display()));
+        let mut process = host.spawn(&mut launch.cmd).map_err(start_failed)?;
+        let files = host.files;
         let api = ApiClient::new(&files.api_socket);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if api.ping().await.is_ok() {
-                return Ok((process, api));
+                return Ok((process, api, launch.paths));
             }
             if let Ok(Some(status)) = process.try_wait() {
                 return Err(fail(format!("cloud-hypervisor exited at start ({status})")));
@@ -79,8 +85,8 @@ impl CloudHypervisor {
     }
 }
 
-/// The `vm.create` body for a run.
-pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmConfig {
+/// The `vm.create` body for a run whose files the VMM sees at `paths`.
+pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, paths: &VmPaths) -> VmConfig {
     let vcpus = spec.vcpus.max(1);
     VmConfig {
         cpus: CpusConfig {
@@ -91,8 +97,8 @@ pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmC
             size: spec.memory_mb.max(128) * 1024 * 1024,
         },
         payload: PayloadConfig {
-            kernel: image.kernel.clone(),
-            initramfs: image.initrd.clone(),
+            kernel: paths.kernel.clone(),
+            initramfs: paths.initrd.clone(),
             cmdline: format!(
                 "console=ttyS0 panic=-1 quiet vm0.transport=vsock:{GUEST_PORT} vm0.work_mb={}{}",
                 spec.disk_mb,
@@ -104,7 +110,7 @@ pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmC
             ),
         },
         // Read-only: every run of the image shares the file.
-        disks: image
+        disks: paths
             .rootfs
             .iter()
             .map(|path| DiskConfig {
@@ -114,15 +120,15 @@ pub fn vm_config(image: &GuestImage, spec: &SandboxSpec, files: &VmFiles) -> VmC
             .collect(),
         vsock: VsockConfig {
             cid: GUEST_CID,
-            socket: files.guest_socket.clone(),
+            socket: paths.guest_socket.clone(),
         },
         console: ConsoleConfig {
             mode: ConsoleMode::Off,
             file: None,
         },
         serial: ConsoleConfig {
-            mode: ConsoleMode::File,
-            file: Some(files.serial_log.clone()),
+            mode: ConsoleMode::Tty,
+            file: None,
         },
     }
 }
@@ -207,19 +213,18 @@ impl Vmm for CloudHypervisor {
 
     async fn launch(
         &self,
-        spec: &SandboxSpec,
-        image: &GuestImage,
-        files: &VmFiles,
+        host: &VmmHost<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<Vm, BootFailure> {
+        let files = host.files;
         for stale in [&files.api_socket, &files.guest_socket] {
             let _ = std::fs::remove_file(stale);
         }
         let started = Instant::now();
-        let (mut process, api) = self.spawn(files).await?;
+        let (mut process, api, paths) = self.spawn(host).await?;
         let vmm_spawn = started.elapsed();
         let stage = async {
-            create_and_boot(&api, &vm_config(image, spec, files)).await?;
+            create_and_boot(&api, &vm_config(host.image, host.spec, &paths)).await?;
             let vm_configure = started.elapsed() - vmm_spawn;
             let stream = connect_guest(files, &mut process, deadline).await?;
             Ok((vm_configure, stream))

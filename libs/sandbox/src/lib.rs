@@ -32,6 +32,8 @@ pub mod select;
 pub mod slot_user;
 /// Spawning the processes around a run (bwrap, VMMs).
 mod spawn;
+/// A VMM's jail: its uid, mount namespace and files.
+pub mod vmm_jail;
 
 use std::path::PathBuf;
 

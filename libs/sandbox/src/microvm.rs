@@ -3,6 +3,13 @@
 //! byte stream, boot retries, and cleanup. A backend ([`Vmm`]) only knows how to
 //! start its VMM, connect the guest channel and stop the VM.
 //!
+//! Around every VMM: its jail ([`crate::vmm_jail`]: the slot's uid, a mount
+//! namespace with only the VM's files), a cgroup of its own (the guest's memory
+//! plus [`VMM_OVERHEAD_MB`], `vcpus` CPUs, [`VMM_PIDS_MAX`] tasks) that it is born
+//! into, and its console and messages kept in memory, the last
+//! [`CONSOLE_KEPT`] bytes only ([`ConsoleLog`]): a guest that floods its serial
+//! port fills neither the worker's disk nor its memory.
+//!
 //! [`GuestImage`]: crate::image::GuestImage
 
 use std::path::{Path, PathBuf};
@@ -18,11 +25,79 @@ use vm0_proto::guest::{
     host_message,
 };
 
+use crate::cgroup::{Hierarchy, Limits, RunCgroup};
 use crate::image::{GuestImage, ImageCatalog};
+use crate::vmm_jail::VmmJail;
 use crate::{
     BootTimings, ExitReport, ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent,
     SandboxSpec,
 };
+
+/// Host memory a VMM may use beyond its guest's RAM: its own code and heap, and
+/// under TCG the translated-code cache (see docs/benchmarks.md for what was
+/// measured).
+pub const VMM_OVERHEAD_MB: u64 = 256;
+/// Tasks (processes and threads) a VMM's cgroup may hold.
+pub const VMM_PIDS_MAX: u64 = 512;
+/// What of a VMM's console and messages is kept.
+pub const CONSOLE_KEPT: usize = 64 * 1024;
+
+/// The end of what a VMM wrote on its stdout (the guest's serial console) and
+/// stderr, in memory and bounded.
+#[derive(Clone, Default)]
+pub struct ConsoleLog(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>);
+
+impl std::fmt::Debug for ConsoleLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConsoleLog({} bytes)", self.len())
+    }
+}
+
+impl ConsoleLog {
+    /// Appends what `reader` yields until it ends, keeping the last
+    /// [`CONSOLE_KEPT`] bytes.
+    pub fn follow(
+        &self,
+        mut reader: impl AsyncRead + Send + Unpin + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        use tokio::io::AsyncReadExt;
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                if let Ok(mut kept) = log.0.lock() {
+                    kept.extend(&buf[..n]);
+                    let excess = kept.len().saturating_sub(CONSOLE_KEPT);
+                    kept.drain(..excess);
+                }
+            }
+        })
+    }
+
+    /// Bytes kept now.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last `lines` lines.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = match self.0.lock() {
+            Ok(kept) => {
+                String::from_utf8_lossy(&kept.iter().copied().collect::<Vec<u8>>()).into_owned()
+            }
+            Err(_) => String::new(),
+        };
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
 
 /// Boot to guest agent ready, at most (TCG boots in ~4 s here). A boot that stalls
 /// is retried: under TCG on these hosts an occasional guest never leaves early boot.
@@ -49,24 +124,28 @@ impl GuestLink {
     }
 }
 
-/// Files of one VM, all inside the run's scratch directory.
+/// Files of one VM, all inside the run's scratch directory (host paths).
 #[derive(Debug, Clone)]
 pub struct VmFiles {
+    /// The VMM's one writable directory (its jail's `/jail`).
+    pub jail_dir: PathBuf,
     /// The guest channel's unix socket (QEMU's chardev, Cloud Hypervisor's vsock).
     pub guest_socket: PathBuf,
     /// The VMM's control socket (Cloud Hypervisor's REST API).
     pub api_socket: PathBuf,
-    /// The guest's serial console, kept for boot failure reports.
-    pub serial_log: PathBuf,
+    /// The guest's serial console and the VMM's messages, for failure reports.
+    pub console: ConsoleLog,
 }
 
 impl VmFiles {
     /// The files of a VM whose scratch directory is `dir`.
     pub fn in_dir(dir: &Path) -> VmFiles {
+        let jail_dir = dir.join("vmm");
         VmFiles {
-            guest_socket: dir.join("guest.sock"),
-            api_socket: dir.join("vmm.sock"),
-            serial_log: dir.join("serial.log"),
+            guest_socket: jail_dir.join("guest.sock"),
+            api_socket: jail_dir.join("vmm.sock"),
+            jail_dir,
+            console: ConsoleLog::default(),
         }
     }
 }
@@ -107,17 +186,71 @@ pub trait Vmm: Send + Sync + 'static {
     fn serialize_boots(&self) -> bool {
         false
     }
-    /// Starts the VMM and the VM, and connects the guest channel, before `deadline`.
-    /// On failure the VMM process must be gone.
+    /// Starts the VMM (through `host`: its jail and cgroup) and the VM, and
+    /// connects the guest channel, before `deadline`. On failure the VMM process
+    /// must be gone.
     fn launch(
         &self,
-        spec: &SandboxSpec,
-        image: &GuestImage,
-        files: &VmFiles,
+        host: &VmmHost<'_>,
         deadline: tokio::time::Instant,
     ) -> impl Future<Output = Result<Vm, BootFailure>> + Send;
     /// Stops the VM and makes sure the VMM process is gone.
     fn stop(&self, vm: &mut Vm, files: &VmFiles) -> impl Future<Output = ()> + Send;
+}
+
+/// What a VMM is started with for one VM: the request, its jail (if any) and
+/// its cgroup (if any).
+pub struct VmmHost<'a> {
+    pub spec: &'a SandboxSpec,
+    pub image: &'a GuestImage,
+    pub files: &'a VmFiles,
+    pub jail: Option<&'a VmmJail>,
+    pub cgroup: Option<&'a RunCgroup>,
+}
+
+impl VmmHost<'_> {
+    /// The VMM's command for `program` (in its jail, born in its cgroup), with
+    /// the paths its arguments must name.
+    pub fn launch(&self, program: &Path, kvm: bool) -> std::io::Result<crate::vmm_jail::VmmLaunch> {
+        let req = crate::vmm_jail::JailRequest {
+            image: self.image,
+            files: self.files,
+            user: self.spec.slot_user,
+            kvm,
+        };
+        let mut launch = crate::vmm_jail::VmmLaunch::new(self.jail, program, &req)?;
+        // Its console and messages go to the bounded log.
+        launch
+            .cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(cgroup) = self.cgroup {
+            let procs = cgroup
+                .dirs()
+                .iter()
+                .map(|d| {
+                    std::ffi::CString::new(
+                        d.join("cgroup.procs").into_os_string().into_encoded_bytes(),
+                    )
+                    .map_err(std::io::Error::other)
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            crate::spawn::join_cgroups(&mut launch.cmd, procs);
+        }
+        Ok(launch)
+    }
+
+    /// Spawns `cmd`, its stdout and stderr followed into the console log.
+    pub fn spawn(&self, cmd: &mut tokio::process::Command) -> std::io::Result<Child> {
+        let mut child = cmd.spawn()?;
+        if let Some(out) = child.stdout.take() {
+            self.files.console.follow(out);
+        }
+        if let Some(err) = child.stderr.take() {
+            self.files.console.follow(err);
+        }
+        Ok(child)
+    }
 }
 
 /// A [`Sandbox`] that runs each command in its own microVM.
@@ -128,15 +261,40 @@ pub struct MicroVm<V> {
     default_image: GuestImage,
     /// Where named images are found.
     catalog: Option<ImageCatalog>,
+    /// Every VMM's jail (`None`: VMMs run unjailed, `VM0_VMM_JAIL=off`).
+    jail: Option<std::sync::Arc<VmmJail>>,
+    /// Where VMMs get their cgroup, or why they get none.
+    limits: std::sync::Arc<Result<Hierarchy, String>>,
 }
 
 impl<V: Vmm> MicroVm<V> {
+    /// VMMs unjailed and without cgroups: add them with [`MicroVm::with_jail`]
+    /// and [`MicroVm::with_limits`].
     pub fn new(vmm: V, default_image: GuestImage) -> MicroVm<V> {
         MicroVm {
             vmm: std::sync::Arc::new(vmm),
             default_image,
             catalog: None,
+            jail: None,
+            limits: std::sync::Arc::new(Err("not asked for".into())),
         }
+    }
+
+    /// Every VMM runs in a jail made with `jail`.
+    pub fn with_jail(mut self, jail: VmmJail) -> MicroVm<V> {
+        self.jail = Some(std::sync::Arc::new(jail));
+        self
+    }
+
+    /// Every VMM gets a cgroup under `limits` (or, with the reason, none).
+    pub fn with_limits(mut self, limits: Result<Hierarchy, String>) -> MicroVm<V> {
+        self.limits = std::sync::Arc::new(limits);
+        self
+    }
+
+    /// Whether VMMs are jailed.
+    pub fn jailed(&self) -> bool {
+        self.jail.is_some()
     }
 
     /// Runs may name images of this catalog.
@@ -174,13 +332,48 @@ impl<V: Vmm> Sandbox for MicroVm<V> {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (kill_tx, kill_rx) = oneshot::channel();
         let vmm = self.vmm.clone();
+        let jail = self.jail.clone();
+        let (cgroup, limits_line) = match self.limits.as_ref() {
+            Ok(hierarchy) => {
+                let limits = Limits {
+                    memory_mb: spec.memory_mb.max(128) + VMM_OVERHEAD_MB,
+                    vcpus: spec.vcpus.max(1),
+                    pids: VMM_PIDS_MAX,
+                };
+                let cgroup = hierarchy
+                    .create(&spec.run_id, &limits)
+                    .map_err(SandboxError::Limits)?;
+                (Some(cgroup), format!("VMM {limits}"))
+            }
+            Err(why) => (None, format!("VMM without a cgroup: {why}")),
+        };
+        let jail_line = match &jail {
+            Some(_) => match spec.slot_user {
+                Some(u) => format!("VMM jailed as uid {}", u.uid),
+                None => "VMM jailed as the worker's user".to_owned(),
+            },
+            None => "VMM not jailed (VM0_VMM_JAIL=off)".to_owned(),
+        };
+        // The hierarchy outlives the run's cgroup (dropping it removes its groups).
+        let hierarchy = self.limits.clone();
         tokio::spawn(async move {
+            let _hierarchy = hierarchy;
+            let files = VmFiles::in_dir(&spec.scratch_dir);
             let vm = VmRequest {
                 spec: &spec,
                 image: &image,
-                files: &VmFiles::in_dir(&spec.scratch_dir),
+                files: &files,
+                jail: jail.as_deref(),
+                cgroup: cgroup.as_ref(),
+                about: format!("{jail_line}; {limits_line}"),
             };
-            let exit = supervise(&*vmm, &vm, kill_rx, &events_tx).await;
+            let mut exit = supervise(&*vmm, &vm, kill_rx, &events_tx).await;
+            // The host's OOM killer ended the VMM at its cgroup's limit.
+            if cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0) {
+                exit.oom_killed = true;
+            }
+            // Removing the cgroup may wait a moment for the kernel to let go of it.
+            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
             if let Err(e) = tokio::fs::remove_dir_all(&spec.scratch_dir).await
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -194,11 +387,27 @@ impl<V: Vmm> Sandbox for MicroVm<V> {
 }
 
 /// What one VM is booted from.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct VmRequest<'a> {
     spec: &'a SandboxSpec,
     image: &'a GuestImage,
     files: &'a VmFiles,
+    jail: Option<&'a VmmJail>,
+    cgroup: Option<&'a RunCgroup>,
+    /// How the VMM is confined, for the run's log.
+    about: String,
+}
+
+impl VmRequest<'_> {
+    fn host(&self) -> VmmHost<'_> {
+        VmmHost {
+            spec: self.spec,
+            image: self.image,
+            files: self.files,
+            jail: self.jail,
+            cgroup: self.cgroup,
+        }
+    }
 }
 
 /// A host-wide lock held while a TCG guest boots. On the 2-core machines this
@@ -221,13 +430,6 @@ async fn boot_gate() -> Option<nix::fcntl::Flock<std::fs::File>> {
     .flatten()
 }
 
-/// The last lines of the guest's serial console.
-pub fn serial_tail(path: &Path) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 pub(crate) const LOST: ExitReport = ExitReport {
     code: None,
     signal: None,
@@ -243,7 +445,7 @@ async fn boot_once<V: Vmm>(
     let files = req.files;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut vm = vmm.launch(req.spec, req.image, files, deadline).await?;
+    let mut vm = vmm.launch(&req.host(), deadline).await?;
     let why = match wait_ready(&mut vm.link, deadline).await {
         Ok(ready) => {
             let timings = timings(&vm, &ready, started.elapsed());
@@ -251,14 +453,26 @@ async fn boot_once<V: Vmm>(
         }
         Err(why) => why,
     };
+    // A VMM that exited says why on its console (e.g. no access to /dev/kvm).
+    let exited = vm.process.try_wait().ok().flatten();
     vmm.stop(&mut vm, files).await;
-    Err(BootFailure::new(
-        "kernel-boot",
-        format!(
-            "{why}; serial log tail:\n{}",
-            serial_tail(&files.serial_log)
+    Err(match exited {
+        Some(status) => {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            BootFailure::new(
+                "vmm-spawn",
+                format!(
+                    "{} exited ({status}) before the guest agent was ready: {}",
+                    vmm.name(),
+                    files.console.tail(5)
+                ),
+            )
+        }
+        None => BootFailure::new(
+            "kernel-boot",
+            format!("{why}; serial log tail:\n{}", files.console.tail(20)),
         ),
-    ))
+    })
 }
 
 /// Waits for the agent's `Ready` until `deadline`; why not, otherwise.
@@ -281,10 +495,13 @@ pub(crate) async fn wait_ready(
     }
 }
 
-/// Boots one VM to guest agent ready and stops it: does this backend work here?
+/// Boots one VM to guest agent ready and stops it: does this backend work here
+/// (its VMM in `jail`, as `user`)?
 pub async fn probe<V: Vmm>(
     vmm: &V,
     image: &GuestImage,
+    jail: Option<&VmmJail>,
+    user: Option<crate::slot_user::SlotUser>,
     scratch_dir: &Path,
     timeout: Duration,
 ) -> Result<BootTimings, BootFailure> {
@@ -308,13 +525,16 @@ pub async fn probe<V: Vmm>(
         scratch_dir: scratch_dir.to_owned(),
         sample_interval: Duration::ZERO,
         as_root: false,
-        slot_user: None,
+        slot_user: user,
     };
     let files = VmFiles::in_dir(scratch_dir);
     let req = VmRequest {
         spec: &spec,
         image,
         files: &files,
+        jail,
+        cgroup: None,
+        about: String::new(),
     };
     let outcome = match boot_once(vmm, &req, timeout).await {
         Ok((mut vm, timings)) => {
@@ -410,9 +630,10 @@ async fn supervise<V: Vmm>(
         return LOST;
     };
     let line = format!(
-        "sandbox started: backend {}, {}",
+        "sandbox started: backend {}, {}; {}",
         vmm.describe(),
-        timings.summary()
+        timings.summary(),
+        req.about
     );
     let _ = events.send(SandboxEvent::Log(line)).await;
     let _ = events.send(SandboxEvent::Booted(timings)).await;
@@ -428,14 +649,7 @@ async fn supervise<V: Vmm>(
         vmm.stop(&mut vm, files).await;
         return LOST;
     }
-    let exit = relay(
-        vmm.name(),
-        &mut vm,
-        Some(&files.serial_log),
-        &mut kill,
-        events,
-    )
-    .await;
+    let exit = relay(vmm.name(), &mut vm, Some(&files.console), &mut kill, events).await;
     vmm.stop(&mut vm, files).await;
     exit
 }
@@ -486,13 +700,13 @@ pub(crate) async fn send_files(
 pub(crate) async fn relay(
     name: &str,
     vm: &mut Vm,
-    console: Option<&Path>,
+    console: Option<&ConsoleLog>,
     kill: &mut oneshot::Receiver<()>,
     events: &mpsc::Sender<SandboxEvent>,
 ) -> ExitReport {
     let tail = || {
         console.map_or_else(String::new, |c| {
-            format!("; serial log tail:\n{}", serial_tail(c))
+            format!("; serial log tail:\n{}", c.tail(20))
         })
     };
     let log = |line: String| async move {

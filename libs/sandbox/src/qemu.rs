@@ -1,7 +1,10 @@
 //! The QEMU backend: `-M microvm`, KVM where it boots, TCG otherwise. The host
 //! talks to the guest agent over a virtio-serial port named `vm0`, bound to a
-//! unix-socket chardev in the run's scratch directory (these hosts have no
-//! `/dev/vhost-vsock`, so QEMU cannot offer vsock). No network device.
+//! unix-socket chardev in the VMM's jail directory (these hosts have no
+//! `/dev/vhost-vsock`, so QEMU cannot offer vsock). No network device. QEMU's
+//! own seccomp filter is on (`-sandbox on`: no obsolete syscalls, no privilege
+//! changes, no spawning, no resource control); the guest's serial console is
+//! QEMU's stdout, kept in memory by the host.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,7 +14,8 @@ use tokio::process::{Child, Command};
 
 use crate::SandboxSpec;
 use crate::image::GuestImage;
-use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm};
+use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm, VmmHost};
+use crate::vmm_jail::{VmPaths, VmmLaunch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -73,8 +77,16 @@ impl Qemu {
         cmdline
     }
 
-    fn command(&self, spec: &SandboxSpec, image: &GuestImage, files: &VmFiles) -> Command {
-        let mut cmd = crate::spawn::command(&self.program);
+    /// QEMU's arguments for the VM, appended to its (jailed) command.
+    fn command(&self, spec: &SandboxSpec, image: &GuestImage, launch: VmmLaunch) -> Command {
+        let VmmLaunch { mut cmd, paths } = launch;
+        let VmPaths {
+            kernel,
+            initrd,
+            rootfs,
+            guest_socket,
+            ..
+        } = paths;
         cmd.args([
             "-M",
             &format!("microvm,accel={}", self.accel.as_str()),
@@ -82,25 +94,32 @@ impl Qemu {
             "-no-user-config",
             "-nographic",
             "-no-reboot",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ])
         .args(["-m", &format!("{}M", spec.memory_mb.max(128))])
         .args(["-smp", &spec.vcpus.max(1).to_string()])
         .arg("-kernel")
-        .arg(&image.kernel)
+        .arg(&kernel)
         .arg("-initrd")
-        .arg(&image.initrd)
+        .arg(&initrd)
         .arg("-append")
         .arg(self.cmdline(spec, image))
-        .arg("-serial")
-        .arg(format!("file:{}", files.serial_log.display()))
+        // The console on stdout: the host keeps its end, bounded, in memory.
+        .args([
+            "-chardev",
+            "stdio,id=console,signal=off",
+            "-serial",
+            "chardev:console",
+        ])
         .args(["-device", "virtio-serial-device"])
         .arg("-chardev")
         .arg(format!(
             "socket,id=vm0,path={},server=on,wait=off",
-            files.guest_socket.display()
+            guest_socket.display()
         ))
         .args(["-device", "virtserialport,chardev=vm0,name=vm0"]);
-        if let Some(rootfs) = &image.rootfs {
+        if let Some(rootfs) = &rootfs {
             // Read-only: every run of the image shares the file.
             cmd.arg("-drive")
                 .arg(format!(
@@ -135,7 +154,12 @@ async fn connect(files: &VmFiles, qemu: &mut Child) -> Result<UnixStream, String
             return Ok(s);
         }
         if let Ok(Some(status)) = qemu.try_wait() {
-            return Err(format!("qemu exited at start ({status})"));
+            // What it said is in the console log; give it a moment to arrive.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Err(format!(
+                "qemu exited at start ({status}): {}",
+                files.console.tail(5)
+            ));
         }
         if Instant::now() > deadline {
             return Err("qemu's guest socket never appeared".into());
@@ -159,17 +183,21 @@ impl Vmm for Qemu {
 
     async fn launch(
         &self,
-        spec: &SandboxSpec,
-        image: &GuestImage,
-        files: &VmFiles,
+        host: &VmmHost<'_>,
         _deadline: tokio::time::Instant,
     ) -> Result<Vm, BootFailure> {
+        let files = host.files;
         let _ = std::fs::remove_file(&files.guest_socket);
         let started = Instant::now();
-        let mut process = self.command(spec, image, files).spawn().map_err(|e| {
+        let fail = |e: std::io::Error| {
             let program = self.program.display();
             BootFailure::new("vmm-spawn", format!("starting {program} failed: {e}"))
-        })?;
+        };
+        let launch = host
+            .launch(&self.program, self.accel == Accel::Kvm)
+            .map_err(fail)?;
+        let mut cmd = self.command(host.spec, host.image, launch);
+        let mut process = host.spawn(&mut cmd).map_err(fail)?;
         let stream = match connect(files, &mut process).await {
             Ok(s) => s,
             Err(e) => {

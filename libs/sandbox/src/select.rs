@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::bubblewrap::Bubblewrap;
+use crate::cgroup::HostLimits;
 use crate::cloud_hypervisor::{CloudHypervisor, CloudHypervisorSandbox};
 use crate::image::{GuestImage, ImageCatalog, ImageRecipe};
 use crate::microvm::{MicroVm, Vmm};
 use crate::qemu::{Accel, Qemu, QemuSandbox};
+use crate::vmm_jail::{JailSetting, VmmJail};
 use crate::{RunningSandbox, Sandbox, SandboxError, SandboxSpec};
 
 /// A probe VM must reach guest agent ready within this (a KVM boot takes < 1 s).
@@ -81,6 +83,10 @@ pub struct SelectOptions {
     pub bubblewrap_limits: crate::cgroup::HostLimits,
     /// The host uids of the worker's slots (none when it is not root).
     pub slot_users: Vec<crate::slot_user::SlotUser>,
+    /// Whether VMMs run jailed (`VM0_VMM_JAIL`).
+    pub vmm_jail: crate::vmm_jail::JailSetting,
+    /// Whether VMMs get a cgroup each (`VM0_VMM_LIMITS`).
+    pub vmm_limits: crate::cgroup::HostLimits,
 }
 
 /// Any backend, chosen at run time.
@@ -157,8 +163,40 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn microvm<V: Vmm>(vmm: V, image: &GuestImage, options: &SelectOptions) -> MicroVm<V> {
-    MicroVm::new(vmm, image.clone()).with_catalog(ImageCatalog::new(&options.image_cache))
+/// The VMMs' jail as `VM0_VMM_JAIL` asks (an error when it is on but cannot
+/// be made here).
+fn vmm_jail(options: &SelectOptions) -> Result<Option<VmmJail>, String> {
+    match options.vmm_jail {
+        JailSetting::On => VmmJail::detect()
+            .map(Some)
+            .map_err(|e| format!("the VMM jail: {e} (VM0_VMM_JAIL=off runs VMMs unjailed)")),
+        JailSetting::Off => {
+            tracing::warn!("VM0_VMM_JAIL=off: VMMs run as this worker's user, unjailed");
+            Ok(None)
+        }
+    }
+}
+
+fn microvm<V: Vmm>(
+    vmm: V,
+    image: &GuestImage,
+    options: &SelectOptions,
+    jail: Option<VmmJail>,
+) -> MicroVm<V> {
+    let limits = match options.vmm_limits {
+        HostLimits::Auto => crate::cgroup::Hierarchy::detect().map_err(|e| e.to_string()),
+        HostLimits::Off => Err("turned off (VM0_VMM_LIMITS=off)".into()),
+    };
+    if let Err(why) = &limits {
+        tracing::warn!(%why, "VMMs get no cgroup: their memory and CPU are bounded by the guest's size only");
+    }
+    let sandbox = MicroVm::new(vmm, image.clone())
+        .with_catalog(ImageCatalog::new(&options.image_cache))
+        .with_limits(limits);
+    match jail {
+        Some(jail) => sandbox.with_jail(jail),
+        None => sandbox,
+    }
 }
 
 async fn probe<V: Vmm>(
@@ -167,10 +205,12 @@ async fn probe<V: Vmm>(
     options: &SelectOptions,
     dir: &Path,
 ) -> Result<MicroVm<V>, String> {
-    match crate::microvm::probe(&vmm, image, dir, PROBE_TIMEOUT).await {
+    let jail = vmm_jail(options)?;
+    let user = options.slot_users.first().copied();
+    match crate::microvm::probe(&vmm, image, jail.as_ref(), user, dir, PROBE_TIMEOUT).await {
         Ok(t) => {
             tracing::info!(backend = %vmm.describe(), boot_ms = t.ready.as_millis() as u64, "probe VM booted");
-            Ok(microvm(vmm, image, options))
+            Ok(microvm(vmm, image, options, jail))
         }
         Err(f) => {
             // The serial log tail is for a run's system log; one line is enough here.
@@ -204,7 +244,8 @@ async fn try_qemu(
     let vmm = Qemu::new(accel).map_err(|e| e.to_string())?;
     if accel == Accel::Tcg {
         // TCG boots wherever QEMU runs; probing costs a slow boot for nothing.
-        return Ok(AnySandbox::Qemu(microvm(vmm, image, options)));
+        let jail = vmm_jail(options)?;
+        return Ok(AnySandbox::Qemu(microvm(vmm, image, options, jail)));
     }
     let dir = options.scratch_dir.join("probe-qemu");
     Ok(AnySandbox::Qemu(probe(vmm, image, options, &dir).await?))

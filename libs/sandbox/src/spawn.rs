@@ -71,3 +71,27 @@ pub(crate) fn pass_fds(cmd: &mut Command, fds: Vec<OwnedFd>) -> Vec<i32> {
     }
     numbers
 }
+
+/// The child joins the cgroups whose `cgroup.procs` files are given before it
+/// execs, so that it and everything it starts are born inside their limits (no
+/// window in which the VMM runs outside them, and nothing to move later).
+#[allow(unsafe_code)]
+pub(crate) fn join_cgroups(cmd: &mut Command, procs_files: Vec<std::ffi::CString>) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // open, write and close (async-signal-safe) on paths made before the fork; it
+    // allocates nothing (a CStr is passed as is) and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for file in &procs_files {
+                let fd = nix::fcntl::open(
+                    file.as_c_str(),
+                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )?;
+                // "0": the writing process.
+                nix::unistd::write(&fd, b"0")?;
+            }
+            Ok(())
+        });
+    }
+}

@@ -13,6 +13,7 @@ use vm0_sandbox::cloud_hypervisor::{CloudHypervisor, vm_config};
 use vm0_sandbox::image::{GuestImage, ImageRecipe};
 use vm0_sandbox::microvm::{MicroVm, VmFiles};
 use vm0_sandbox::sample::processes_matching;
+use vm0_sandbox::vmm_jail::VmPaths;
 use vm0_sandbox::{Sandbox, SandboxEvent, SandboxSpec};
 
 fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
@@ -110,13 +111,25 @@ fn vm_create_body_matches_the_api_schema() {
         rootfs: Some(PathBuf::from("/images/x/rootfs.ext4")),
     };
     let scratch = Path::new("/var/lib/vm0/runs/run_1");
-    let files = VmFiles::in_dir(scratch);
-    let body = serde_json::to_value(vm_config(&image, &spec(scratch, &["true"]), &files))
+    // The paths a jailed VMM sees.
+    let paths = VmPaths {
+        kernel: PathBuf::from("/vm/kernel"),
+        initrd: PathBuf::from("/vm/initrd"),
+        rootfs: Some(PathBuf::from("/vm/rootfs")),
+        guest_socket: PathBuf::from("/jail/guest.sock"),
+        api_socket: PathBuf::from("/jail/vmm.sock"),
+    };
+    let body = serde_json::to_value(vm_config(&image, &spec(scratch, &["true"]), &paths))
         .expect("serializes");
     assert_eq!(schema_errors(&body), Vec::<String>::new(), "{body:#}");
     // What the backend depends on, beyond the schema.
     assert_eq!(body["console"]["mode"], "Off", "never the worker's TTY");
-    assert_eq!(body["serial"]["mode"], "File");
+    assert_eq!(
+        body["serial"]["mode"], "Tty",
+        "the VMM's stdout, which the host reads"
+    );
+    assert_eq!(body["payload"]["kernel"], "/vm/kernel");
+    assert_eq!(body["vsock"]["socket"], "/jail/guest.sock");
     assert_eq!(body["memory"]["size"], 256 * 1024 * 1024);
     assert_eq!(body["cpus"]["boot_vcpus"], 2);
     assert_eq!(body["disks"][0]["readonly"], true, "runs share the rootfs");
@@ -181,6 +194,7 @@ async fn api_round_trip_against_a_real_vmm() {
     }
     let dir = tempfile::tempdir().expect("dir");
     let files = VmFiles::in_dir(dir.path());
+    std::fs::create_dir_all(&files.jail_dir).expect("dir");
     let mut vmm = tokio::process::Command::new("cloud-hypervisor")
         .arg("--api-socket")
         .arg(format!("path={}", files.api_socket.display()))
@@ -197,7 +211,12 @@ async fn api_round_trip_against_a_real_vmm() {
         }
     };
     eprintln!("cloud-hypervisor {}", ping.version);
-    let config = vm_config(&image(), &spec(dir.path(), &["true"]), &files);
+    let image = image();
+    let config = vm_config(
+        &image,
+        &spec(dir.path(), &["true"]),
+        &VmPaths::unjailed(&image, &files),
+    );
     api.create(&config).await.expect("vm.create");
     assert_eq!(api.info().await.expect("vm.info").state, "Created");
     api.boot().await.expect("vm.boot");
@@ -213,10 +232,6 @@ async fn api_round_trip_against_a_real_vmm() {
         .expect("the VMM exits after vmm.shutdown")
         .expect("wait");
     assert!(status.success(), "{status}");
-    assert!(
-        files.serial_log.exists(),
-        "the serial console goes to a file"
-    );
 }
 
 /// A run on the backend: the command's output where KVM boots the guest kernel;
@@ -232,7 +247,24 @@ async fn a_run_boots_or_fails_at_the_boot_stage() {
     let vmm = CloudHypervisor::new().expect("on PATH");
     let image = image();
     let probe_dir = dir.path().join("run_ch_probe");
-    match vm0_sandbox::microvm::probe(&vmm, &image, &probe_dir, Duration::from_secs(5)).await {
+    // As a worker runs it: jailed, as a slot's uid under root.
+    let jail = vm0_sandbox::vmm_jail::VmmJail::detect().expect("the VMM jail");
+    let leases = tempfile::tempdir().expect("leases");
+    let slots = vm0_sandbox::slot_user::can_switch_uids().then(|| {
+        vm0_sandbox::slot_user::SlotUsers::lease(Default::default(), 1, leases.path())
+            .expect("a slot uid")
+    });
+    let user = slots.as_ref().and_then(|s| s.users().first().copied());
+    match vm0_sandbox::microvm::probe(
+        &vmm,
+        &image,
+        Some(&jail),
+        user,
+        &probe_dir,
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Err(failure) => {
             eprintln!(
                 "the guest kernel does not boot here: stage {}: {}",
@@ -247,12 +279,11 @@ async fn a_run_boots_or_fails_at_the_boot_stage() {
         }
         Ok(timings) => {
             eprintln!("probe booted: {timings:?}");
-            let sandbox = MicroVm::new(vmm, image);
+            let sandbox = MicroVm::new(vmm, image).with_jail(jail);
             let scratch = dir.path().join("run_ch_run");
-            let mut run = sandbox
-                .start(spec(&scratch, &["sh", "-c", "echo from-ch; exit 4"]))
-                .await
-                .expect("start");
+            let mut s = spec(&scratch, &["sh", "-c", "echo from-ch; exit 4"]);
+            s.slot_user = user;
+            let mut run = sandbox.start(s).await.expect("start");
             let mut out = Vec::new();
             let exit = loop {
                 match run.next_event().await.expect("events end with Exited") {

@@ -9,6 +9,8 @@ use vm0_sandbox::image::{GuestImage, ImageCatalog, ImageRecipe, build};
 use vm0_sandbox::microvm::MicroVm;
 use vm0_sandbox::qemu::{Accel, Qemu, QemuSandbox};
 use vm0_sandbox::sample::processes_matching;
+use vm0_sandbox::slot_user::{SlotUser, SlotUsers, UidRange, default_lock_dir};
+use vm0_sandbox::vmm_jail::VmmJail;
 use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
 
 fn cache() -> PathBuf {
@@ -38,9 +40,34 @@ fn image() -> GuestImage {
     .expect("guest image builds")
 }
 
+/// As a worker makes it: every VMM jailed, in a cgroup of its own where the host
+/// allows.
 fn qemu() -> QemuSandbox {
-    MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu is installed"), image())
-        .with_catalog(ImageCatalog::new(&cache()))
+    jailed(MicroVm::new(
+        Qemu::new(Accel::Tcg).expect("qemu is installed"),
+        image(),
+    ))
+    .with_catalog(ImageCatalog::new(&cache()))
+}
+
+fn jailed(sandbox: QemuSandbox) -> QemuSandbox {
+    sandbox
+        .with_jail(VmmJail::detect().expect("the VMM jail works here (bwrap, setpriv)"))
+        .with_limits(vm0_sandbox::cgroup::Hierarchy::detect().map_err(|e| e.to_string()))
+}
+
+/// This test process's slot uid (a root worker's VMM runs as one), leased for
+/// the process's life.
+fn slot_user() -> Option<SlotUser> {
+    static LEASE: std::sync::OnceLock<Option<SlotUsers>> = std::sync::OnceLock::new();
+    LEASE
+        .get_or_init(|| {
+            vm0_sandbox::slot_user::can_switch_uids().then(|| {
+                SlotUsers::lease(UidRange::default(), 1, &default_lock_dir()).expect("a slot uid")
+            })
+        })
+        .as_ref()
+        .and_then(|l| l.users().first().copied())
 }
 
 fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
@@ -65,7 +92,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         scratch_dir: dir.join("scratch"),
         sample_interval: Duration::from_millis(500),
         as_root: false,
-        slot_user: None,
+        slot_user: slot_user(),
     }
 }
 
@@ -209,7 +236,7 @@ async fn runs_in_a_root_filesystem() {
     })
     .expect("an image with a root filesystem builds");
     assert!(image.rootfs.is_some());
-    let sandbox = MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu"), image);
+    let sandbox = jailed(MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu"), image));
     let s = spec(
         dir.path(),
         &[
@@ -288,4 +315,184 @@ async fn the_command_lives_under_the_jail_policy() {
     s.as_root = true;
     let (out, _, _, _) = run(s, None).await;
     assert_eq!(out, "Seccomp:\t0\n", "root in its own VM is not filtered");
+}
+
+/// The processes whose command line contains `needle`.
+fn pids_matching(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            })
+        })
+        .collect()
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// A guest escape owns its VMM: the VMM is the slot's uid (never root), without
+/// capabilities or an environment, under QEMU's own seccomp filter, sees only its
+/// VM's files, and is bounded by a cgroup of the guest's size plus overhead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vmm_is_jailed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(dir.path(), &["sh", "-c", "echo up; sleep 30"]);
+    // A marker on QEMU's command line (vm0.work_mb=...): this test's VMM.
+    s.disk_mb = 263;
+    s.memory_mb = 192;
+    let mut sb = qemu().start(s).await.expect("start");
+    loop {
+        match sb.next_event().await.expect("events") {
+            SandboxEvent::Stdout(_) => break,
+            SandboxEvent::Exited(x) => panic!("exited: {x:?}"),
+            _ => {}
+        }
+    }
+    let qemu: Vec<u32> = pids_matching("vm0.work_mb=263")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "one VMM: {qemu:?}");
+    let pid = qemu[0];
+    let uids = status_field(pid, "Uid:");
+    match slot_user() {
+        Some(user) => assert!(
+            uids.split_whitespace().all(|u| u == user.uid.to_string()),
+            "the VMM is the slot's uid {}: {uids}",
+            user.uid
+        ),
+        None => eprintln!("this test runs as a user: the VMM is that user ({uids})"),
+    }
+    assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(pid, "Seccomp:"), "2", "QEMU's -sandbox on");
+    // Nothing of the worker's environment (bwrap sets PWD, to /jail).
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let environ = String::from_utf8_lossy(&environ).into_owned();
+    assert!(
+        environ
+            .split('\0')
+            .filter(|v| !v.is_empty())
+            .all(|v| v == "PWD=/jail"),
+        "{environ}"
+    );
+    // Its root: libraries, a minimal /dev, the VM's files, its own directory.
+    let root: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .expect("its root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for absent in ["etc", "home", "root", "var", "work"] {
+        assert!(
+            !root.contains(absent),
+            "/{absent} is visible to the VMM: {root:?}"
+        );
+    }
+    for present in ["jail", "vm", "usr", "dev"] {
+        assert!(root.contains(present), "/{present} missing: {root:?}");
+    }
+    let scratch_in_jail = std::fs::read_dir(format!("/proc/{pid}/root/jail"))
+        .expect("jail")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(scratch_in_jail, vec!["guest.sock".to_owned()]);
+    // Its cgroup: the guest's 192 MB plus the VMM's overhead.
+    if vm0_sandbox::cgroup::Hierarchy::detect().is_ok() {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        let memory = cgroups
+            .lines()
+            .find(|l| l.contains("memory") || l.starts_with("0::"))
+            .expect("a memory cgroup");
+        assert!(memory.contains("vm0-run-run_vm"), "{cgroups}");
+        let path = memory.splitn(3, ':').nth(2).unwrap_or_default();
+        let file = if memory.starts_with("0::") {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        };
+        let limit: u64 = std::fs::read_to_string(&file)
+            .expect("limit")
+            .trim()
+            .parse()
+            .expect("bytes");
+        assert_eq!(
+            limit,
+            (192 + vm0_sandbox::microvm::VMM_OVERHEAD_MB) << 20,
+            "{file}"
+        );
+    } else {
+        eprintln!("SKIPPED the cgroup check: no cgroup hierarchy this process may use");
+    }
+    sb.kill();
+    while let Some(ev) = sb.next_event().await {
+        if matches!(ev, SandboxEvent::Exited(_)) {
+            break;
+        }
+    }
+}
+
+/// The guest's console is kept in memory, bounded: a guest root flooding its
+/// serial port writes nothing to the worker's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_its_console_fills_no_disk() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "head -c 600000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded",
+        ],
+    );
+    s.as_root = true;
+    let scratch = s.scratch_dir.clone();
+    let mut sb = qemu().start(s).await.expect("start");
+    let mut largest = 0u64;
+    let mut out = String::new();
+    let exit = loop {
+        tokio::select! {
+            ev = sb.next_event() => match ev.expect("events") {
+                SandboxEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
+                SandboxEvent::Exited(x) => break x,
+                _ => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                largest = largest.max(disk_use(&scratch));
+            }
+        }
+    };
+    assert_eq!(out, "flooded\n", "{exit:?}");
+    assert!(
+        largest < 64 * 1024,
+        "the run's scratch dir grew to {largest} bytes"
+    );
+}
+
+fn disk_use(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_use(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

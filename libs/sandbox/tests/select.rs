@@ -5,7 +5,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vm0_sandbox::select::{AccelChoice, AnySandbox, SandboxKind, SelectOptions, select};
+use vm0_sandbox::slot_user::{SlotUser, SlotUsers};
 use vm0_sandbox::{Sandbox, SandboxEvent, SandboxSpec};
+
+/// A slot uid, as a root worker leases one per slot (none when not root).
+fn slot_user() -> Option<SlotUser> {
+    static LEASE: std::sync::OnceLock<Option<SlotUsers>> = std::sync::OnceLock::new();
+    LEASE
+        .get_or_init(|| {
+            vm0_sandbox::slot_user::can_switch_uids().then(|| {
+                SlotUsers::lease(
+                    Default::default(),
+                    1,
+                    &vm0_sandbox::slot_user::default_lock_dir(),
+                )
+                .expect("a slot uid")
+            })
+        })
+        .as_ref()
+        .and_then(|l| l.users().first().copied())
+}
 
 fn options(kind: SandboxKind, scratch: &std::path::Path) -> SelectOptions {
     SelectOptions {
@@ -25,7 +44,9 @@ fn options(kind: SandboxKind, scratch: &std::path::Path) -> SelectOptions {
         ),
         scratch_dir: scratch.to_owned(),
         bubblewrap_limits: Default::default(),
-        slot_users: Vec::new(),
+        slot_users: slot_user().into_iter().collect(),
+        vmm_jail: Default::default(),
+        vmm_limits: Default::default(),
     }
 }
 
@@ -44,7 +65,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         scratch_dir: scratch.join("run"),
         sample_interval: Duration::from_secs(1),
         as_root: false,
-        slot_user: None,
+        slot_user: slot_user(),
     };
     let mut run = sandbox.start(spec).await.expect("start");
     let mut out = Vec::new();

@@ -9,6 +9,7 @@ use vm0_env_config::{parse_opt, parse_or};
 use vm0_sandbox::cgroup::HostLimits;
 use vm0_sandbox::select::{AccelChoice, SandboxKind, SelectOptions};
 use vm0_sandbox::slot_user::UidRange;
+use vm0_sandbox::vmm_jail::JailSetting;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -60,6 +61,11 @@ pub struct WorkerConfig {
     /// `VM0_SLOT_UIDS`: the host uids a root worker's slots lease, one each
     /// (default 2000000-2000999).
     pub slot_uids: UidRange,
+    /// `VM0_VMM_JAIL`: `on` (default: every VMM jailed, see `vmm_jail`) or `off`.
+    pub vmm_jail: JailSetting,
+    /// `VM0_VMM_LIMITS`: `auto` (default: a cgroup per VMM where the host
+    /// allows) or `off`.
+    pub vmm_limits: HostLimits,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -106,6 +112,8 @@ impl WorkerConfig {
             image_cache: None,
             bubblewrap_limits: HostLimits::Auto,
             slot_uids: UidRange::default(),
+            vmm_jail: JailSetting::On,
+            vmm_limits: HostLimits::Auto,
         }
     }
 
@@ -145,6 +153,8 @@ impl WorkerConfig {
             image_cache: parse_opt("VM0_IMAGE_CACHE")?.or(d.image_cache),
             bubblewrap_limits: parse_or("VM0_BUBBLEWRAP_LIMITS", d.bubblewrap_limits)?,
             slot_uids: parse_or("VM0_SLOT_UIDS", d.slot_uids)?,
+            vmm_jail: parse_or("VM0_VMM_JAIL", d.vmm_jail)?,
+            vmm_limits: parse_or("VM0_VMM_LIMITS", d.vmm_limits)?,
         };
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
@@ -178,6 +188,8 @@ impl WorkerConfig {
             scratch_dir: self.data_dir.join("worker").join(self.scratch_name()),
             bubblewrap_limits: self.bubblewrap_limits,
             slot_users: Vec::new(),
+            vmm_jail: self.vmm_jail,
+            vmm_limits: self.vmm_limits,
         }
     }
 

@@ -73,7 +73,8 @@ pub struct ConsoleConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum ConsoleMode {
     Off,
-    File,
+    /// The VMM's stdout (which the host reads into a bounded log).
+    Tty,
 }
 
 /// `GET /vm.info`, the part we read.

@@ -472,6 +472,35 @@ fn rand_key() -> [u8; 32] {
 
 pub use vm0_sandbox::sample::processes_matching as processes_with;
 
+/// The processes whose command line contains `marker`, and all their
+/// descendants (a jailed VMM's command line does not name its run; its jail's
+/// does).
+pub fn process_trees_matching(marker: &str) -> Vec<u32> {
+    let roots: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut all: Vec<u32> = roots
+        .iter()
+        .flat_map(|r| vm0_sandbox::sample::process_tree(*r))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// Whether process `pid` runs a program whose path contains `name`.
+pub fn is_program(pid: u32, name: &str) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.to_string_lossy().contains(name))
+}
+
 /// A string unique to one test invocation, to find its processes.
 pub fn marker(what: &str) -> String {
     format!(
