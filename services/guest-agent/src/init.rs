@@ -74,6 +74,32 @@ fn work_mb(cmdline: &str) -> Option<u64> {
         .filter(|mb| *mb > 0)
 }
 
+/// Guest memory that `/work` and `/tmp` may never take: the kernel's and the
+/// agent's.
+const RESERVED_MB: u64 = 96;
+
+/// The sizes of `/work` and `/tmp` for a disk of `disk_mb` in `memory_mb` of
+/// guest memory: `/work` is `disk_mb` (what the agent config asks), `/tmp` as
+/// much but no more than the memory less [`RESERVED_MB`] leaves beside `/work`
+/// (16 MB at least).
+fn tmpfs_sizes(disk_mb: u64, memory_mb: u64) -> (u64, u64) {
+    let room = memory_mb.saturating_sub(RESERVED_MB);
+    let tmp = disk_mb.min(room.saturating_sub(disk_mb)).max(16);
+    (disk_mb, tmp)
+}
+
+/// The guest's memory in MB (`MemTotal`).
+fn memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
 fn load_modules(groups: &[&str]) {
     let Ok(list) = std::fs::read_to_string(MODULE_LIST) else {
         return;
@@ -127,9 +153,19 @@ pub fn boot() -> Booted {
         eprintln!("vm0-guest-agent: {e}");
         let _ = SETUP_ERROR.set(e);
     }
-    // The run's disk: a tmpfs of the size asked for (guest memory backs it).
+    // The run's disk, and /tmp: tmpfs backed by guest memory. /work is the size
+    // asked for; /tmp as large, but only as far as the guest's memory leaves room
+    // beside /work for the kernel and this agent (a guest whose memory is all
+    // tmpfs panics).
     if let Some(mb) = work_mb(&cmdline) {
-        mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={mb}m")));
+        let (work, tmp) = tmpfs_sizes(mb, memory_mb());
+        mount_with("tmpfs", "/work", "tmpfs", Some(&format!("size={work}m")));
+        mount_with(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            Some(&format!("size={tmp}m,mode=1777")),
+        );
     }
     if let Err(e) = crate::run_user::give_to_run_user(Path::new("/work")) {
         eprintln!("vm0-guest-agent: chown /work: {e}");
@@ -292,6 +328,10 @@ mod tests {
         assert_eq!(rootfs_device("vm0.rootfs=vda"), None);
         assert_eq!(work_mb("vm0.work_mb=0"), None);
         assert_eq!(work_mb("vm0.work_mb=x"), None);
+        // /work and /tmp of the disk's size each, leaving the kernel its share.
+        assert_eq!(tmpfs_sizes(64, 240), (64, 64));
+        assert_eq!(tmpfs_sizes(100, 240), (100, 44));
+        assert_eq!(tmpfs_sizes(1024, 240), (1024, 16));
         // Absent or malformed: the QEMU default.
         assert_eq!(transport("quiet"), Transport::Serial("vm0".into()));
         assert_eq!(

@@ -57,6 +57,8 @@ impl Nats {
 /// A worker process.
 pub struct WorkerProc {
     pub id: String,
+    /// Its credential (`VM0_WORKER_TOKEN`), which no run may ever see.
+    pub credential: String,
     child: Child,
 }
 
@@ -65,6 +67,11 @@ impl WorkerProc {
     pub fn kill_9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM: drain.
@@ -255,6 +262,7 @@ impl Stack {
         let n = self.workers.len();
         let id = format!("w{n}-{}", std::process::id());
         let credential = self.worker_credential(&id).await;
+        let secret = credential.clone();
         let gateway = &self.gateways[n % self.gateways.len()];
         let nats = self.nats.options(Role::Worker);
         let creds = nats.credentials.clone().expect("the worker role's user");
@@ -299,7 +307,11 @@ impl Stack {
             cmd.uid(uid).gid(uid).env("HOME", &data_dir);
         }
         let child = cmd.spawn().expect("start vm0-worker");
-        self.workers.push(WorkerProc { id, child });
+        self.workers.push(WorkerProc {
+            id,
+            credential: secret,
+            child,
+        });
         n
     }
 

@@ -4,6 +4,7 @@
 mod harness;
 
 mod fleet;
+mod hostile;
 mod lifecycle;
 mod microvm;
 mod traces;
