@@ -237,7 +237,12 @@ impl Bubblewrap {
         Ok(fds)
     }
 
-    fn command(&self, spec: &SandboxSpec, work: &Path) -> std::io::Result<Command> {
+    /// bwrap's command for `spec`, and the descriptors it must inherit.
+    fn command(
+        &self,
+        spec: &SandboxSpec,
+        work: &Path,
+    ) -> std::io::Result<(Command, Vec<std::os::fd::OwnedFd>)> {
         // No environment: bwrap's pid 1 keeps bwrap's own for the sandbox's life.
         let mut cmd = crate::spawn::command(&self.program);
         cmd.args([
@@ -297,7 +302,7 @@ impl Bubblewrap {
         cmd.args(["--perms", "0755", "--dir", "/run"]);
         cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
         let fds = self.seccomp_fds()?;
-        for fd in crate::spawn::pass_fds(&mut cmd, fds) {
+        for fd in crate::spawn::numbers(&fds) {
             cmd.args(["--add-seccomp-fd", &fd.to_string()]);
         }
         // The agent sets the command's environment from `Start`, and gives /work
@@ -312,7 +317,7 @@ impl Bubblewrap {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        Ok(cmd)
+        Ok((cmd, fds))
     }
 }
 
@@ -357,7 +362,10 @@ impl Sandbox for Bubblewrap {
                 line: format!("no resource limits: {why}"),
             },
         };
-        let mut child = match self.command(&spec, &work).and_then(|mut c| c.spawn()) {
+        let spawned = self
+            .command(&spec, &work)
+            .and_then(|(mut cmd, fds)| crate::spawn::spawn(&mut cmd, &fds));
+        let mut child = match spawned {
             Ok(child) => child,
             Err(source) => {
                 let _ = tokio::fs::remove_dir_all(&spec.scratch_dir).await;

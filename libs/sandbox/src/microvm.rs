@@ -242,7 +242,7 @@ impl VmmHost<'_> {
 
     /// Spawns `cmd`, its stdout and stderr followed into the console log.
     pub fn spawn(&self, cmd: &mut tokio::process::Command) -> std::io::Result<Child> {
-        let mut child = cmd.spawn()?;
+        let mut child = crate::spawn::spawn(cmd, &[])?;
         if let Some(out) = child.stdout.take() {
             self.files.console.follow(out);
         }

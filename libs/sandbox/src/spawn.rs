@@ -1,9 +1,16 @@
 //! How the processes around a run are spawned (bwrap, VMMs): nothing of the
 //! worker is inherited but what is named. No environment (the worker's holds its
-//! credentials), only the descriptors passed explicitly ([`pass_fds`]); their own
+//! credentials), only the descriptors passed explicitly ([`spawn`]); their own
 //! process group (killed as a whole); `kill_on_drop` (the supervisor task ends on
-//! every path); and a parent-death signal (the worker itself may be killed with
-//! SIGKILL, which no destructor survives).
+//! every path). What must die with the worker even when it is killed with SIGKILL
+//! (which no destructor survives) gets a parent-death signal: bwrap sets its own
+//! (`--die-with-parent`), an unjailed VMM gets [`die_with_parent`].
+//!
+//! Speed: a command without `pre_exec` closures is started with `posix_spawn`
+//! (vfork), one with them with `fork`, which copies the worker's page tables:
+//! measured, 25-30 % of bubblewrap's throughput. So bwrap, started for every run,
+//! has none; descriptors reach it by being inheritable for the moment of the
+//! spawn, under a lock every spawn here takes.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -11,9 +18,13 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
+/// Held while a child is spawned: descriptors made inheritable for one child
+/// reach no other.
+static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A command for `program` with an empty environment, stdin and stdout closed and
-/// stderr piped (for failure reports), in a new process group, killed with its
-/// parent. Callers set other stdio where they need it.
+/// stderr piped (for failure reports), in a new process group. Callers set other
+/// stdio where they need it.
 pub(crate) fn command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
@@ -22,15 +33,35 @@ pub(crate) fn command(program: &Path) -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
-    die_with_parent(&mut cmd);
     cmd
+}
+
+/// Spawns `cmd`; the child (and no other process) inherits `fds`, under the same
+/// numbers. Every child spawned here goes through this function.
+pub(crate) fn spawn(cmd: &mut Command, fds: &[OwnedFd]) -> std::io::Result<tokio::process::Child> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let _only_us = SPAWNING.lock().unwrap_or_else(|p| p.into_inner());
+    for fd in fds {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    }
+    let spawned = cmd.spawn();
+    for fd in fds {
+        // Closed by the caller right after; close-on-exec again meanwhile.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    spawned
+}
+
+/// The numbers of `fds`, as the child will see them.
+pub(crate) fn numbers(fds: &[OwnedFd]) -> Vec<i32> {
+    fds.iter().map(AsRawFd::as_raw_fd).collect()
 }
 
 /// SIGKILL the child when the thread that spawned it exits. Linux ties the signal
 /// to the parent *thread*: the spawning threads here are tokio runtime workers,
 /// which live as long as the worker process.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe syscalls (prctl, getppid, _exit); it allocates nothing and
@@ -46,30 +77,6 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
-}
-
-/// The child keeps `fds` open across exec, under the same numbers (the parent's
-/// copies close when the command is dropped). Every other descriptor of the
-/// worker is close-on-exec, as Rust opens them, and so is not inherited; these
-/// are not inherited by any other child spawned meanwhile either.
-#[allow(unsafe_code)]
-pub(crate) fn pass_fds(cmd: &mut Command, fds: Vec<OwnedFd>) -> Vec<i32> {
-    let numbers = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // fcntl(F_SETFD) on descriptors it owns (moved into it, so open until the
-    // command is dropped); fcntl is async-signal-safe and nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in &fds {
-                nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                )?;
-            }
-            Ok(())
-        });
-    }
-    numbers
 }
 
 /// The child joins the cgroups whose `cgroup.procs` files are given before it

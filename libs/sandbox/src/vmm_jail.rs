@@ -163,8 +163,11 @@ impl VmmLaunch {
         let files = req.files;
         std::fs::create_dir_all(&files.jail_dir)?;
         let Some(jail) = jail else {
+            // No jail to tie it to the worker: the VMM gets the signal itself.
+            let mut cmd = crate::spawn::command(program);
+            crate::spawn::die_with_parent(&mut cmd);
             return Ok(VmmLaunch {
-                cmd: crate::spawn::command(program),
+                cmd,
                 paths: VmPaths::unjailed(image, files),
             });
         };
@@ -177,6 +180,9 @@ impl VmmLaunch {
             std::fs::set_permissions(&files.jail_dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let mut cmd = crate::spawn::command(&jail.bwrap);
+        // bwrap sets its own parent-death signal only once its namespaces are made;
+        // a VMM is rare enough to afford the fork that closes that window.
+        crate::spawn::die_with_parent(&mut cmd);
         cmd.args([
             "--die-with-parent",
             "--new-session",
