@@ -96,6 +96,25 @@ pub struct Bubblewrap {
     seccomp: std::sync::Arc<[Vec<u8>; 2]>,
 }
 
+/// bwrap arguments that show the host's system directories read-only (the
+/// sandbox's and a VMM jail's programs and libraries).
+pub(crate) fn bind_host_system(cmd: &mut Command) {
+    for path in RO_PATHS {
+        match std::fs::symlink_metadata(path) {
+            // Merged-/usr systems: /bin -> usr/bin and so on.
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    cmd.arg("--symlink").arg(target).arg(path);
+                }
+            }
+            Ok(_) => {
+                cmd.args(["--ro-bind", path, path]);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Copies `from` to `to`, keeping symlinks as symlinks; unreadable entries are
 /// skipped (the sandbox simply does not get them).
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -256,20 +275,7 @@ impl Bubblewrap {
             "--hostname",
             "vm0-sandbox",
         ]);
-        for path in RO_PATHS {
-            match std::fs::symlink_metadata(path) {
-                // Merged-/usr systems: /bin -> usr/bin and so on.
-                Ok(m) if m.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(path) {
-                        cmd.arg("--symlink").arg(target).arg(path);
-                    }
-                }
-                Ok(_) => {
-                    cmd.args(["--ro-bind", path, path]);
-                }
-                Err(_) => {}
-            }
-        }
+        bind_host_system(&mut cmd);
         cmd.arg("--ro-bind").arg(self.etc.path()).arg("/etc");
         cmd.args(["--proc", "/proc", "--dev", "/dev"]);
         let disk_bytes = spec.disk_mb.saturating_mul(1024 * 1024).to_string();

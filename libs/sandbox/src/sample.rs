@@ -94,16 +94,24 @@ fn tree_from_ppids(root: u32) -> Vec<u32> {
 /// Processes whose command line contains `marker` (leak checks: a run's processes
 /// carry its id or a marker in their arguments).
 pub fn processes_matching(marker: &str) -> usize {
+    pids_matching(marker).len()
+}
+
+/// The pids of those processes (arguments joined by spaces).
+pub fn pids_matching(marker: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     dir.flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
         })
-        .count()
+        .collect()
 }
 
 /// CPU ticks and resident bytes of a set of processes.

@@ -31,8 +31,6 @@ use crate::slot_user::SlotUser;
 const JAIL_DIR: &str = "/jail";
 /// Where the VMM sees the image's files.
 const IMAGE_DIR: &str = "/vm";
-/// Host paths made visible read-only (when they exist): the VMM's libraries.
-const RO_PATHS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
 
 /// `VM0_VMM_JAIL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,19 +190,7 @@ impl VmmLaunch {
             "--unshare-uts",
             "--unshare-cgroup-try",
         ]);
-        for path in RO_PATHS {
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(path) {
-                        cmd.arg("--symlink").arg(target).arg(path);
-                    }
-                }
-                Ok(_) => {
-                    cmd.args(["--ro-bind", path, path]);
-                }
-                Err(_) => {}
-            }
-        }
+        crate::bubblewrap::bind_host_system(&mut cmd);
         cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
         if req.kvm {
             cmd.args(["--dev-bind", "/dev/kvm", "/dev/kvm"]);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use vm0_sandbox::bubblewrap::Bubblewrap;
-use vm0_sandbox::sample::processes_matching;
+use vm0_sandbox::sample::{pids_matching, processes_matching};
 use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
 
 fn guest_agent() -> std::path::PathBuf {
@@ -428,19 +428,6 @@ async fn work_holds_disk_mb_and_no_more() {
         !dir.path().join("scratch").exists(),
         "nothing left on the host"
     );
-}
-
-/// The pids of processes whose command line contains `needle`.
-fn pids_matching(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .collect()
 }
 
 /// bwrap's pid 1 keeps bwrap's own environment for the sandbox's whole life, and

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vm0_sandbox::image::{GuestImage, ImageCatalog, ImageRecipe, build};
 use vm0_sandbox::microvm::MicroVm;
 use vm0_sandbox::qemu::{Accel, Qemu, QemuSandbox};
-use vm0_sandbox::sample::processes_matching;
+use vm0_sandbox::sample::{pids_matching, processes_matching};
 use vm0_sandbox::slot_user::{SlotUser, SlotUsers, UidRange, default_lock_dir};
 use vm0_sandbox::vmm_jail::VmmJail;
 use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
@@ -315,22 +315,6 @@ async fn the_command_lives_under_the_jail_policy() {
     s.as_root = true;
     let (out, _, _, _) = run(s, None).await;
     assert_eq!(out, "Seccomp:\t0\n", "root in its own VM is not filtered");
-}
-
-/// The processes whose command line contains `needle`.
-fn pids_matching(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c)
-                    .replace('\0', " ")
-                    .contains(needle)
-            })
-        })
-        .collect()
 }
 
 fn status_field(pid: u32, field: &str) -> String {

@@ -488,17 +488,7 @@ pub use vm0_sandbox::sample::processes_matching as processes_with;
 /// descendants (a jailed VMM's command line does not name its run; its jail's
 /// does).
 pub fn process_trees_matching(marker: &str) -> Vec<u32> {
-    let roots: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let roots = vm0_sandbox::sample::pids_matching(marker);
     let mut all: Vec<u32> = roots
         .iter()
         .flat_map(|r| vm0_sandbox::sample::process_tree(*r))
