@@ -104,6 +104,7 @@ async fn one_run<V: Vmm>(
         env: vec![("PATH".into(), "/bin".into())],
         working_dir: None,
         stdin: Vec::new(),
+        stdin_file: None,
         vcpus: args.vcpus,
         memory_mb: args.memory_mb,
         disk_mb: 0,

@@ -15,6 +15,8 @@ pub mod ids;
 pub mod runs;
 /// Reading the run event stream as a client.
 pub mod sse;
+/// Tenants' text made storable (no NUL).
+pub mod text;
 /// RFC 3339 timestamps carried as microseconds since the epoch.
 pub mod time;
 /// API tokens (`vm0_live_…`).

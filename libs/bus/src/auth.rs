@@ -49,6 +49,7 @@ impl Role {
                     "runs.*.status".into(),
                     subjects::cancel("*"),
                     subjects::TOKENS_REVOKED.into(),
+                    subjects::DEAD_LETTERS.into(),
                     "$JS.API.>".into(),
                     format!("$JS.ACK.{TELEMETRY_STREAM}.{PERSISTER_CONSUMER}.>"),
                 ],

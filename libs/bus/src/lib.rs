@@ -32,6 +32,9 @@ pub use telemetry::Telemetry;
 
 pub const JOBS_STREAM: &str = "RUN_JOBS";
 pub const TELEMETRY_STREAM: &str = "RUN_TELEMETRY";
+/// Telemetry the persister could not store, set aside for an operator
+/// (`deadletter.<original subject>`).
+pub const DEAD_LETTER_STREAM: &str = "RUN_DEADLETTER";
 /// The durable consumer all workers pull jobs from.
 pub const WORKERS_CONSUMER: &str = "workers";
 /// The durable consumer all gateways' persisters pull telemetry from.
@@ -195,9 +198,46 @@ impl Bus {
             })
             .await
             .map_err(js_err)?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: DEAD_LETTER_STREAM.into(),
+                subjects: vec![subjects::DEAD_LETTERS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(14 * 86_400),
+                max_bytes: 1 << 30,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
         self.create_jobs_consumer().await?;
         self.persister_consumer().await?;
         Ok(())
+    }
+
+    /// Sets a telemetry message aside on the dead-letter stream, with why; the
+    /// subject it went to.
+    pub async fn publish_dead_letter(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        why: &str,
+    ) -> Result<String, BusError> {
+        let dead = subjects::dead_letter(subject);
+        let mut headers = async_nats::HeaderMap::new();
+        let why: String = why.chars().filter(|c| !c.is_control()).take(1000).collect();
+        headers.insert("Vm0-Error", why.as_str());
+        let err = |e: &dyn std::fmt::Display| BusError::Publish {
+            subject: dead.clone(),
+            message: e.to_string(),
+        };
+        self.js
+            .publish_with_headers(dead.clone(), headers, payload.to_vec().into())
+            .await
+            .map_err(|e| err(&e))?
+            .await
+            .map_err(|e| err(&e))?;
+        Ok(dead)
     }
 
     /// Publishes a job and waits for JetStream to store it. Publishing the same run

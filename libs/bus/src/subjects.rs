@@ -46,6 +46,14 @@ pub fn cancel(run_id: &str) -> String {
     format!("runs.{run_id}.cancel")
 }
 
+/// Where the persister sets aside what it cannot store (stream `RUN_DEADLETTER`).
+pub const DEAD_LETTERS: &str = "deadletter.>";
+
+/// `deadletter.<subject>`
+pub fn dead_letter(subject: &str) -> String {
+    format!("deadletter.{subject}")
+}
+
 /// Revoked API token ids, from the gateway that revoked them to every gateway
 /// (core NATS, not captured: each replica drops the token from its auth cache).
 pub const TOKENS_REVOKED: &str = "auth.tokens.revoked";

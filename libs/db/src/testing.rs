@@ -79,3 +79,12 @@ macro_rules! on_both_databases {
         }
     };
 }
+
+/// Runs `sql` on the database at `url` (fault injection: a test breaks a table
+/// and mends it).
+pub async fn execute(url: &str, sql: &str) -> Result<(), StoreError> {
+    let conn = Database::connect(url).await?;
+    conn.execute_unprepared(sql).await?;
+    conn.close().await?;
+    Ok(())
+}

@@ -5,13 +5,17 @@
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Largest frame accepted or sent.
+/// Largest frame the host accepts from a guest (which it does not trust).
 pub const MAX_FRAME: usize = 1024 * 1024;
+/// Largest frame a guest accepts from the host: a `Start` carries the whole
+/// command and environment (an agent config and a run request, each up to the
+/// gateway's body limit).
+pub const MAX_HOST_FRAME: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(usize, usize),
     #[error("the stream ended inside a frame")]
     Truncated,
     #[error("frame is not a valid message: {0}")]
@@ -26,13 +30,13 @@ pub async fn write<M: Message, W: AsyncWrite + Unpin>(
     msg: &M,
 ) -> Result<(), FrameError> {
     let len = msg.encoded_len();
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > MAX_HOST_FRAME {
+        return Err(FrameError::TooLarge(len, MAX_HOST_FRAME));
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(
         &u32::try_from(len)
-            .map_err(|_| FrameError::TooLarge(len))?
+            .map_err(|_| FrameError::TooLarge(len, MAX_HOST_FRAME))?
             .to_be_bytes(),
     );
     msg.encode(&mut buf)
@@ -42,9 +46,24 @@ pub async fn write<M: Message, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads one message; `Ok(None)` at a clean end of stream (between frames).
+/// Reads one message of at most [`MAX_FRAME`] bytes (the host, from a guest);
+/// `Ok(None)` at a clean end of stream (between frames).
 pub async fn read<M: Message + Default, R: AsyncRead + Unpin>(
     r: &mut R,
+) -> Result<Option<M>, FrameError> {
+    read_limited(r, MAX_FRAME).await
+}
+
+/// [`read`] of frames up to [`MAX_HOST_FRAME`] (a guest, from the host).
+pub async fn read_from_host<M: Message + Default, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<M>, FrameError> {
+    read_limited(r, MAX_HOST_FRAME).await
+}
+
+async fn read_limited<M: Message + Default, R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
 ) -> Result<Option<M>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
@@ -60,8 +79,8 @@ pub async fn read<M: Message + Default, R: AsyncRead + Unpin>(
         got += n;
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > limit {
+        return Err(FrameError::TooLarge(len, limit));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| match e.kind() {
@@ -105,7 +124,18 @@ mod tests {
         let err = read::<GuestMessage, _>(&mut huge.as_slice())
             .await
             .expect_err("too large");
-        assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
+        assert!(matches!(err, FrameError::TooLarge(_, MAX_FRAME)), "{err}");
+        // A guest accepts the host's larger frames; the host does not accept them
+        // from a guest.
+        let two_mib = u32::try_from(2 * MAX_FRAME).expect("fits").to_be_bytes();
+        let err = read::<GuestMessage, _>(&mut two_mib.as_slice())
+            .await
+            .expect_err("too large from a guest");
+        assert!(matches!(err, FrameError::TooLarge(_, MAX_FRAME)), "{err}");
+        let err = read_from_host::<GuestMessage, _>(&mut two_mib.as_slice())
+            .await
+            .expect_err("truncated, not too large");
+        assert!(matches!(err, FrameError::Truncated), "{err}");
         let cut = [0u8, 0, 0, 10, 1, 2];
         let err = read::<GuestMessage, _>(&mut cut.as_slice())
             .await

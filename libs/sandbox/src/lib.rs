@@ -51,8 +51,11 @@ pub struct SandboxSpec {
     pub env: Vec<(String, String)>,
     /// Directory the command starts in, inside the sandbox (default `/work`).
     pub working_dir: Option<String>,
-    /// Written to the command's stdin, which is then closed.
+    /// Written to the command's stdin, which is then closed (unless `stdin_file`).
     pub stdin: Vec<u8>,
+    /// The command's stdin is this file of the sandbox instead (one of `files`):
+    /// a prompt of any size.
+    pub stdin_file: Option<String>,
     pub vcpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,

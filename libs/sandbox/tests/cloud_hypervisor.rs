@@ -23,6 +23,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         env: vec![("PATH".into(), "/bin".into())],
         working_dir: None,
         stdin: Vec::new(),
+        stdin_file: None,
         vcpus: 2,
         memory_mb: 256,
         disk_mb: 256,

@@ -80,6 +80,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         ],
         working_dir: None,
         stdin: b"from stdin".to_vec(),
+        stdin_file: None,
         vcpus: 1,
         memory_mb: 256,
         disk_mb: 256,

@@ -57,6 +57,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         working_dir: None,
         stdin: Vec::new(),
+        stdin_file: None,
         vcpus: 1,
         memory_mb: 256,
         disk_mb: 256,

@@ -3,6 +3,12 @@
 //! everything that arrived together, not one per line. Messages are acked only
 //! after their batch committed; a crash before that means redelivery, which the
 //! store's dedupe keys make harmless.
+//!
+//! A batch that fails is stored again message by message, so that one bad
+//! message cannot hold the others back; a message that still fails is redelivered
+//! with a growing delay, and after [`DEAD_LETTER_AFTER`] deliveries it is set aside
+//! on the dead-letter stream (`deadletter.runs.<id>.<channel>`) with a `system`
+//! log line on its run, and acked. Nothing is redelivered forever.
 
 use std::time::Duration;
 
@@ -17,6 +23,8 @@ use crate::error::ErrorChain;
 
 /// Messages stored per transaction at most.
 const BATCH: usize = 512;
+/// Deliveries of a message that cannot be stored before it is set aside.
+pub const DEAD_LETTER_AFTER: i64 = 5;
 
 /// What one batch of messages becomes.
 #[derive(Default)]
@@ -137,25 +145,101 @@ async fn drain(store: &Store, bus: &Bus, shutdown: &CancellationToken) -> anyhow
         for msg in chunk {
             let msg = msg.map_err(|e| anyhow::anyhow!("telemetry consumer: {e}"))?;
             let subject = msg.subject.to_string();
-            match Telemetry::from_subject(&subject, &msg.payload) {
-                Ok((run_id, t)) => rows.add(&run_id, t),
-                Err(why) => tracing::warn!(%subject, %why, "dropping telemetry"),
-            }
-            messages.push(msg);
+            let parsed = match Telemetry::from_subject(&subject, &msg.payload) {
+                Ok(parsed) => {
+                    rows.add(&parsed.0, parsed.1.clone());
+                    Some(parsed)
+                }
+                Err(why) => {
+                    tracing::warn!(%subject, %why, "dropping telemetry");
+                    None
+                }
+            };
+            messages.push((msg, parsed));
         }
-        if let Err(e) = store
+        match store
             .insert_telemetry(&rows.events, &rows.logs, &rows.metrics)
             .await
         {
-            // Not acked: JetStream redelivers after its ack wait.
-            tracing::warn!(error = %ErrorChain(&e), messages = messages.len(), "telemetry batch not stored");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        for msg in messages {
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "telemetry ack failed (it will be redelivered and deduped)");
+            Ok(()) => {
+                for (msg, _) in messages {
+                    ack(&msg).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), messages = messages.len(), "telemetry batch not stored; storing its messages one by one");
+                for (msg, parsed) in messages {
+                    store_alone(store, bus, msg, parsed).await;
+                }
             }
         }
     }
+}
+
+async fn ack(msg: &async_nats::jetstream::Message) {
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(error = %e, "telemetry ack failed (it will be redelivered and deduped)");
+    }
+}
+
+/// One message of a batch that failed: stored alone, or redelivered later, or,
+/// after [`DEAD_LETTER_AFTER`] deliveries, set aside.
+async fn store_alone(
+    store: &Store,
+    bus: &Bus,
+    msg: async_nats::jetstream::Message,
+    parsed: Option<(String, Telemetry)>,
+) {
+    let Some((run_id, telemetry)) = parsed else {
+        ack(&msg).await;
+        return;
+    };
+    let mut rows = Rows::default();
+    rows.add(&run_id, telemetry);
+    let Err(e) = store
+        .insert_telemetry(&rows.events, &rows.logs, &rows.metrics)
+        .await
+    else {
+        ack(&msg).await;
+        return;
+    };
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let subject = msg.subject.to_string();
+    if delivered < DEAD_LETTER_AFTER {
+        tracing::warn!(%subject, delivered, error = %ErrorChain(&e), "telemetry message not stored; it will be redelivered");
+        let delay = Duration::from_millis(200 * u64::try_from(delivered.max(1)).unwrap_or(1));
+        let _ = msg
+            .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+            .await;
+        return;
+    }
+    let why = ErrorChain(&e).to_string();
+    let set_aside = bus.publish_dead_letter(&subject, &msg.payload, &why).await;
+    let line = NewLog {
+        key: None,
+        ts: vm0_api_types::Timestamp::now().micros(),
+        log_type: LogType::System,
+        level: LogLevel::Error,
+        message: format!(
+            "a telemetry message ({}) could not be stored after {delivered} attempts and was set aside{}: {why}",
+            subject.rsplit('.').next().unwrap_or_default(),
+            match &set_aside {
+                Ok(dead) => format!(" on {dead}"),
+                Err(_) => String::new(),
+            }
+        ),
+        metadata: serde_json::json!({}),
+    };
+    if let Err(log_error) = store.append_logs(&run_id, &[line]).await {
+        tracing::warn!(%run_id, error = %ErrorChain(&log_error), "cannot log a dead-lettered message on its run");
+    }
+    match set_aside {
+        Ok(dead) => {
+            tracing::error!(%subject, %dead, delivered, error = %why, "telemetry message set aside")
+        }
+        Err(err) => {
+            tracing::error!(%subject, delivered, error = %why, dead_letter_error = %ErrorChain(&err), "telemetry message dropped: it could neither be stored nor set aside")
+        }
+    }
+    let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
 }

@@ -54,7 +54,7 @@ async fn reader_task<R: AsyncRead + Unpin>(
     out: mpsc::Sender<GuestMessage>,
 ) {
     loop {
-        match frame::read::<HostMessage, _>(&mut r).await {
+        match frame::read_from_host::<HostMessage, _>(&mut r).await {
             Ok(Some(m)) => {
                 if tx.send(m).await.is_err() {
                     return;
@@ -254,11 +254,22 @@ async fn run(
     let Some(program) = start.argv.first() else {
         return failed("Start has an empty argv".into()).await;
     };
+    // The prompt as a file the host wrote (any size), or the bytes of `Start`.
+    let stdin = if start.stdin_path.is_empty() {
+        Stdio::piped()
+    } else {
+        match std::fs::File::open(&start.stdin_path) {
+            Ok(f) => Stdio::from(f),
+            Err(e) => {
+                return failed(format!("cannot open stdin {}: {e}", start.stdin_path)).await;
+            }
+        }
+    };
     let mut cmd = Command::new(program);
     cmd.args(&start.argv[1..])
         .env_clear()
         .envs(&start.env)
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

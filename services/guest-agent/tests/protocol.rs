@@ -102,6 +102,7 @@ fn start(argv: &[&str]) -> Start {
         stdin: b"prompt text".to_vec(),
         sample_interval_ms: 0,
         as_root: false,
+        stdin_path: String::new(),
     }
 }
 

@@ -55,9 +55,9 @@ impl Masker {
         }
     }
 
-    /// Masks every secret in `text`.
+    /// Masks every secret in `text` (and makes it storable: no NUL).
     pub fn mask(&self, text: &str) -> String {
-        let mut out = text.to_owned();
+        let mut out = vm0_api_types::text::storable(text).into_owned();
         for s in &self.secrets {
             if out.contains(s.as_str()) {
                 out = out.replace(s.as_str(), MASK);
@@ -86,7 +86,7 @@ impl Masker {
         }
         pieces
             .into_iter()
-            .map(|p| self.mask(&String::from_utf8_lossy(&p)))
+            .map(|p| self.mask(&vm0_api_types::text::storable_bytes(&p)))
             .collect()
     }
 
@@ -99,7 +99,10 @@ impl Masker {
                 Stream::Stderr => std::mem::take(&mut self.stderr),
             };
             if !buf.is_empty() {
-                out.push((stream, self.mask(&String::from_utf8_lossy(&buf))));
+                out.push((
+                    stream,
+                    self.mask(&vm0_api_types::text::storable_bytes(&buf)),
+                ));
             }
         }
         out
@@ -131,6 +134,16 @@ mod tests {
         let second = m.push(Stream::Stderr, b"secret\n");
         assert!(second[0].contains("***"), "{second:?}");
         assert!(!first[0].contains("super") || !second[0].contains("secret"));
+    }
+
+    #[test]
+    fn output_is_made_storable() {
+        let mut m = Masker::new([]);
+        assert_eq!(
+            m.push(Stream::Stdout, b"a\0b\xff\n"),
+            vec!["a\u{fffd}b\u{fffd}\n".to_owned()]
+        );
+        assert_eq!(m.mask("x\0"), "x\u{fffd}");
     }
 
     #[test]

@@ -203,6 +203,14 @@ impl<S> RunTelemetry<'_, S> {
     }
 }
 
+/// Where the prompt is in every sandbox (`VM0_PROMPT_FILE`), and the command's
+/// stdin.
+pub const PROMPT_FILE: &str = "/run/vm0/prompt";
+/// The longest prompt `VM0_PROMPT` holds: Linux refuses an environment string
+/// over 128 KiB (`MAX_ARG_STRLEN`), `VM0_PROMPT=` and its NUL included. Longer
+/// prompts are only on stdin and in `VM0_PROMPT_FILE`.
+pub const MAX_ENV_PROMPT: usize = 128 * 1024 - "VM0_PROMPT=".len() - 1;
+
 fn sandbox_spec<S>(
     ctx: &WorkerCtx<S>,
     spec: &pb::RunSpec,
@@ -214,20 +222,28 @@ fn sandbox_spec<S>(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     env.sort();
-    env.push(("VM0_PROMPT".into(), spec.prompt.clone()));
+    if spec.prompt.len() <= MAX_ENV_PROMPT {
+        env.push(("VM0_PROMPT".into(), spec.prompt.clone()));
+    }
+    env.push(("VM0_PROMPT_FILE".into(), PROMPT_FILE.into()));
     env.push(("VM0_RUN_ID".into(), spec.run_id.clone()));
     SandboxSpec {
         run_id: spec.run_id.clone(),
         argv: spec.argv.clone(),
         env,
         working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
-        stdin: spec.prompt.clone().into_bytes(),
+        stdin: Vec::new(),
+        stdin_file: Some(PROMPT_FILE.into()),
         vcpus: spec.vcpus,
         memory_mb: spec.memory_mb,
         disk_mb: spec.disk_mb,
         image: (!spec.image.is_empty()).then(|| spec.image.clone()),
-        // Inputs arrive with the storage endpoints.
-        files: Vec::new(),
+        // The prompt, as a file: any size, outside the guest protocol's frames.
+        files: vec![vm0_sandbox::GuestFile {
+            path: PROMPT_FILE.into(),
+            data: spec.prompt.clone().into_bytes().into(),
+            mode: 0o400,
+        }],
         scratch_dir: ctx
             .config
             .data_dir
@@ -263,6 +279,13 @@ async fn run_claimed<S: Sandbox>(
         counter: 0,
         masker: Masker::new(spec.secret_values.iter().cloned()),
     };
+    if spec.prompt.len() > MAX_ENV_PROMPT {
+        let line = format!(
+            "the prompt ({} bytes) is longer than VM0_PROMPT holds ({MAX_ENV_PROMPT} bytes): it is on stdin and in VM0_PROMPT_FILE only",
+            spec.prompt.len()
+        );
+        t.system_log(LogLevel::Info, &line).await;
+    }
     let started_sandbox = ctx
         .sandbox
         .start(sandbox_spec(ctx, &spec, slot_user))

@@ -302,8 +302,13 @@ impl Store {
         &self,
         current: run::Model,
         from: RunStatus,
-        f: FinishRun,
+        mut f: FinishRun,
     ) -> Result<FinishOutcome, StoreError> {
+        // A worker's error text may quote the run's output: storable, always.
+        f.error = f
+            .error
+            .map(|e| vm0_api_types::text::storable(&e).into_owned());
+        f.log = vm0_api_types::text::storable(&f.log).into_owned();
         let stored_max = self.max_event_seq(&f.run_id).await?;
         let base = current
             .last_event_seq

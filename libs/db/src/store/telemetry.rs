@@ -175,7 +175,8 @@ impl NewLog {
             dedupe_key: Set(self.key.clone()),
             log_type: Set(self.log_type.as_str().to_owned()),
             level: Set(self.level.as_str().to_owned()),
-            message: Set(self.message.clone()),
+            // Defended here too: one tenant's NUL must never fail a batch.
+            message: Set(vm0_api_types::text::storable(&self.message).into_owned()),
             metadata: Set(self.metadata.to_string()),
             ..Default::default()
         }

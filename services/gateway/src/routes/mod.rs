@@ -36,6 +36,21 @@ impl PageRequest {
         };
         Ok(PageRequest { limit, after })
     }
+
+    /// [`PageRequest::from_query`] for lists whose tie-breaker is a row number
+    /// (logs, metrics): a cursor whose id is no such number is refused here.
+    pub fn with_row_ids(q: &QueryParams, scope: &str) -> Result<PageRequest, ApiError> {
+        let page = PageRequest::from_query(q, scope)?;
+        if let Some(after) = &page.after
+            && after.id.parse::<i64>().is_err()
+        {
+            return Err(ApiError::invalid(
+                "cursor",
+                "cursor is not one this list returned; pass `pagination.nextCursor` unchanged",
+            ));
+        }
+        Ok(page)
+    }
 }
 
 /// The cursor that resumes a list after the item with sort key `key` and `id`.

@@ -72,7 +72,7 @@ pub async fn logs(
     } else {
         "logs.desc"
     };
-    let page = PageRequest::from_query(&q, scope)?;
+    let page = PageRequest::with_row_ids(&q, scope)?;
     let filter = log_filter(&q)?;
     let run = load(&state, &caller, &id).await?;
     let rows = state
@@ -106,7 +106,7 @@ pub async fn metrics(
     q: QueryParams,
 ) -> ApiResult<Json<MetricsResponse>> {
     q.only(&["limit", "cursor"])?;
-    let mut page = PageRequest::from_query(&q, "metrics")?;
+    let mut page = PageRequest::with_row_ids(&q, "metrics")?;
     if q.get("limit").is_none() {
         page.limit = vm0_api_types::cursor::MAX_LIMIT;
     }

@@ -109,4 +109,42 @@ async fn bad_limits_and_forged_cursors(db: Db) {
     );
 }
 
-vm0_db::on_both_databases!(walks_of_250_runs_and_agents, bad_limits_and_forged_cursors);
+/// A cursor of the right form and scope whose id is not the integer these lists
+/// key on: a client error, not a 500.
+async fn forged_cursors_on_logs_and_metrics_are_400(db: Db) {
+    let gw = TestGateway::start(db).await;
+    gw.create_agent("a").await;
+    let run = gw.create_run("a", "p").await;
+    let id = run["id"].as_str().expect("id");
+    for (path, scope) in [
+        ("logs", "logs.asc"),
+        ("logs?order=desc", "logs.desc"),
+        ("metrics", "metrics"),
+    ] {
+        for forged_id in ["not-a-number", "1.5", "", "99999999999999999999999"] {
+            let cursor = vm0_api_types::cursor::Cursor {
+                scope: scope.into(),
+                key: 1,
+                id: forged_id.into(),
+            }
+            .encode();
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let got = gw
+                .get(&format!("/v1/runs/{id}/{path}{sep}cursor={cursor}"))
+                .await;
+            assert_error(
+                &got,
+                400,
+                "invalid_request_error",
+                "invalid_parameter",
+                Some("cursor"),
+            );
+        }
+    }
+}
+
+vm0_db::on_both_databases!(
+    walks_of_250_runs_and_agents,
+    bad_limits_and_forged_cursors,
+    forged_cursors_on_logs_and_metrics_are_400,
+);

@@ -7,5 +7,6 @@ mod fleet;
 mod hostile;
 mod lifecycle;
 mod microvm;
+mod reliability;
 mod traces;
 mod trust;

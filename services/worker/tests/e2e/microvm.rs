@@ -125,6 +125,10 @@ async fn qemu_runs_end_in_every_way() {
             "elsewhere",
             json!({"command": ["true"], "image": "never-built:1"}),
         ),
+        (
+            "reader",
+            json!({"command": ["sh", "-c", "echo stdin=$(wc -c | tr -d ' ') file=$(wc -c < \"$VM0_PROMPT_FILE\" | tr -d ' ') env=${#VM0_PROMPT}"]}),
+        ),
     ] {
         stack.create_agent(name, config).await;
     }
@@ -141,6 +145,24 @@ async fn qemu_runs_end_in_every_way() {
             .is_some_and(|e| e.contains("\"never-built:1\" is not built on this worker")),
         "{run}"
     );
+
+    // A prompt larger than an environment string may be reaches the guest too.
+    let id = stack
+        .create_run(
+            0,
+            json!({"agent": "reader", "prompt": "y".repeat(200 * 1024)}),
+        )
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "completed", "{}", run["error"]);
+    let out: String = stack
+        .events(0, &id, None)
+        .await
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(out, format!("stdin={0} file={0} env=0\n", 200 * 1024));
 
     // Metrics come from inside the guest: its memory, not the host's.
     let id = stack
