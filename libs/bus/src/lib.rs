@@ -306,7 +306,7 @@ impl Bus {
 
     /// Publishes telemetry of a run to its JetStream subject and waits for the ack.
     pub async fn publish_telemetry(&self, run_id: &str, msg: &Telemetry) -> Result<(), BusError> {
-        let ack = self.send_telemetry(run_id, msg).await?;
+        let ack = self.send_telemetry(run_id, msg, None).await?;
         ack.await.map_err(|e| BusError::Publish {
             subject: subjects::telemetry(run_id, msg.channel()),
             message: e.to_string(),
@@ -315,19 +315,25 @@ impl Bus {
     }
 
     /// Sends telemetry without waiting for JetStream's ack; the returned future
-    /// resolves when it is stored. Lets a busy run pipeline its publishes.
+    /// resolves when it is stored. Lets a busy run pipeline its publishes. With
+    /// `msg_id`, a message sent again (after a lost ack) is stored once.
     pub async fn send_telemetry(
         &self,
         run_id: &str,
         msg: &Telemetry,
+        msg_id: Option<&str>,
     ) -> Result<async_nats::jetstream::context::PublishAckFuture, BusError> {
         let subject = subjects::telemetry(run_id, msg.channel());
         let payload = serde_json::to_vec(msg).map_err(|e| BusError::Publish {
             subject: subject.clone(),
             message: e.to_string(),
         })?;
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
         self.js
-            .publish(subject.clone(), payload.into())
+            .publish_with_headers(subject.clone(), headers, payload.into())
             .await
             .map_err(|e| BusError::Publish {
                 subject,

@@ -420,13 +420,28 @@ async fn keep_tail(mut stderr: ChildStderr) -> String {
 }
 
 /// Samples the sandbox's process tree from the host until aborted.
-async fn sample_from_host(pid: u32, spec: SandboxSpec, events: mpsc::Sender<SandboxEvent>) {
+async fn sample_from_host(
+    pid: u32,
+    spec: std::sync::Arc<SandboxSpec>,
+    events: mpsc::Sender<SandboxEvent>,
+) {
     let mut tick = tokio::time::interval(spec.sample_interval);
     tick.reset();
     let mut last = (Instant::now(), 0u64);
     loop {
         tick.tick().await;
-        let sample = take_sample(pid, &spec, &mut last);
+        // Walking a run's processes and its /work reads /proc and the disk: off
+        // the runtime's threads, which a fork bomb's tree would otherwise hold.
+        let spec = spec.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let sample = take_sample(pid, &spec, &mut last);
+            (sample, last)
+        })
+        .await;
+        let Ok((sample, taken_at)) = taken else {
+            return;
+        };
+        last = taken_at;
         // Droppable: output must never wait behind samples.
         let _ = events.try_send(SandboxEvent::Sample(sample));
     }
@@ -508,7 +523,11 @@ async fn supervise(
     let exit = match setup.await {
         Ok(()) => {
             vm.link = link;
-            let sampler = tokio::spawn(sample_from_host(pid, spec.clone(), events.clone()));
+            let sampler = tokio::spawn(sample_from_host(
+                pid,
+                std::sync::Arc::new(spec.clone()),
+                events.clone(),
+            ));
             let mut exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
             sampler.abort();
             // The run's own count is exact; the agent only sees the host's.
@@ -518,7 +537,7 @@ async fn supervise(
             exit
         }
         Err(why) => {
-            kill_tree(pid);
+            kill_sandbox(pid).await;
             let said = match stderr {
                 Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
                     .await
@@ -542,7 +561,7 @@ async fn supervise(
         .await
         .is_err()
     {
-        kill_tree(pid);
+        kill_sandbox(pid).await;
         let _ = process.kill().await;
     }
     if let Err(e) = tokio::fs::remove_dir_all(&spec.scratch_dir).await
@@ -556,9 +575,11 @@ async fn supervise(
     let _ = events.send(SandboxEvent::Exited(exit)).await;
 }
 
-/// SIGKILL to bwrap's process group and every process under it. Killing bwrap
-/// alone is not enough right after it started: its child may not have set its
-/// parent-death signal yet, and would then outlive it.
+/// SIGKILL to the sandbox: first the pid namespace's init (bwrap's child), whose
+/// death makes the kernel kill every process in the namespace at once (a fork
+/// bomb's tree cannot be outrun by walking it), then bwrap's process group and
+/// whatever of its tree a walk still finds (a child that had not entered its
+/// namespace yet). Blocking: /proc is read.
 fn kill_tree(pid: u32) {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
@@ -568,12 +589,21 @@ fn kill_tree(pid: u32) {
     if raw <= 0 {
         return;
     }
-    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
-    for p in crate::sample::process_tree(pid) {
+    let sigkill = |p: u32| {
         if let Ok(p) = i32::try_from(p) {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
-    }
+    };
+    crate::sample::children(pid).into_iter().for_each(sigkill);
+    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    crate::sample::process_tree(pid)
+        .into_iter()
+        .for_each(sigkill);
+}
+
+/// [`kill_tree`] off the runtime's threads.
+async fn kill_sandbox(pid: u32) {
+    let _ = tokio::task::spawn_blocking(move || kill_tree(pid)).await;
 }
 
 fn take_sample(pid: u32, spec: &SandboxSpec, last: &mut (Instant, u64)) -> ResourceSample {

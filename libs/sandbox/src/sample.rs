@@ -33,7 +33,11 @@ fn stat(pid: u32) -> Option<(u64, i64, u32)> {
     Some((utime + stime, rss, ppid))
 }
 
-/// `root` and all its descendants, `root` first.
+/// A walk stops after this many processes: a run has at most
+/// `RUN_PROCESSES_MAX`, and a sample or a kill must not take longer than that.
+const TREE_MAX: usize = 2 * vm0_proto::guest::RUN_PROCESSES_MAX as usize;
+
+/// `root` and its descendants, `root` first ([`TREE_MAX`] at most).
 pub fn process_tree(root: u32) -> Vec<u32> {
     // Children lists cost reads of the tree's own processes; a scan of every
     // process's ppid (kernels without CONFIG_PROC_CHILDREN) costs reads of all.
@@ -44,23 +48,29 @@ pub fn process_tree(root: u32) -> Vec<u32> {
     }
 }
 
+/// The direct children of `pid` (of all its threads).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            kids.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    kids
+}
+
 fn tree_from_children_lists(root: u32) -> Vec<u32> {
     let mut tree = vec![root];
     let mut i = 0;
-    while i < tree.len() {
-        let pid = tree[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for task in tasks.flatten() {
-                let list =
-                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                tree.extend(
-                    list.split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
+    while i < tree.len() && tree.len() < TREE_MAX {
+        tree.extend(children(tree[i]));
         i += 1;
     }
+    tree.truncate(TREE_MAX);
     tree
 }
 
@@ -82,12 +92,13 @@ fn tree_from_ppids(root: u32) -> Vec<u32> {
     }
     let mut tree = vec![root];
     let mut i = 0;
-    while i < tree.len() {
+    while i < tree.len() && tree.len() < TREE_MAX {
         if let Some(kids) = children.get(&tree[i]) {
             tree.extend(kids);
         }
         i += 1;
     }
+    tree.truncate(TREE_MAX);
     tree
 }
 

@@ -30,6 +30,9 @@ pub struct GatewayConfig {
     /// `VM0_SSE_POLL_MS`: how often an open event stream looks for new events
     /// without NATS (with NATS, new events arrive live), default 250.
     pub sse_poll: Duration,
+    /// `VM0_SSE_GAP_WAIT_MS`: how long an event stream waits for a missing event
+    /// before it reports it lost and goes on, default 2000.
+    pub sse_gap_wait: Duration,
     /// `VM0_TOKEN_MAX_DAYS`: the longest lifetime of a token minted through the
     /// API (those asking none get it); none by default.
     pub token_max_days: Option<u32>,
@@ -195,6 +198,11 @@ impl GatewayConfig {
             "VM0_SSE_HEARTBEAT_SECS must be at least 1"
         );
         let poll_ms: u64 = parse_or("VM0_SSE_POLL_MS", 250)?;
+        let gap_wait_ms: u64 = parse_or("VM0_SSE_GAP_WAIT_MS", 2000)?;
+        anyhow::ensure!(
+            (10..=600_000).contains(&gap_wait_ms),
+            "VM0_SSE_GAP_WAIT_MS must be from 10 to 600000"
+        );
         anyhow::ensure!(poll_ms >= 10, "VM0_SSE_POLL_MS must be at least 10");
         let auth_cache_secs: u64 = parse_or("VM0_AUTH_CACHE_SECS", 5)?;
         anyhow::ensure!(
@@ -233,6 +241,7 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(heartbeat_secs),
             auth_cache_ttl: Duration::from_secs(auth_cache_secs),
             sse_poll: Duration::from_millis(poll_ms),
+            sse_gap_wait: Duration::from_millis(gap_wait_ms),
             token_max_days,
             auth_failures_per_minute: parse_or("VM0_AUTH_FAILURES_PER_MINUTE", 30)?,
             trusted_proxies,
@@ -251,6 +260,7 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(15),
             auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
+            sse_gap_wait: Duration::from_secs(2),
             token_max_days: None,
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),

@@ -118,12 +118,18 @@ enum Stop {
     Shutdown,
 }
 
-/// Publishes a run's telemetry, numbering its events.
+/// Publishes a run's telemetry, numbering its events. A message is kept until
+/// JetStream acknowledged it: what could not be sent, or was not acknowledged,
+/// is sent again (under the same message id, so it is stored once) until it is,
+/// for [`REPUBLISH_FOR`] at most. A sequence number is never skipped for a
+/// message that can still be delivered.
 struct RunTelemetry<'a, S> {
     ctx: &'a WorkerCtx<S>,
-    /// Acks of sent telemetry, awaited before the finish is reported, so that
+    /// Sent messages whose acks are awaited before the finish is reported, so that
     /// everything the run produced is stored in JetStream first.
-    pending_acks: Vec<async_nats::jetstream::context::PublishAckFuture>,
+    pending: Vec<(Telemetry, async_nats::jetstream::context::PublishAckFuture)>,
+    /// Messages not sent yet (the last send failed), oldest first.
+    unsent: std::collections::VecDeque<Telemetry>,
     run_id: String,
     attempt: u32,
     next_seq: i64,
@@ -131,30 +137,101 @@ struct RunTelemetry<'a, S> {
     masker: Masker,
 }
 
+/// How long a message that cannot be stored is sent again before it is given up.
+const REPUBLISH_FOR: Duration = Duration::from_secs(120);
+/// Messages kept unsent at most; past it, the run waits for NATS (its output
+/// pipe fills and its command blocks) rather than losing them.
+const MAX_UNSENT: usize = 10_000;
+
 impl<S> RunTelemetry<'_, S> {
+    /// The JetStream message id of `msg`: unique per run and message.
+    fn msg_id(&self, msg: &Telemetry) -> String {
+        match msg {
+            Telemetry::Event { seq, .. } => format!("{}:e{seq}", self.run_id),
+            Telemetry::Log { key, .. } | Telemetry::Metric { key, .. } => {
+                format!("{}:{key}", self.run_id)
+            }
+        }
+    }
+
+    /// Sends `msg` after what is still unsent (order is kept per run).
     async fn publish(&mut self, msg: Telemetry) {
-        match self.ctx.bus.send_telemetry(&self.run_id, &msg).await {
-            Ok(ack) => self.pending_acks.push(ack),
-            Err(e) => tracing::warn!(run_id = %self.run_id, error = %e, "telemetry publish failed"),
+        self.unsent.push_back(msg);
+        self.send_unsent().await;
+        if self.unsent.len() > MAX_UNSENT {
+            self.drain_unsent(REPUBLISH_FOR).await;
         }
         // Bound the acks in flight.
-        if self.pending_acks.len() >= MAX_PENDING_ACKS {
+        if self.pending.len() >= MAX_PENDING_ACKS {
             self.settle().await;
         }
     }
 
-    /// Waits for every sent message to be stored.
-    async fn settle(&mut self) {
-        for result in futures::future::join_all(
-            self.pending_acks
-                .drain(..)
-                .map(std::future::IntoFuture::into_future),
-        )
-        .await
-        {
-            if let Err(e) = result {
-                tracing::warn!(run_id = %self.run_id, error = %e, "telemetry not stored");
+    /// Sends what is unsent, in order, until one send fails.
+    async fn send_unsent(&mut self) {
+        while let Some(msg) = self.unsent.pop_front() {
+            let id = self.msg_id(&msg);
+            match self
+                .ctx
+                .bus
+                .send_telemetry(&self.run_id, &msg, Some(&id))
+                .await
+            {
+                Ok(ack) => self.pending.push((msg, ack)),
+                Err(e) => {
+                    tracing::warn!(run_id = %self.run_id, error = %e, "telemetry publish failed; kept to send again");
+                    self.unsent.push_front(msg);
+                    return;
+                }
             }
+        }
+    }
+
+    /// Keeps sending what is unsent, with a growing pause, for `patience`.
+    async fn drain_unsent(&mut self, patience: Duration) {
+        let give_up = tokio::time::Instant::now() + patience;
+        let mut pause = Duration::from_millis(100);
+        while !self.unsent.is_empty() && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+            self.send_unsent().await;
+        }
+    }
+
+    /// Waits until every message sent is stored; what was not (an ack that failed)
+    /// is sent again, for [`REPUBLISH_FOR`] at most.
+    async fn settle(&mut self) {
+        let give_up = tokio::time::Instant::now() + REPUBLISH_FOR;
+        loop {
+            let acks = std::mem::take(&mut self.pending);
+            let (msgs, futures): (Vec<_>, Vec<_>) = acks.into_iter().unzip();
+            let results = futures::future::join_all(
+                futures
+                    .into_iter()
+                    .map(std::future::IntoFuture::into_future),
+            )
+            .await;
+            let mut failed = 0;
+            for (msg, result) in msgs.into_iter().zip(results) {
+                if let Err(e) = result {
+                    failed += 1;
+                    if failed == 1 {
+                        tracing::warn!(run_id = %self.run_id, error = %e, "telemetry not stored; sending it again");
+                    }
+                    self.unsent.push_back(msg);
+                }
+            }
+            if self.unsent.is_empty() {
+                return;
+            }
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::error!(run_id = %self.run_id, messages = self.unsent.len(), "telemetry could not be stored in JetStream; given up (streams report the missing events)");
+                self.unsent.clear();
+                return;
+            }
+            self.send_unsent().await;
+            self.drain_unsent(left).await;
         }
     }
 
@@ -272,7 +349,8 @@ async fn run_claimed<S: Sandbox>(
     tracing::Span::current().record("attempt", attempt);
     let mut t = RunTelemetry {
         ctx,
-        pending_acks: Vec::new(),
+        pending: Vec::new(),
+        unsent: std::collections::VecDeque::new(),
         run_id: run_id.clone(),
         attempt,
         next_seq: spec.next_event_seq,

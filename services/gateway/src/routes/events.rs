@@ -31,6 +31,30 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorChain};
 use crate::extract::QueryParams;
 
+/// Event streams this process serves now.
+static OPEN_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many event streams this process serves now (their tasks are alive).
+pub fn open_streams() -> usize {
+    OPEN_STREAMS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Counts a stream's task while it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> OpenStream {
+        OPEN_STREAMS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        OPEN_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Events fetched per store query while replaying.
 const REPLAY_BATCH: u64 = 500;
 /// With live events from NATS, the store is still read this often, in case a
@@ -75,7 +99,9 @@ pub async fn stream(
     let (tx, rx) = mpsc::channel(64);
     // Subscribed before the stream starts: a revocation from now on is heard.
     let revocations = state.tokens.revocations();
+    let open = OpenStream::new();
     tokio::spawn(async move {
+        let _open = open;
         tokio::select! {
             pumped = pump(&state, &caller.org_id, &run.id, after, &tx) => {
                 if let Err(e) = pumped {
@@ -102,6 +128,34 @@ fn sse_event(e: &StoredEvent) -> Event {
         .event(e.event_type.as_str())
         .id(event_id(e.seq))
         .data(e.data.to_string())
+}
+
+/// The `error` event (no id) that reports events `from..=to` as lost.
+fn missing(from: i64, to: i64) -> Event {
+    const LISTED: i64 = 100;
+    let ids: Vec<String> = (from..=to.min(from + LISTED - 1)).map(event_id).collect();
+    let message = if from == to {
+        format!(
+            "event {} of this run was lost and will not be sent",
+            event_id(from)
+        )
+    } else {
+        format!(
+            "events {} to {} of this run were lost and will not be sent",
+            event_id(from),
+            event_id(to)
+        )
+    };
+    Event::default().event(RunEventType::Error.as_str()).data(
+        serde_json::json!({
+            "type": "api_error",
+            "code": "events_missing",
+            "message": message,
+            "missing": ids,
+            "missingCount": to - from + 1,
+        })
+        .to_string(),
+    )
 }
 
 /// The `error` event that ends a stream whose token stopped being valid.
@@ -190,6 +244,11 @@ async fn pump(
     let mut heartbeat_tick = tokio::time::interval(state.config.sse_heartbeat);
     heartbeat_tick.reset(); // the first tick would fire at once
     let mut read_store = true;
+    // A hole in the sequence (from `next` up to the event after it, or to the
+    // run's last event): since when it has been waited for.
+    let mut hole: Option<(i64, tokio::time::Instant)> = None;
+    // The run's last event number, once it has ended.
+    let mut last_of_ended: Option<i64> = None;
     loop {
         if read_store {
             read_store = false;
@@ -203,29 +262,58 @@ async fn pump(
                     let event = convert::run_event(row)?;
                     ahead.insert(event.seq, event);
                 }
-                if !full {
-                    break;
-                }
+                let before = next;
                 if emit_ready(&mut ahead, &mut next, tx).await? == Flow::Stop {
                     return Ok(());
                 }
+                // A hole at `next`: reading the same page again would find it
+                // again (it was a hot loop).
+                if !full || next == before || tx.is_closed() {
+                    break;
+                }
             }
             if ahead.is_empty() {
-                // Nothing new: a finished run whose `complete` the client already has
-                // ends here.
-                let finished = match state.store.get_run(org_id, run_id).await? {
-                    None => true,
-                    Some(r) => {
-                        convert::run_status(&r.status)?.is_terminal() && r.last_event_seq < next
+                last_of_ended = match state.store.get_run(org_id, run_id).await? {
+                    None => return Ok(()),
+                    Some(r) if convert::run_status(&r.status)?.is_terminal() => {
+                        // A finished run whose `complete` the client already has
+                        // ends here.
+                        if r.last_event_seq < next {
+                            return Ok(());
+                        }
+                        Some(r.last_event_seq)
                     }
+                    Some(_) => None,
                 };
-                if finished {
-                    return Ok(());
-                }
             }
         }
         if emit_ready(&mut ahead, &mut next, tx).await? == Flow::Stop {
             return Ok(());
+        }
+        // What is missing: up to the first event held, or, of an ended run, to its
+        // last one.
+        let missing_to = match ahead.first_key_value() {
+            Some((first, _)) => Some(first - 1),
+            None => last_of_ended.filter(|last| *last >= next),
+        };
+        match (missing_to, hole) {
+            (None, _) => hole = None,
+            (Some(_), Some((at, since))) if at == next => {
+                if since.elapsed() >= state.config.sse_gap_wait {
+                    let to = missing_to.unwrap_or(next);
+                    if tx.send(Ok(missing(next, to))).await.is_err() {
+                        return Ok(());
+                    }
+                    tracing::warn!(%run_id, from = next, to, "events lost: reported to the stream's client and skipped");
+                    next = to + 1;
+                    hole = None;
+                    if ahead.is_empty() && last_of_ended.is_some() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            (Some(_), _) => hole = Some((next, tokio::time::Instant::now())),
         }
         // Something is missing before what we hold: look in the store again soon.
         let wait = if ahead.is_empty() {

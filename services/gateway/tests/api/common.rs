@@ -44,6 +44,8 @@ pub struct TestGateway {
     /// Token of the default organization `acme`.
     pub token: String,
     pub store: Store,
+    /// The gateway's database (fault injection writes to it directly).
+    pub database_url: String,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -56,8 +58,8 @@ impl TestGateway {
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config =
-            GatewayConfig::for_database(vm0_db::testing::fresh_database_url(db, dir.path()).await);
+        let database_url = vm0_db::testing::fresh_database_url(db, dir.path()).await;
+        let mut config = GatewayConfig::for_database(database_url.clone());
         config.data_dir = dir.path().to_owned();
         tweak(&mut config);
         let gateway = vm0_gateway::Gateway::open(config, vm0_gateway::secrets::SecretBox::random())
@@ -79,6 +81,7 @@ impl TestGateway {
             client,
             token: String::new(),
             store,
+            database_url,
             shutdown,
             _dir: dir,
         };

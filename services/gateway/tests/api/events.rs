@@ -184,7 +184,135 @@ async fn open_stream_sends_heartbeats_then_follows_a_cancel(db: Db) {
     );
 }
 
+/// Stores output events `from..=to` and a `complete` after them, and marks the run
+/// completed: what a worker and the control plane would have left, with whatever
+/// came before `from` missing.
+async fn finish_with_events(gw: &TestGateway, run_id: &str, from: i64, to: i64) {
+    let now = vm0_api_types::Timestamp::now().micros();
+    let mut events: Vec<vm0_db::entity::run_event::Model> = (from..=to)
+        .map(|seq| vm0_db::entity::run_event::Model {
+            run_id: run_id.to_owned(),
+            seq,
+            event_type: "output".into(),
+            data: json!({"content": format!("line {seq}\n"), "stream": "stdout"}).to_string(),
+            created_at: now,
+        })
+        .collect();
+    events.push(vm0_db::entity::run_event::Model {
+        run_id: run_id.to_owned(),
+        seq: to + 1,
+        event_type: "complete".into(),
+        data: json!({"status": "completed", "exitCode": 0}).to_string(),
+        created_at: now,
+    });
+    gw.store
+        .insert_telemetry(&events, &[], &[])
+        .await
+        .expect("events");
+    vm0_db::testing::execute(
+        &gw.database_url,
+        &format!(
+            "UPDATE runs SET status = 'completed', last_event_seq = {}, completed_at = {now} WHERE id = '{run_id}'",
+            to + 1
+        ),
+    )
+    .await
+    .expect("finish the run");
+}
+
+/// A lost event (a hole in the sequence) is waited for a bounded time, then
+/// reported as an `error` event naming it; the stream goes on to `complete`,
+/// whether few or a replay batch's worth of events follow the hole.
+async fn a_lost_event_is_reported_and_the_stream_still_ends(db: Db) {
+    let gw = TestGateway::start_with(db, |c| c.sse_gap_wait = Duration::from_millis(300)).await;
+    gw.create_agent("my-agent").await;
+    for after in [10, 600] {
+        let run = gw.create_run("my-agent", "p").await;
+        let id = run["id"].as_str().expect("id").to_owned();
+        // Event 2 (the `running` status) never made it.
+        finish_with_events(&gw, &id, 3, 2 + after).await;
+        let started = std::time::Instant::now();
+        let (events, ended) =
+            read_events(&gw, &format!("/v1/runs/{id}/events"), None, |_| true).await;
+        assert!(ended, "the stream ends");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(events[0].id.as_deref(), Some("evt_1"));
+        assert_eq!(events[1].event, "error", "{:?}", events[1]);
+        assert_eq!(events[1].id, None);
+        assert_eq!(events[1].data["code"], "events_missing", "{:?}", events[1]);
+        assert_eq!(events[1].data["missing"], json!(["evt_2"]));
+        let ids: Vec<i64> = events[2..]
+            .iter()
+            .filter_map(|e| e.id.as_deref()?.strip_prefix("evt_")?.parse().ok())
+            .collect();
+        assert_eq!(
+            ids,
+            (3..=3 + after).collect::<Vec<_>>(),
+            "every event after the hole, in order"
+        );
+        assert_eq!(events.last().map(|e| e.event.as_str()), Some("complete"));
+    }
+    // The end itself lost (`status` and `complete` of an ended run): reported, and
+    // the stream ends.
+    let run = gw.create_run("my-agent", "p").await;
+    let id = run["id"].as_str().expect("id").to_owned();
+    finish_with_events(&gw, &id, 2, 5).await;
+    vm0_db::testing::execute(
+        &gw.database_url,
+        &format!("DELETE FROM run_events WHERE run_id = '{id}' AND seq = 6"),
+    )
+    .await
+    .expect("lose the complete event");
+    vm0_db::testing::execute(
+        &gw.database_url,
+        &format!("UPDATE runs SET last_event_seq = 7 WHERE id = '{id}'"),
+    )
+    .await
+    .expect("a last event after it");
+    let (events, ended) = read_events(&gw, &format!("/v1/runs/{id}/events"), None, |_| true).await;
+    assert!(ended);
+    let last = events.last().expect("events");
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(last.data["missing"], json!(["evt_6", "evt_7"]));
+    assert_eq!(last.data["missingCount"], 2);
+}
+
+/// A client that leaves takes its stream's task with it, also while the stream
+/// waits for a lost event (with a replay batch's worth of events after it).
+async fn a_stream_ends_when_its_client_leaves(db: Db) {
+    let gw = TestGateway::start_with(db, |c| {
+        c.sse_heartbeat = Duration::from_secs(60);
+        c.sse_gap_wait = Duration::from_secs(60);
+    })
+    .await;
+    gw.create_agent("my-agent").await;
+    let run = gw.create_run("my-agent", "p").await;
+    let id = run["id"].as_str().expect("id").to_owned();
+    finish_with_events(&gw, &id, 3, 602).await;
+    let before = vm0_gateway::routes::events::open_streams();
+    for _ in 0..3 {
+        let (events, ended) =
+            read_events(&gw, &format!("/v1/runs/{id}/events"), None, |_| false).await;
+        assert!(!ended && events.len() == 1, "{events:?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while vm0_gateway::routes::events::open_streams() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} streams still open after their clients left",
+            vm0_gateway::routes::events::open_streams() - before
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 vm0_db::on_both_databases!(
     finished_run_replays_and_resumes_exactly,
-    open_stream_sends_heartbeats_then_follows_a_cancel
+    open_stream_sends_heartbeats_then_follows_a_cancel,
+    a_lost_event_is_reported_and_the_stream_still_ends,
+    a_stream_ends_when_its_client_leaves,
 );

@@ -270,7 +270,11 @@ impl Stack {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm0-worker"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn,vm0_worker=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VM0_E2E_WORKER_LOG")
+                    .unwrap_or_else(|_| "warn,vm0_worker=info".into()),
+            )
             .env("VM0_WORKER_ID", &id)
             .env("VM0_NATS_URL", &nats.url)
             .env("VM0_NATS_USER", &creds.user)

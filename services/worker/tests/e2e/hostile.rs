@@ -77,6 +77,11 @@ echo "tmp-mb $(df -m /tmp | awk 'NR==2 {print $2}') work-mb $(df -m /work | awk 
 /// Runs the whole suite against the stack's single worker.
 async fn conformance(options: StackOptions, backend: &str) {
     let canary = format!("canary-{}", crate::harness::marker("environ"));
+    // This suite's own bomb (the suites of other backends may run beside it).
+    let bomb = format!(
+        "bomb() {{ bomb | bomb & }}; bomb; sleep 60 # {}",
+        crate::harness::marker("bomb")
+    );
     let mut options = options;
     options.worker_env.push(("VM0_E2E_CANARY", canary.clone()));
     options.worker_slots = options.worker_slots.max(2);
@@ -93,7 +98,7 @@ async fn conformance(options: StackOptions, backend: &str) {
         ("probe", PROBE, 60),
         ("neighbour", NEIGHBOUR, 60),
         ("fill", FILL, 60),
-        ("bomb", "bomb() { bomb | bomb & }; bomb; sleep 60", 5),
+        ("bomb", bomb.as_str(), 5),
         // Every process it may signal (under an unprivileged worker, its own
         // guest agent too: it ends its own run, no other).
         ("killall", "kill -9 -1; sleep 1; echo after", 10),
@@ -257,7 +262,7 @@ async fn conformance(options: StackOptions, backend: &str) {
         "{backend}: the bomb did not even start: {run}"
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while vm0_sandbox::sample::processes_matching("bomb() {") > 0 {
+    while vm0_sandbox::sample::processes_matching(&bomb) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{backend}: bomb processes remain"

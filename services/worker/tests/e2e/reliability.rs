@@ -221,3 +221,129 @@ vm0_db::on_both_databases!(
     a_message_that_keeps_failing_is_set_aside,
     prompts_of_any_accepted_size_reach_the_command,
 );
+
+/// NATS goes away while a run prints: the worker keeps what it could not
+/// publish and sends it again once NATS is back. Every line is stored, numbered
+/// without a gap, and the stream replays them all in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_survives_nats_going_away_mid_run() {
+    let mut stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "ticker",
+            json!({"command": ["sh", "-c", "i=0; while [ $i -lt 50 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "ticker", "prompt": "p"}))
+        .await;
+    stack.wait_for(&id, WAIT, |s| s == "running").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Longer than a JetStream publish waits for its ack (5 s).
+    stack.nats.stop().await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stack.nats.resume().await;
+    let run = stack.wait_finished(&id, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = stack.events(0, &id, None).await;
+        let outputs = events.iter().filter(|e| e.0 == "output").count();
+        if outputs == 50 || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let lines: Vec<String> = events
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(lines, expected, "every line, in order: {events:?}");
+    let ids: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(
+        !events.iter().any(|e| e.0 == "error"),
+        "nothing reported lost: {events:?}"
+    );
+}
+
+/// JetStream refuses a run's telemetry for a while (its stream is full, with
+/// the discard-new policy): the worker sends what was refused again once it is
+/// taken. No line is lost, no number skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_refused_for_a_while_is_sent_again() {
+    let stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "ticker",
+            json!({"command": ["sh", "-c", "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"]}),
+        )
+        .await;
+    let nats = stack.nats.options(vm0_bus::Role::Gateway);
+    let creds = nats.credentials.clone().expect("creds");
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(creds.user, creds.password)
+        .custom_inbox_prefix(vm0_bus::Role::Gateway.inbox_prefix())
+        .connect(&nats.url)
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let id = stack
+        .create_run(0, json!({"agent": "ticker", "prompt": "p"}))
+        .await;
+    stack.wait_for(&id, WAIT, |s| s == "running").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut stream = js
+        .get_stream(vm0_bus::TELEMETRY_STREAM)
+        .await
+        .expect("stream");
+    let normal = stream.info().await.expect("info").config.clone();
+    let mut full = normal.clone();
+    full.max_messages = i64::try_from(stream.info().await.expect("info").state.messages)
+        .unwrap_or(1)
+        .max(1);
+    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(&full).await.expect("refuse new telemetry");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    js.update_stream(&normal)
+        .await
+        .expect("take telemetry again");
+    let run = stack.wait_finished(&id, Duration::from_secs(90)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = stack.events(0, &id, None).await;
+        if events.iter().filter(|e| e.0 == "output").count() == 40
+            || tokio::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let lines: Vec<String> = events
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(lines, expected, "every line, in order");
+    let ids: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(!events.iter().any(|e| e.0 == "error"), "{events:?}");
+}
