@@ -32,6 +32,9 @@ pub use telemetry::Telemetry;
 
 pub const JOBS_STREAM: &str = "RUN_JOBS";
 pub const TELEMETRY_STREAM: &str = "RUN_TELEMETRY";
+/// `RUN_TELEMETRY`'s size unless told otherwise: how far the persisters may
+/// fall behind.
+pub const TELEMETRY_MAX_BYTES: i64 = 1 << 30;
 /// Telemetry the persister could not store, set aside for an operator
 /// (`deadletter.<original subject>`).
 pub const DEAD_LETTER_STREAM: &str = "RUN_DEADLETTER";
@@ -169,8 +172,11 @@ impl Bus {
     }
 
     /// Creates the streams and their durable consumers if missing (idempotent;
-    /// every gateway calls it at start; workers may not).
-    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+    /// every gateway calls it at start; workers may not). `RUN_TELEMETRY` holds
+    /// `telemetry_max_bytes` at most and then refuses new messages (workers send
+    /// them again once the persister caught up) rather than dropping unstored ones;
+    /// an existing stream is brought to that limit.
+    pub async fn ensure_streams(&self, telemetry_max_bytes: i64) -> Result<(), BusError> {
         self.js
             .get_or_create_stream(stream::Config {
                 name: JOBS_STREAM.into(),
@@ -183,21 +189,34 @@ impl Bus {
             })
             .await
             .map_err(js_err)?;
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: TELEMETRY_STREAM.into(),
-                subjects: subjects::TELEMETRY_WILDCARDS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                max_age: Duration::from_secs(7 * 86_400),
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
+        let telemetry = stream::Config {
+            name: TELEMETRY_STREAM.into(),
+            subjects: subjects::TELEMETRY_WILDCARDS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: telemetry_max_bytes,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let mut existing = self
+            .js
+            .get_or_create_stream(telemetry.clone())
             .await
             .map_err(js_err)?;
+        let now = existing.info().await.map_err(js_err)?.config.clone();
+        if now.max_bytes != telemetry.max_bytes || now.discard != telemetry.discard {
+            let updated = stream::Config {
+                max_bytes: telemetry.max_bytes,
+                discard: telemetry.discard,
+                ..now
+            };
+            self.js.update_stream(&updated).await.map_err(js_err)?;
+        }
         self.js
             .get_or_create_stream(stream::Config {
                 name: DEAD_LETTER_STREAM.into(),
@@ -240,11 +259,24 @@ impl Bus {
         Ok(dead)
     }
 
-    /// Publishes a job and waits for JetStream to store it. Publishing the same run
-    /// twice within two minutes stores it once.
+    /// Publishes a run's first job and waits for JetStream to store it.
+    /// Publishing it twice within two minutes (a retried create) stores it once.
     pub async fn publish_job(&self, job: &RunJob) -> Result<(), BusError> {
+        self.publish_job_with_id(job, &job.run_id).await
+    }
+
+    /// Publishes a run's job again (the run is still pending, its first job may
+    /// be lost): under a message id of its own, so JetStream's duplicate window
+    /// does not drop it. A run's job stored twice is harmless: claims are fenced
+    /// and a worker drops a job whose run it is already running.
+    pub async fn publish_job_again(&self, job: &RunJob) -> Result<(), BusError> {
+        let id = format!("{}:again:{:016x}", job.run_id, rand::random::<u64>());
+        self.publish_job_with_id(job, &id).await
+    }
+
+    async fn publish_job_with_id(&self, job: &RunJob, msg_id: &str) -> Result<(), BusError> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", job.run_id.as_str());
+        headers.insert("Nats-Msg-Id", msg_id);
         let err = |e: &dyn std::fmt::Display| BusError::Publish {
             subject: subjects::JOBS.into(),
             message: e.to_string(),

@@ -78,7 +78,10 @@ async fn a_worker_credential_reads_no_run_s_output_and_fakes_no_status() {
     let gateway = Bus::connect(&nats.options(Role::Gateway), Role::Gateway, "gw")
         .await
         .expect("gateway connects");
-    gateway.ensure_streams().await.expect("streams");
+    gateway
+        .ensure_streams(vm0_bus::TELEMETRY_MAX_BYTES)
+        .await
+        .expect("streams");
     let (worker, mut errors) = client(&nats.options(Role::Worker))
         .await
         .expect("worker connects");
@@ -186,7 +189,9 @@ async fn with_tls_a_plaintext_client_is_refused() {
     let bus = Bus::connect(&secure, Role::Gateway, "gw")
         .await
         .expect("TLS connects");
-    bus.ensure_streams().await.expect("JetStream over TLS");
+    bus.ensure_streams(vm0_bus::TELEMETRY_MAX_BYTES)
+        .await
+        .expect("JetStream over TLS");
 
     let mut plain = secure.clone();
     plain.ca = None;

@@ -424,12 +424,17 @@ async fn sample_from_host(
     pid: u32,
     spec: std::sync::Arc<SandboxSpec>,
     events: mpsc::Sender<SandboxEvent>,
+    mut done: oneshot::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(spec.sample_interval);
     tick.reset();
     let mut last = (Instant::now(), 0u64);
+    let mut peak_memory = 0i64;
     loop {
-        tick.tick().await;
+        let last_one = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut done => true,
+        };
         // Walking a run's processes and its /work reads /proc and the disk: off
         // the runtime's threads, which a fork bomb's tree would otherwise hold.
         let spec = spec.clone();
@@ -438,10 +443,18 @@ async fn sample_from_host(
             (sample, last)
         })
         .await;
-        let Ok((sample, taken_at)) = taken else {
+        let Ok((mut sample, taken_at)) = taken else {
             return;
         };
         last = taken_at;
+        peak_memory = peak_memory.max(sample.memory_used_bytes);
+        if last_one {
+            // The command has ended (its CPU is in its parent's counters, its
+            // memory is gone): the last sample shows the most it held.
+            sample.memory_used_bytes = peak_memory.max(sample.memory_used_bytes);
+            let _ = events.send(SandboxEvent::Sample(sample)).await;
+            return;
+        }
         // Droppable: output must never wait behind samples.
         let _ = events.try_send(SandboxEvent::Sample(sample));
     }
@@ -523,13 +536,22 @@ async fn supervise(
     let exit = match setup.await {
         Ok(()) => {
             vm.link = link;
+            let (sampled, last_sample) = oneshot::channel();
             let sampler = tokio::spawn(sample_from_host(
                 pid,
                 std::sync::Arc::new(spec.clone()),
                 events.clone(),
+                last_sample,
             ));
             let mut exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
-            sampler.abort();
+            // The last sample, taken now, is every run's, however short.
+            let _ = sampled.send(());
+            if tokio::time::timeout(Duration::from_secs(2), sampler)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid, "the last resource sample took over 2 s; skipped");
+            }
             // The run's own count is exact; the agent only sees the host's.
             if let Some(cgroup) = &limits.cgroup {
                 exit.oom_killed = cgroup.oom_kills() > 0;

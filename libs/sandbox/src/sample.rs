@@ -25,12 +25,16 @@ fn stat(pid: u32) -> Option<(u64, i64, u32)> {
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &raw[raw.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): ppid is field 4, utime 14, stime 15, rss 24.
+    // `rest` starts at field 3 (state): ppid is field 4, utime 14, stime 15,
+    // cutime 16, cstime 17 (of children reaped: a tree's CPU counter never goes
+    // back when a process of it ends), rss 24.
     let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let mut ticks = 0u64;
+    for i in 11..=14 {
+        ticks += fields.get(i)?.parse::<u64>().ok()?;
+    }
     let rss: i64 = fields.get(21)?.parse().ok()?;
-    Some((utime + stime, rss, ppid))
+    Some((ticks, rss, ppid))
 }
 
 /// A walk stops after this many processes: a run has at most

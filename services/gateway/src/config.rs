@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     /// `VM0_SSE_GAP_WAIT_MS`: how long an event stream waits for a missing event
     /// before it reports it lost and goes on, default 2000.
     pub sse_gap_wait: Duration,
+    /// `VM0_SSE_MAX_STREAMS_PER_ORG`: event streams one organization may have
+    /// open on one gateway, default 100; past it, `429`.
+    pub sse_max_streams_per_org: usize,
     /// `VM0_TOKEN_MAX_DAYS`: the longest lifetime of a token minted through the
     /// API (those asking none get it); none by default.
     pub token_max_days: Option<u32>,
@@ -97,9 +100,10 @@ pub struct DispatchConfig {
     pub grpc_addr: SocketAddr,
     /// TLS of the control plane; required unless it listens on loopback only.
     pub grpc_tls: Option<GrpcTls>,
-    /// `VM0_HEARTBEAT_INTERVAL_MS`, default 5000: asked of workers.
+    /// `VM0_HEARTBEAT_INTERVAL_MS`, default 2000: asked of workers.
     pub heartbeat_interval: Duration,
-    /// `VM0_WORKER_LOST_AFTER_SECS`, default 60: silence after which a worker's runs fail.
+    /// `VM0_WORKER_LOST_AFTER_SECS`, default 8 (four missed heartbeats): silence
+    /// after which a worker's runs fail.
     pub worker_lost_after: Duration,
     /// `VM0_TIMEOUT_GRACE_SECS`, default 30: past a run's timeout, how long the
     /// control plane waits for its worker before timing it out itself.
@@ -112,21 +116,32 @@ pub struct DispatchConfig {
     /// `VM0_CANCEL_WAIT_MS`, default 3000: how long `POST /cancel` of a running run
     /// waits for its worker before cancelling it in the store itself.
     pub cancel_wait: Duration,
+    /// `VM0_TELEMETRY_MAX_BYTES`, default 1 GiB: the size of `RUN_TELEMETRY`
+    /// (telemetry not stored yet); full, it refuses new messages until the
+    /// persisters catch up.
+    pub telemetry_max_bytes: i64,
 }
 
 impl DispatchConfig {
+    /// How often workers heartbeat, unless told otherwise.
+    pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+    /// A worker silent this long is lost (with the reaper's 1 s tick, its runs end
+    /// within 10 s of its death; Nomad takes 20 s to mark a node lost).
+    pub const DEFAULT_WORKER_LOST_AFTER: Duration = Duration::from_secs(8);
+
     /// Defaults around a NATS connection (tests, `vm0 dev`).
     pub fn new(nats: NatsOptions) -> DispatchConfig {
         DispatchConfig {
             nats,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
             grpc_tls: None,
-            heartbeat_interval: Duration::from_secs(5),
-            worker_lost_after: Duration::from_secs(60),
+            heartbeat_interval: Self::DEFAULT_HEARTBEAT_INTERVAL,
+            worker_lost_after: Self::DEFAULT_WORKER_LOST_AFTER,
             timeout_grace: Duration::from_secs(30),
             pending_republish_after: Duration::from_secs(30),
             reaper_interval: Duration::from_secs(1),
             cancel_wait: Duration::from_secs(3),
+            telemetry_max_bytes: vm0_bus::TELEMETRY_MAX_BYTES,
         }
     }
 
@@ -160,12 +175,17 @@ impl DispatchConfig {
              create makes a set)",
             c.grpc_addr
         );
-        c.heartbeat_interval = Duration::from_millis(parse_or("VM0_HEARTBEAT_INTERVAL_MS", 5000)?);
-        c.worker_lost_after = Duration::from_secs(parse_or("VM0_WORKER_LOST_AFTER_SECS", 60)?);
+        c.heartbeat_interval = Duration::from_millis(parse_or("VM0_HEARTBEAT_INTERVAL_MS", 2000)?);
+        c.worker_lost_after = Duration::from_secs(parse_or("VM0_WORKER_LOST_AFTER_SECS", 8)?);
         c.timeout_grace = Duration::from_secs(parse_or("VM0_TIMEOUT_GRACE_SECS", 30)?);
         c.pending_republish_after =
             Duration::from_secs(parse_or("VM0_PENDING_REPUBLISH_SECS", 30)?);
         c.cancel_wait = Duration::from_millis(parse_or("VM0_CANCEL_WAIT_MS", 3000)?);
+        c.telemetry_max_bytes = parse_or("VM0_TELEMETRY_MAX_BYTES", c.telemetry_max_bytes)?;
+        anyhow::ensure!(
+            c.telemetry_max_bytes >= 1 << 20,
+            "VM0_TELEMETRY_MAX_BYTES must be at least 1 MiB"
+        );
         anyhow::ensure!(
             c.worker_lost_after > c.heartbeat_interval * 2,
             "VM0_WORKER_LOST_AFTER_SECS must exceed two heartbeat intervals"
@@ -198,6 +218,11 @@ impl GatewayConfig {
             "VM0_SSE_HEARTBEAT_SECS must be at least 1"
         );
         let poll_ms: u64 = parse_or("VM0_SSE_POLL_MS", 250)?;
+        let sse_max_streams_per_org: usize = parse_or("VM0_SSE_MAX_STREAMS_PER_ORG", 100)?;
+        anyhow::ensure!(
+            sse_max_streams_per_org >= 1,
+            "VM0_SSE_MAX_STREAMS_PER_ORG must be at least 1"
+        );
         let gap_wait_ms: u64 = parse_or("VM0_SSE_GAP_WAIT_MS", 2000)?;
         anyhow::ensure!(
             (10..=600_000).contains(&gap_wait_ms),
@@ -242,6 +267,7 @@ impl GatewayConfig {
             auth_cache_ttl: Duration::from_secs(auth_cache_secs),
             sse_poll: Duration::from_millis(poll_ms),
             sse_gap_wait: Duration::from_millis(gap_wait_ms),
+            sse_max_streams_per_org,
             token_max_days,
             auth_failures_per_minute: parse_or("VM0_AUTH_FAILURES_PER_MINUTE", 30)?,
             trusted_proxies,
@@ -261,6 +287,7 @@ impl GatewayConfig {
             auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
             sse_gap_wait: Duration::from_secs(2),
+            sse_max_streams_per_org: 100,
             token_max_days: None,
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),

@@ -102,6 +102,30 @@ fn final_status(s: i32) -> Result<RunStatus, Status> {
     }
 }
 
+/// Beyond two heartbeats, how long a claimed run may go unreported by its worker
+/// (the claim's answer in flight, a retried claim) before it is lost.
+const RECONCILE_MARGIN_US: i64 = 5_000_000;
+
+/// Why a run asking for `res` cannot run on `worker`, if it cannot.
+fn too_large(
+    res: &vm0_api_types::agents::Resources,
+    worker: &vm0_db::entity::worker::Model,
+) -> Option<String> {
+    let capacity: serde_json::Value = serde_json::from_str(&worker.capacity).unwrap_or_default();
+    let (vcpus, mem, disk) = (
+        capacity["vcpus"].as_u64().unwrap_or(0),
+        capacity["memoryMb"].as_u64().unwrap_or(0),
+        capacity["diskMb"].as_u64().unwrap_or(0),
+    );
+    (u64::from(res.vcpus) > vcpus || res.memory_mb > mem || res.disk_mb > disk).then(|| {
+        format!(
+            "the agent asks for {} vCPUs, {} MB of memory and {} MB of disk, \
+             more than worker {} has ({vcpus} vCPUs, {mem} MB, {disk} MB)",
+            res.vcpus, res.memory_mb, res.disk_mb, worker.id
+        )
+    })
+}
+
 impl ControlPlaneService {
     /// Publishes stored events for live subscribers without holding up the worker's
     /// call (subscribers order events by sequence number, and read the store on a gap).
@@ -142,23 +166,20 @@ impl ControlPlaneService {
     }
 
     /// What the worker executes: the agent version's recipe plus the run's
-    /// variables and secrets.
-    async fn spec(
+    /// variables and secrets (`next_event_seq` is the claim's). Err says why the
+    /// run cannot run.
+    fn spec(
         &self,
         run: &vm0_db::entity::run::Model,
-        next_event_seq: i64,
-    ) -> Result<pb::RunSpec, Status> {
-        let config = self
-            .agent_config(&run.agent_version_id)
-            .await?
-            .ok_or_else(|| Status::failed_precondition("the run's agent version is gone"))?;
+        config: AgentConfig,
+    ) -> Result<pb::RunSpec, String> {
         let variables: BTreeMap<String, String> =
             serde_json::from_str(&run.variables).unwrap_or_default();
         let secrets = match &run.secrets_sealed {
             Some(sealed) => self
                 .secrets
                 .open(&run.id, sealed)
-                .map_err(|e| internal(&e))?,
+                .map_err(|e| format!("the run's secrets cannot be opened: {}", ErrorChain(&e)))?,
             None => BTreeMap::new(),
         };
         let mut env: std::collections::HashMap<String, String> = config.env.into_iter().collect();
@@ -182,7 +203,7 @@ impl ControlPlaneService {
             disk_mb: config.resources.disk_mb,
             timeout_seconds: config.timeout_seconds,
             image: config.image.unwrap_or_default(),
-            next_event_seq,
+            next_event_seq: 0,
             as_root: config.user == vm0_api_types::agents::RunAs::Root,
         })
     }
@@ -263,9 +284,35 @@ impl ControlPlane for ControlPlaneService {
             .cancel_requested_runs(&worker_id)
             .await
             .map_err(|e| internal(&e))?;
+        // A run is claimed, then the worker starts counting it: one that is
+        // still unreported two heartbeats and a margin after its claim is lost.
+        let now = Timestamp::now().micros();
+        let margin = i64::try_from((self.config.heartbeat_interval * 2).as_micros())
+            .unwrap_or(i64::MAX)
+            .saturating_add(RECONCILE_MARGIN_US);
+        let (stop_run_ids, ended) = self
+            .store
+            .reconcile_worker(
+                &worker_id,
+                &r.running_run_ids,
+                now.saturating_sub(margin),
+                now,
+            )
+            .await
+            .map_err(|e| internal(&e))?;
+        for outcome in ended {
+            if let FinishOutcome::Finished { run, events } = outcome {
+                tracing::warn!(run_id = %run.id, %worker_id, "run ended: its worker no longer runs it");
+                self.publish_later(events);
+            }
+        }
+        if !stop_run_ids.is_empty() {
+            tracing::info!(%worker_id, runs = ?stop_run_ids, "telling a worker to stop runs that are not its own any more");
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             cancel_run_ids,
             reregister: false,
+            stop_run_ids,
         }))
     }
 
@@ -282,7 +329,9 @@ impl ControlPlane for ControlPlaneService {
             .await
             .map_err(|e| internal(&e))?
             .ok_or_else(|| Status::failed_precondition("unknown worker: register first"))?;
-        // A run that asks for more than this worker has would wait forever.
+        // Everything that can refuse a pending run is decided before the
+        // compare-and-set: a run is never left running with nothing to execute.
+        let mut prepared = None;
         if let Some(run) = self
             .store
             .get_run_by_id(&r.run_id)
@@ -290,44 +339,60 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?
             && run.status == RunStatus::Pending.as_str()
         {
-            let capacity: serde_json::Value =
-                serde_json::from_str(&worker.capacity).unwrap_or_default();
-            let version = self
+            let Some(version) = self
                 .store
                 .get_agent_version_by_id(&run.agent_version_id)
                 .await
-                .map_err(|e| internal(&e))?;
-            if let Some(version) = version {
-                let config = convert::agent_config(&version).map_err(|e| internal(&e))?;
-                let (vcpus, mem, disk) = (
-                    capacity["vcpus"].as_u64().unwrap_or(0),
-                    capacity["memoryMb"].as_u64().unwrap_or(0),
-                    capacity["diskMb"].as_u64().unwrap_or(0),
+                .map_err(|e| internal(&e))?
+            else {
+                let why = format!(
+                    "agent version {} was deleted before the run started",
+                    run.agent_version_id
                 );
-                let res = &config.resources;
-                if u64::from(res.vcpus) > vcpus || res.memory_mb > mem || res.disk_mb > disk {
-                    return self
-                        .reject(
-                            &r.run_id,
-                            format!(
-                                "the agent asks for {} vCPUs, {} MB of memory and {} MB of disk, \
-                                 more than worker {} has ({vcpus} vCPUs, {mem} MB, {disk} MB)",
-                                res.vcpus, res.memory_mb, res.disk_mb, worker_id
-                            ),
-                        )
-                        .await;
+                return self.reject(&r.run_id, why).await;
+            };
+            let config = match convert::agent_config(&version) {
+                Ok(config) => config,
+                Err(e) => {
+                    let why = format!("the agent's config cannot be read: {e}");
+                    return self.reject(&r.run_id, why).await;
                 }
+            };
+            // A run that asks for more than this worker has would wait forever.
+            if let Some(why) = too_large(&config.resources, &worker) {
+                return self.reject(&r.run_id, why).await;
+            }
+            match self.spec(&run, config) {
+                Ok(spec) => prepared = Some(spec),
+                Err(why) => return self.reject(&r.run_id, why).await,
             }
         }
         let now = Timestamp::now().micros();
         let outcome = self
             .store
-            .claim_run(&r.run_id, &worker_id, now)
+            .claim_run(&r.run_id, &worker_id, &r.claim_token, now)
             .await
             .map_err(|e| internal(&e))?;
         let (outcome, attempt, spec, events) = match outcome {
             ClaimOutcome::Claimed(c) => {
-                let spec = self.spec(&c.run, c.next_event_seq).await?;
+                // A lease given again (a retried claim) was not prepared above.
+                let spec = match prepared {
+                    Some(spec) => spec,
+                    None => {
+                        let config = self
+                            .agent_config(&c.run.agent_version_id)
+                            .await?
+                            .ok_or_else(|| {
+                                Status::failed_precondition("the run's agent version is gone")
+                            })?;
+                        self.spec(&c.run, config)
+                            .map_err(Status::failed_precondition)?
+                    }
+                };
+                let spec = pb::RunSpec {
+                    next_event_seq: c.next_event_seq,
+                    ..spec
+                };
                 (PbClaim::Claimed, c.attempt, Some(spec), c.events)
             }
             ClaimOutcome::AlreadyClaimed => (PbClaim::AlreadyClaimed, 0, None, vec![]),

@@ -66,6 +66,8 @@ pub struct AppState {
     /// NATS, when dispatch is configured.
     pub bus: Option<Bus>,
     pub secrets: SecretBox,
+    /// Event streams open on this gateway, per organization.
+    pub event_streams: Arc<routes::events::OrgStreams>,
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
@@ -144,7 +146,7 @@ impl Gateway {
         let bus = match &config.dispatch {
             Some(d) => {
                 let bus = Bus::connect(&d.nats, vm0_bus::Role::Gateway, "vm0-gateway").await?;
-                bus.ensure_streams()
+                bus.ensure_streams(d.telemetry_max_bytes)
                     .await
                     .context("creating JetStream streams")?;
                 Some(bus)
@@ -178,6 +180,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             bus: self.bus.clone(),
             secrets: self.secrets.clone(),
+            event_streams: Arc::new(routes::events::OrgStreams::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(bus) = &self.bus {

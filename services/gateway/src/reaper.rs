@@ -20,8 +20,8 @@ use crate::config::DispatchConfig;
 use crate::dispatch::{job_for, publish_events};
 use crate::error::ErrorChain;
 
-/// Runs examined per pass at most.
-const SCAN_LIMIT: u64 = 1000;
+/// Runs read per query; a pass reads every candidate, page by page.
+const PAGE: u64 = 500;
 /// A pending run's job is republished at most this often by one gateway.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(300);
 
@@ -57,82 +57,119 @@ async fn pass(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let now = Timestamp::now().micros();
     let lost_after = i64::try_from(config.worker_lost_after.as_micros())?;
-    let grace = i64::try_from(config.timeout_grace.as_micros())?;
     let silent: HashSet<String> = store
         .silent_workers(now - lost_after)
         .await?
         .into_iter()
         .map(|w| w.id)
         .collect();
-    for run in store.running_runs(SCAN_LIMIT).await? {
-        let started = run.started_at.unwrap_or(run.created_at);
-        let elapsed_ms = (now - started).max(0) / 1000;
-        let worker = run.worker_id.clone().unwrap_or_default();
-        let base = FinishRun {
-            run_id: run.id.clone(),
-            attempt: run.attempt,
-            worker_id: None,
-            status: RunStatus::Failed,
-            exit_code: None,
-            error: None,
-            execution_time_ms: Some(elapsed_ms),
-            last_worker_seq: 0,
-            log: String::new(),
-            now,
-        };
-        if silent.contains(&worker) {
-            let log = format!(
-                "worker {worker} stopped heartbeating for {} s; the run is lost",
-                config.worker_lost_after.as_secs()
-            );
-            end(
-                store,
-                bus,
-                FinishRun {
-                    error: Some("worker_lost".into()),
-                    log,
-                    ..base
-                },
-            )
-            .await?;
-        } else if now > started + run.timeout_seconds * 1_000_000 + grace {
-            let log = format!(
-                "timed out after {} s and worker {worker} did not report it",
-                run.timeout_seconds
-            );
-            let error = Some(format!("timed out after {} s", run.timeout_seconds));
-            end(
-                store,
-                bus,
-                FinishRun {
-                    status: RunStatus::Timeout,
-                    error,
-                    log,
-                    ..base
-                },
-            )
-            .await?;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.running_runs(after.as_deref(), PAGE).await?;
+        for run in &page {
+            reap_running(store, bus, config, &silent, run, now).await?;
+        }
+        match page.last() {
+            Some(last) if page.len() as u64 == PAGE => after = Some(last.id.clone()),
+            _ => break,
         }
     }
     let cutoff = now - i64::try_from(config.pending_republish_after.as_micros())?;
     republished.retain(|_, at| at.elapsed() < REPUBLISH_EVERY);
-    for run in store.stale_pending_runs(cutoff, SCAN_LIMIT).await? {
-        if republished.contains_key(&run.id) {
-            continue;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .stale_pending_runs(cutoff, after.as_deref(), PAGE)
+            .await?;
+        for run in &page {
+            if republished.contains_key(&run.id) {
+                continue;
+            }
+            if republish(store, bus, run).await? {
+                republished.insert(run.id.clone(), Instant::now());
+            }
         }
-        let resources = match store.get_agent_version_by_id(&run.agent_version_id).await? {
-            Some(v) => vm0_db::convert::agent_config(&v)?.resources,
-            None => Default::default(),
-        };
-        tracing::info!(run_id = %run.id, "republishing the job of a run still pending");
-        if let Err(e) = bus
-            .publish_job(&job_for(&run, resources.vcpus, resources.memory_mb))
-            .await
-        {
-            tracing::warn!(run_id = %run.id, error = %ErrorChain(&e), "republish failed");
-            continue;
+        match page.last() {
+            Some(last) if page.len() as u64 == PAGE => after = Some(last.id.clone()),
+            _ => break,
         }
-        republished.insert(run.id, Instant::now());
     }
     Ok(())
+}
+
+/// Ends a running run whose worker went silent, or that is past its timeout
+/// and grace.
+async fn reap_running(
+    store: &Store,
+    bus: &Bus,
+    config: &DispatchConfig,
+    silent: &HashSet<String>,
+    run: &vm0_db::entity::run::Model,
+    now: i64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let grace = i64::try_from(config.timeout_grace.as_micros())?;
+    let started = run.started_at.unwrap_or(run.created_at);
+    let elapsed_ms = (now - started).max(0) / 1000;
+    let worker = run.worker_id.clone().unwrap_or_default();
+    let base = FinishRun {
+        run_id: run.id.clone(),
+        attempt: run.attempt,
+        worker_id: None,
+        status: RunStatus::Failed,
+        exit_code: None,
+        error: None,
+        execution_time_ms: Some(elapsed_ms),
+        last_worker_seq: 0,
+        log: String::new(),
+        now,
+    };
+    if silent.contains(&worker) {
+        let log = format!(
+            "worker {worker} stopped heartbeating for {} s; the run is lost",
+            config.worker_lost_after.as_secs()
+        );
+        let error = Some("worker_lost".into());
+        end(store, bus, FinishRun { error, log, ..base }).await?;
+    } else if now > started + run.timeout_seconds * 1_000_000 + grace {
+        let log = format!(
+            "timed out after {} s and worker {worker} did not report it",
+            run.timeout_seconds
+        );
+        let error = Some(format!("timed out after {} s", run.timeout_seconds));
+        let status = RunStatus::Timeout;
+        end(
+            store,
+            bus,
+            FinishRun {
+                status,
+                error,
+                log,
+                ..base
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Publishes a pending run's job again; false when that failed (tried again on
+/// a later pass).
+async fn republish(
+    store: &Store,
+    bus: &Bus,
+    run: &vm0_db::entity::run::Model,
+) -> Result<bool, vm0_db::StoreError> {
+    let resources = match store.get_agent_version_by_id(&run.agent_version_id).await? {
+        Some(v) => vm0_db::convert::agent_config(&v)?.resources,
+        None => Default::default(),
+    };
+    tracing::info!(run_id = %run.id, "republishing the job of a run still pending");
+    if let Err(e) = bus
+        .publish_job_again(&job_for(run, resources.vcpus, resources.memory_mb))
+        .await
+    {
+        tracing::warn!(run_id = %run.id, error = %ErrorChain(&e), "republish failed");
+        return Ok(false);
+    }
+    Ok(true)
 }

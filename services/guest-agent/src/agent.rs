@@ -378,6 +378,12 @@ async fn run(
     for r in readers.into_iter().flatten() {
         r.abort();
     }
+    // Every run has a sample, however short: the last one, before Exited.
+    if let Some(sampler) = sampler.as_mut() {
+        let _ = out
+            .send(msg(guest_message::Kind::Sample(sampler.sample())))
+            .await;
+    }
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => Exited {

@@ -31,7 +31,10 @@ pub struct WorkerConfig {
     pub worker_token: String,
     /// `VM0_WORKER_SLOTS`: runs at once, default the number of CPUs.
     pub slots: u32,
-    /// Advertised capacity: CPUs and memory of the machine, `VM0_WORKER_DISK_MB`.
+    /// Capacity, advertised and admitted against (`admission`):
+    /// `VM0_WORKER_VCPUS` (default the larger of the machine's CPUs and the
+    /// slots), `VM0_WORKER_MEMORY_MB` (default the machine's memory),
+    /// `VM0_WORKER_DISK_MB`.
     pub vcpus: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
@@ -66,6 +69,10 @@ pub struct WorkerConfig {
     /// `VM0_VMM_LIMITS`: `auto` (default: a cgroup per VMM where the host
     /// allows) or `off`.
     pub vmm_limits: HostLimits,
+    /// `VM0_RUN_OUTPUT_MAX_BYTES`, default 64 MiB: output a run may store (each
+    /// line is stored twice, as an event and a log); past it, output is read
+    /// and dropped, and the run's log says how much.
+    pub output_max_bytes: u64,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -114,6 +121,7 @@ impl WorkerConfig {
             slot_uids: UidRange::default(),
             vmm_jail: JailSetting::On,
             vmm_limits: HostLimits::Auto,
+            output_max_bytes: 64 * 1024 * 1024,
         }
     }
 
@@ -127,15 +135,17 @@ impl WorkerConfig {
         }
         .with_env()
         .map_err(anyhow::Error::msg)?;
+        let slots = parse_or("VM0_WORKER_SLOTS", d.slots)?;
         let config = WorkerConfig {
             worker_id: parse_or("VM0_WORKER_ID", d.worker_id)?,
             nats,
             control_plane_url: parse_or("VM0_CONTROL_PLANE_URL", d.control_plane_url)?,
             control_plane_ca: parse_opt("VM0_CONTROL_PLANE_CA")?.or(d.control_plane_ca),
             worker_token: parse_or("VM0_WORKER_TOKEN", d.worker_token)?,
-            slots: parse_or("VM0_WORKER_SLOTS", d.slots)?,
-            vcpus: d.vcpus,
-            memory_mb: d.memory_mb,
+            slots,
+            // Unset, slots alone bound runs of one vCPU each.
+            vcpus: parse_or("VM0_WORKER_VCPUS", d.vcpus.max(slots))?,
+            memory_mb: parse_or("VM0_WORKER_MEMORY_MB", d.memory_mb)?,
             disk_mb: parse_or("VM0_WORKER_DISK_MB", d.disk_mb)?,
             data_dir: parse_or("VM0_DATA_DIR", d.data_dir)?,
             sample_interval: Duration::from_millis(parse_or(
@@ -155,7 +165,9 @@ impl WorkerConfig {
             slot_uids: parse_or("VM0_SLOT_UIDS", d.slot_uids)?,
             vmm_jail: parse_or("VM0_VMM_JAIL", d.vmm_jail)?,
             vmm_limits: parse_or("VM0_VMM_LIMITS", d.vmm_limits)?,
+            output_max_bytes: parse_or("VM0_RUN_OUTPUT_MAX_BYTES", d.output_max_bytes)?,
         };
+        anyhow::ensure!(config.vcpus >= 1, "VM0_WORKER_VCPUS must be at least 1");
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");
         anyhow::ensure!(
             config.sample_interval >= Duration::from_millis(100),

@@ -8,6 +8,7 @@
 //! `drain_timeout` to finish, then are stopped and reported failed.
 
 /// Configuration from the environment.
+pub mod admission;
 pub mod config;
 /// The control plane client.
 pub mod control;
@@ -63,6 +64,8 @@ pub struct WorkerCtx<S> {
     /// Runs in progress: run id → token that stops it.
     pub running: Mutex<HashMap<String, CancellationToken>>,
     pub slots: Slots,
+    /// The vCPUs and memory runs hold.
+    pub admission: admission::Admission,
     /// Cancelled when running runs must stop (drain timeout passed).
     pub stop_runs: CancellationToken,
 }
@@ -114,6 +117,7 @@ pub async fn run<S: Sandbox>(
     .await?;
     let ctx = Arc::new(WorkerCtx {
         slots,
+        admission: admission::Admission::new(config.vcpus, config.memory_mb),
         config,
         bus,
         control,
@@ -213,16 +217,28 @@ async fn heartbeat_loop<S: Sandbox>(
         let free = u32::try_from(ctx.slots.available()).unwrap_or(0);
         let req = pb::HeartbeatRequest {
             worker_id: ctx.config.worker_id.clone(),
-            free: Some(pb::Capacity {
-                slots: free,
-                ..Default::default()
+            free: Some({
+                let (vcpus, memory_mb) = ctx.admission.free();
+                pb::Capacity {
+                    slots: free,
+                    vcpus,
+                    memory_mb,
+                    ..Default::default()
+                }
             }),
             running_run_ids: ctx.running_ids(),
         };
-        match ctx.control.clone().heartbeat(req).await {
+        // A heartbeat that hangs must not hold up the next ones.
+        let mut control = ctx.control.clone();
+        let patience = every.max(Duration::from_secs(1)) * 2;
+        let Ok(sent) = tokio::time::timeout(patience, control.heartbeat(req)).await else {
+            tracing::warn!("heartbeat timed out");
+            continue;
+        };
+        match sent {
             Ok(resp) => {
                 let resp = resp.into_inner();
-                for id in &resp.cancel_run_ids {
+                for id in resp.cancel_run_ids.iter().chain(&resp.stop_run_ids) {
                     ctx.cancel(id);
                 }
                 if resp.reregister

@@ -58,9 +58,27 @@ async fn execute_job<S: Sandbox>(
     job: RunJob,
     slot_user: Option<SlotUser>,
 ) {
+    // A job delivered again while its run lives here (a redelivery, a republish)
+    // is not a second run.
+    if ctx
+        .running
+        .lock()
+        .is_ok_and(|running| running.contains_key(&job.run_id))
+    {
+        tracing::info!(run_id = %job.run_id, "job dropped: the run is already running here");
+        let _ = msg.ack().await;
+        return;
+    }
+    // The job stays in progress while it waits for room and while its run lives.
+    let progress = CancellationToken::new();
+    let keepalive = tokio::spawn(keep_in_progress(msg.clone(), progress.clone()));
+    let admitted = ctx.admission.admit(job.vcpus.max(1), job.memory_mb).await;
+    // One token per claim, kept by its retries (see `ClaimRequest.claim_token`).
+    let claim_token = format!("{:032x}", rand::random::<u128>());
     let req = pb::ClaimRequest {
         run_id: job.run_id.clone(),
         worker_id: ctx.config.worker_id.clone(),
+        claim_token,
     };
     let claim = retry("claim", || {
         let mut client = ctx.control.clone();
@@ -73,6 +91,8 @@ async fn execute_job<S: Sandbox>(
         Ok(c) => c,
         Err(status) => {
             // Let another delivery try later.
+            progress.cancel();
+            let _ = keepalive.await;
             tracing::warn!(run_id = %job.run_id, error = %status, "claim failed");
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -82,16 +102,15 @@ async fn execute_job<S: Sandbox>(
     };
     match (ClaimOutcome::try_from(claim.outcome), claim.spec) {
         (Ok(ClaimOutcome::Claimed), Some(spec)) => {
-            let progress = CancellationToken::new();
-            let keepalive = tokio::spawn(keep_in_progress(msg.clone(), progress.clone()));
             run_claimed(&ctx, spec, claim.attempt, slot_user).await;
-            progress.cancel();
-            let _ = keepalive.await;
         }
         (outcome, _) => {
             tracing::info!(run_id = %job.run_id, ?outcome, message = %claim.message, "job dropped");
         }
     }
+    drop(admitted);
+    progress.cancel();
+    let _ = keepalive.await;
     if let Err(e) = msg.ack().await {
         tracing::warn!(run_id = %job.run_id, error = %e, "job ack failed (a redelivery will find the run claimed)");
     }
@@ -130,11 +149,19 @@ struct RunTelemetry<'a, S> {
     pending: Vec<(Telemetry, async_nats::jetstream::context::PublishAckFuture)>,
     /// Messages not sent yet (the last send failed), oldest first.
     unsent: std::collections::VecDeque<Telemetry>,
+    /// Output bytes kept and dropped (past `output_max_bytes`).
+    output: OutputCount,
     run_id: String,
     attempt: u32,
     next_seq: i64,
     counter: u64,
     masker: Masker,
+}
+
+#[derive(Debug, Default)]
+struct OutputCount {
+    kept: u64,
+    dropped: u64,
 }
 
 /// How long a message that cannot be stored is sent again before it is given up.
@@ -241,6 +268,19 @@ impl<S> RunTelemetry<'_, S> {
     }
 
     async fn output(&mut self, stream: Stream, content: String) {
+        let len = content.len() as u64;
+        let max = self.ctx.config.output_max_bytes;
+        if self.output.kept + len > max || self.output.dropped > 0 {
+            if self.output.dropped == 0 {
+                let line = format!(
+                    "the run's output passed {max} bytes (VM0_RUN_OUTPUT_MAX_BYTES): what follows is not kept"
+                );
+                self.system_log(LogLevel::Warn, &line).await;
+            }
+            self.output.dropped += len;
+            return;
+        }
+        self.output.kept += len;
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = Telemetry::Event {
@@ -351,6 +391,7 @@ async fn run_claimed<S: Sandbox>(
         ctx,
         pending: Vec::new(),
         unsent: std::collections::VecDeque::new(),
+        output: OutputCount::default(),
         run_id: run_id.clone(),
         attempt,
         next_seq: spec.next_event_seq,
@@ -386,8 +427,12 @@ async fn run_claimed<S: Sandbox>(
             (FinalStatus::Failed, None, message)
         }
     };
-    if let Ok(mut running) = ctx.running.lock() {
-        running.remove(&run_id);
+    if t.output.dropped > 0 {
+        let line = format!(
+            "{} bytes of output were kept, {} dropped past the cap",
+            t.output.kept, t.output.dropped
+        );
+        t.system_log(LogLevel::Warn, &line).await;
     }
     let span = tracing::Span::current();
     span.record(
@@ -426,6 +471,11 @@ async fn run_claimed<S: Sandbox>(
         Err(e) => {
             tracing::warn!(%run_id, error = %e, "finish failed; the control plane's reaper will end the run")
         }
+    }
+    // Heartbeats name the run until its end is reported (its telemetry may take
+    // a while to be stored): until then it is this worker's.
+    if let Ok(mut running) = ctx.running.lock() {
+        running.remove(&run_id);
     }
 }
 

@@ -39,6 +39,9 @@ pub struct Model {
     pub secrets_sealed: Option<String>,
     /// The agent version's `timeoutSeconds`, copied for the control plane's backstop.
     pub timeout_seconds: i64,
+    /// The token of the claim holding the run (a retried claim with the same
+    /// token gets the same lease).
+    pub claim_token: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

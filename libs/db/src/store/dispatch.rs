@@ -17,6 +17,9 @@ use super::telemetry::{NewLog, NewMetric};
 use super::{Store, StoreError, unique_or};
 use crate::entity::{run, run_event, run_log, run_metric, worker};
 
+/// How often ending a run is tried when its event numbers were taken meanwhile.
+const END_RUN_TRIES: usize = 3;
+
 /// A run a worker now owns.
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
@@ -171,10 +174,14 @@ impl Store {
 
     /// `pending → running` for `worker_id`, atomically: of concurrent claims exactly
     /// one wins. Writes the `running` status event and a system log line.
+    ///
+    /// A claim is a lease named by `token`: the same worker asking again with the
+    /// same (non-empty) token, its first answer lost, is given the same lease.
     pub async fn claim_run(
         &self,
         run_id: &str,
         worker_id: &str,
+        token: &str,
         now: i64,
     ) -> Result<ClaimOutcome, StoreError> {
         let txn = self.begin_write().await?;
@@ -189,6 +196,24 @@ impl Store {
             RunStatus::Cancelled if current.started_at.is_none() => {
                 return Ok(ClaimOutcome::Cancelled);
             }
+            RunStatus::Running
+                if !token.is_empty()
+                    && current.worker_id.as_deref() == Some(worker_id)
+                    && current.claim_token.as_deref() == Some(token) =>
+            {
+                drop(txn);
+                let next_event_seq = current
+                    .last_event_seq
+                    .max(self.max_event_seq(run_id).await?)
+                    + 1;
+                let attempt = current.attempt;
+                return Ok(ClaimOutcome::Claimed(Box::new(ClaimedRun {
+                    run: current,
+                    attempt,
+                    next_event_seq,
+                    events: Vec::new(),
+                })));
+            }
             _ => return Ok(ClaimOutcome::AlreadyClaimed),
         }
         let attempt = current.attempt + 1;
@@ -202,6 +227,10 @@ impl Store {
             .col_expr(run::Column::WorkerId, Expr::value(worker_id))
             .col_expr(run::Column::StartedAt, Expr::value(now))
             .col_expr(run::Column::LastEventSeq, Expr::value(seq))
+            .col_expr(
+                run::Column::ClaimToken,
+                Expr::value((!token.is_empty()).then(|| token.to_owned())),
+            )
             .filter(run::Column::Id.eq(run_id))
             .filter(run::Column::Status.eq(RunStatus::Pending.as_str()))
             .filter(run::Column::Attempt.eq(current.attempt))
@@ -235,6 +264,7 @@ impl Store {
             worker_id: Some(worker_id.to_owned()),
             started_at: Some(now),
             last_event_seq: seq,
+            claim_token: (!token.is_empty()).then(|| token.to_owned()),
             ..current
         };
         Ok(ClaimOutcome::Claimed(Box::new(ClaimedRun {
@@ -298,7 +328,34 @@ impl Store {
         self.end_run(current, RunStatus::Running, finish).await
     }
 
+    /// Ends a run (see [`Self::end_run_once`]); when a telemetry event took the
+    /// number `status` or `complete` was to have (stored meanwhile by a
+    /// persister), tries again after it.
     async fn end_run(
+        &self,
+        current: run::Model,
+        from: RunStatus,
+        f: FinishRun,
+    ) -> Result<FinishOutcome, StoreError> {
+        let mut current = current;
+        for _ in 0..END_RUN_TRIES - 1 {
+            match self.end_run_once(current, from, f.clone()).await {
+                Err(StoreError::Conflict) => {
+                    current = match self.get_run_by_id(&f.run_id).await? {
+                        Some(c) => c,
+                        None => return Ok(FinishOutcome::Stale),
+                    };
+                }
+                other => return other,
+            }
+        }
+        self.end_run_once(current, from, f).await
+    }
+
+    /// `status` and `complete` are numbered after every event stored, read in
+    /// the transaction that writes them, and inserted strictly: a number already
+    /// taken is a conflict, never a silently dropped `complete`.
+    async fn end_run_once(
         &self,
         current: run::Model,
         from: RunStatus,
@@ -309,12 +366,26 @@ impl Store {
             .error
             .map(|e| vm0_api_types::text::storable(&e).into_owned());
         f.log = vm0_api_types::text::storable(&f.log).into_owned();
-        let stored_max = self.max_event_seq(&f.run_id).await?;
+        let txn = self.begin_write().await?;
+        if self.backend() == super::Backend::Postgres {
+            // Persisters hold the run's row shared while they store its events:
+            // with it held exclusively, every event stored is seen below, and
+            // every one stored later sees `complete`. (SQLite's writers are one.)
+            run::Entity::find_by_id(f.run_id.clone())
+                .lock_exclusive()
+                .one(&*txn)
+                .await?;
+        }
+        let stored_max = run_event::Entity::find()
+            .filter(run_event::Column::RunId.eq(f.run_id.clone()))
+            .order_by_desc(run_event::Column::Seq)
+            .one(&*txn)
+            .await?
+            .map_or(0, |e| e.seq);
         let base = current
             .last_event_seq
             .max(f.last_worker_seq)
             .max(stored_max);
-        let txn = self.begin_write().await?;
         let res = run::Entity::update_many()
             .col_expr(run::Column::Status, Expr::value(f.status.as_str()))
             .col_expr(run::Column::ExitCode, Expr::value(f.exit_code))
@@ -358,13 +429,9 @@ impl Store {
             event(&f.run_id, base + 2, RunEventType::Complete, complete, f.now),
         ];
         run_event::Entity::insert_many(events.iter().cloned().map(run_event::ActiveModel::from))
-            .on_conflict(
-                OnConflict::columns([run_event::Column::RunId, run_event::Column::Seq])
-                    .do_nothing()
-                    .to_owned(),
-            )
             .exec_without_returning(&*txn)
-            .await?;
+            .await
+            .map_err(|e| unique_or(e, || StoreError::Conflict))?;
         let level = if f.status == RunStatus::Completed {
             LogLevel::Info
         } else {
@@ -401,11 +468,18 @@ impl Store {
         Ok(last.map_or(0, |e| e.seq))
     }
 
-    /// Runs currently `running`, oldest first (for the reaper: lost workers, timeouts).
-    pub async fn running_runs(&self, limit: u64) -> Result<Vec<run::Model>, StoreError> {
-        Ok(run::Entity::find()
-            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
-            .order_by_asc(run::Column::StartedAt)
+    /// Runs currently `running`, a page of `limit` after the run id `after` (for
+    /// the reaper: lost workers, timeouts).
+    pub async fn running_runs(
+        &self,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<run::Model>, StoreError> {
+        let mut q = run::Entity::find().filter(run::Column::Status.eq(RunStatus::Running.as_str()));
+        if let Some(after) = after {
+            q = q.filter(run::Column::Id.gt(after));
+        }
+        Ok(q.order_by_asc(run::Column::Id)
             .limit(limit)
             .all(self.conn())
             .await?)
@@ -419,19 +493,75 @@ impl Store {
             .await?)
     }
 
-    /// Runs `pending` since before `cutoff` (the sweeper republishes them).
+    /// Runs `pending` since before `cutoff` (the sweeper republishes them), a page
+    /// of `limit` after the run id `after`.
     pub async fn stale_pending_runs(
         &self,
         cutoff: i64,
+        after: Option<&str>,
         limit: u64,
     ) -> Result<Vec<run::Model>, StoreError> {
-        Ok(run::Entity::find()
+        let mut q = run::Entity::find()
             .filter(run::Column::Status.eq(RunStatus::Pending.as_str()))
-            .filter(run::Column::CreatedAt.lt(cutoff))
-            .order_by_asc(run::Column::CreatedAt)
+            .filter(run::Column::CreatedAt.lt(cutoff));
+        if let Some(after) = after {
+            q = q.filter(run::Column::Id.gt(after));
+        }
+        Ok(q.order_by_asc(run::Column::Id)
             .limit(limit)
             .all(self.conn())
             .await?)
+    }
+
+    /// Reconciles a worker's heartbeat with the store: of `reported` (the runs it
+    /// says it runs), those that are not its running runs any more; and its running
+    /// runs it did not report although they were claimed before `claimed_before`
+    /// (it lost them: restarted, or the run never started), which are ended
+    /// `failed` / `worker_lost` here. Returns (to stop, ended).
+    pub async fn reconcile_worker(
+        &self,
+        worker_id: &str,
+        reported: &[String],
+        claimed_before: i64,
+        now: i64,
+    ) -> Result<(Vec<String>, Vec<FinishOutcome>), StoreError> {
+        let mine: Vec<run::Model> = run::Entity::find()
+            .filter(run::Column::WorkerId.eq(worker_id))
+            .filter(run::Column::Status.eq(RunStatus::Running.as_str()))
+            .all(self.conn())
+            .await?;
+        let stop = reported
+            .iter()
+            .filter(|id| !mine.iter().any(|r| &r.id == *id))
+            .cloned()
+            .collect();
+        let mut ended = Vec::new();
+        for run in mine {
+            if reported.contains(&run.id)
+                || run.started_at.unwrap_or(run.created_at) >= claimed_before
+            {
+                continue;
+            }
+            let started = run.started_at.unwrap_or(run.created_at);
+            ended.push(
+                self.finish_run(FinishRun {
+                    run_id: run.id.clone(),
+                    attempt: run.attempt,
+                    worker_id: Some(worker_id.to_owned()),
+                    status: RunStatus::Failed,
+                    exit_code: None,
+                    error: Some("worker_lost".into()),
+                    execution_time_ms: Some((now - started).max(0) / 1000),
+                    last_worker_seq: 0,
+                    log: format!(
+                        "worker {worker_id} heartbeats without this run: it does not run it any more (restarted?)"
+                    ),
+                    now,
+                })
+                .await?,
+            );
+        }
+        Ok((stop, ended))
     }
 
     /// Running runs of `worker_id` whose cancellation was requested.
@@ -460,15 +590,50 @@ impl Store {
             return Ok(());
         }
         let txn = self.begin_write().await?;
+        // Nothing is stored after a run's `complete`: a worker's last messages,
+        // sent after the control plane ended its run (a forced cancel, the
+        // reaper), stay out of the record.
+        let mut run_ids: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
+        run_ids.sort_unstable();
+        run_ids.dedup();
+        let mut completed: std::collections::HashMap<String, i64> = Default::default();
+        for chunk in run_ids.chunks(500) {
+            if self.backend() == super::Backend::Postgres {
+                // See `end_run_once`: a run's end and its events' storing do
+                // not interleave (shared locks, taken in id order).
+                run::Entity::find()
+                    .filter(run::Column::Id.is_in(chunk.iter().copied()))
+                    .order_by_asc(run::Column::Id)
+                    .lock_shared()
+                    .all(&*txn)
+                    .await?;
+            }
+            for e in run_event::Entity::find()
+                .filter(run_event::Column::RunId.is_in(chunk.iter().copied()))
+                .filter(run_event::Column::EventType.eq(RunEventType::Complete.as_str()))
+                .all(&*txn)
+                .await?
+            {
+                completed.insert(e.run_id, e.seq);
+            }
+        }
+        let events: Vec<&run_event::Model> = events
+            .iter()
+            .filter(|e| completed.get(&e.run_id).is_none_or(|done| e.seq < *done))
+            .collect();
         for chunk in events.chunks(500) {
-            run_event::Entity::insert_many(chunk.iter().cloned().map(run_event::ActiveModel::from))
-                .on_conflict(
-                    OnConflict::columns([run_event::Column::RunId, run_event::Column::Seq])
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .exec_without_returning(&*txn)
-                .await?;
+            run_event::Entity::insert_many(
+                chunk
+                    .iter()
+                    .map(|e| run_event::ActiveModel::from((*e).clone())),
+            )
+            .on_conflict(
+                OnConflict::columns([run_event::Column::RunId, run_event::Column::Seq])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&*txn)
+            .await?;
         }
         for chunk in logs.chunks(500) {
             run_log::Entity::insert_many(chunk.iter().map(|(run_id, l)| l.row(run_id)))

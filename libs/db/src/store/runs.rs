@@ -119,6 +119,7 @@ impl Store {
             cancel_requested_at: None,
             secrets_sealed: new.secrets_sealed,
             timeout_seconds: new.timeout_seconds,
+            claim_token: None,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
         let pending = super::run_batch::PendingRun {

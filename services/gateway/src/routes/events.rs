@@ -39,19 +39,60 @@ pub fn open_streams() -> usize {
     OPEN_STREAMS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Open event streams per organization on one gateway: each holds its task, a
+/// NATS subscription and store reads, so one tenant may not open without end.
+#[derive(Debug, Default)]
+pub struct OrgStreams {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
 /// Counts a stream's task while it lives.
-struct OpenStream;
+struct OpenStream {
+    org_id: String,
+    streams: std::sync::Arc<OrgStreams>,
+}
 
 impl OpenStream {
-    fn new() -> OpenStream {
+    /// A stream of `org_id`, unless it has `max` open already.
+    fn new(
+        streams: &std::sync::Arc<OrgStreams>,
+        org_id: &str,
+        max: usize,
+    ) -> ApiResult<OpenStream> {
+        let mut open = streams
+            .open
+            .lock()
+            .map_err(|_| ApiError::internal(&std::io::Error::other("stream counts poisoned")))?;
+        let count = open.entry(org_id.to_owned()).or_default();
+        if *count >= max {
+            return Err(ApiError::rate_limited(
+                format!(
+                    "this organization has {max} event streams open on this gateway \
+                     (VM0_SSE_MAX_STREAMS_PER_ORG): close one, or retry later"
+                ),
+                1,
+            ));
+        }
+        *count += 1;
         OPEN_STREAMS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        OpenStream
+        Ok(OpenStream {
+            org_id: org_id.to_owned(),
+            streams: streams.clone(),
+        })
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
         OPEN_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut open) = self.streams.open.lock()
+            && let Some(count) = open.get_mut(&self.org_id)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.org_id);
+            }
+        }
     }
 }
 
@@ -84,7 +125,8 @@ fn resume_position(headers: &HeaderMap, q: &QueryParams) -> ApiResult<i64> {
     params(("id" = String, Path),
         ("lastEventId" = Option<String>, Query, description = "Resume after this event id (also `last_event_id`, or the Last-Event-ID header)")),
     responses((status = 200, content_type = "text/event-stream", description = "status, output, error, complete, heartbeat events"),
-        (status = 404, body = ErrorEnvelope)),
+        (status = 404, body = ErrorEnvelope),
+        (status = 429, body = ErrorEnvelope, description = "the organization has VM0_SSE_MAX_STREAMS_PER_ORG streams open on this gateway")),
     security(("bearer" = [])))]
 pub async fn stream(
     caller: Caller,
@@ -96,10 +138,14 @@ pub async fn stream(
     q.only(&["lastEventId"])?;
     let after = resume_position(&headers, &q)?;
     let run = load(&state, &caller, &id).await?;
+    let open = OpenStream::new(
+        &state.event_streams,
+        &caller.org_id,
+        state.config.sse_max_streams_per_org,
+    )?;
     let (tx, rx) = mpsc::channel(64);
     // Subscribed before the stream starts: a revocation from now on is heard.
     let revocations = state.tokens.revocations();
-    let open = OpenStream::new();
     tokio::spawn(async move {
         let _open = open;
         tokio::select! {

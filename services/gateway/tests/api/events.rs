@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use reqwest::Method;
 use serde_json::{Value, json};
 use vm0_api_types::sse::{SseDecoder, SseEvent};
 
@@ -310,7 +311,95 @@ async fn a_stream_ends_when_its_client_leaves(db: Db) {
     }
 }
 
+/// One organization may hold `VM0_SSE_MAX_STREAMS_PER_ORG` streams open on a
+/// gateway; the next is `429` in the error envelope, another organization is
+/// not affected, and a stream closed makes room again.
+async fn event_streams_are_bounded_per_organization(db: Db) {
+    let gw = TestGateway::start_with(db, |c| {
+        c.sse_max_streams_per_org = 2;
+        c.sse_heartbeat = Duration::from_secs(60);
+    })
+    .await;
+    gw.create_agent("my-agent").await;
+    // No dispatch here: the run stays pending, its streams stay open.
+    let run = gw.create_run("my-agent", "p").await;
+    let path = format!("/v1/runs/{}/events", run["id"].as_str().expect("id"));
+    let open = |token: String| {
+        let req = gw.client.get(gw.url(&path)).bearer_auth(token);
+        async move { req.send().await.expect("send") }
+    };
+    let first = open(gw.token.clone()).await;
+    let second = open(gw.token.clone()).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let refused = gw.get(&path).await;
+    assert_error(&refused, 429, "rate_limit_error", "rate_limited", None);
+    assert!(
+        refused.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("VM0_SSE_MAX_STREAMS_PER_ORG")),
+        "{}",
+        refused.1
+    );
+    // Another organization's streams are its own. (Its run, its stream.)
+    let other = gw.mint_token("globex").await;
+    let (status, _) = gw
+        .call_as(
+            &other,
+            Method::POST,
+            "/v1/agents",
+            Some(json!({"name": "theirs", "config": {"command": ["true"]}})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 201);
+    let (status, theirs) = gw
+        .call_as(
+            &other,
+            Method::POST,
+            "/v1/runs",
+            Some(json!({"agent": "theirs", "prompt": "p"})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 202, "{theirs}");
+    let resp = gw
+        .client
+        .get(gw.url(&format!(
+            "/v1/runs/{}/events",
+            theirs["id"].as_str().expect("id")
+        )))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    // One closed: room for one more.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = gw
+            .client
+            .get(gw.url(&path))
+            .bearer_auth(&gw.token)
+            .send()
+            .await
+            .expect("send");
+        if resp.status().as_u16() == 200 {
+            break;
+        }
+        assert_eq!(resp.status().as_u16(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a stream closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(second);
+}
+
 vm0_db::on_both_databases!(
+    event_streams_are_bounded_per_organization,
     finished_run_replays_and_resumes_exactly,
     open_stream_sends_heartbeats_then_follows_a_cancel,
     a_lost_event_is_reported_and_the_stream_still_ends,

@@ -4,6 +4,8 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
+use vm0_gateway::config::DispatchConfig;
+
 use crate::harness::{Db, Stack, StackOptions, processes_with};
 
 async fn two_gateways_two_workers_run_50_runs_exactly_once(db: Db) {
@@ -81,7 +83,9 @@ async fn a_killed_worker_loses_its_run_and_the_others_complete(db: Db) {
         StackOptions {
             workers: 1,
             worker_slots: 1,
-            worker_lost_after: Duration::from_secs(2),
+            // The defaults an operator gets.
+            worker_lost_after: DispatchConfig::DEFAULT_WORKER_LOST_AFTER,
+            heartbeat_interval: DispatchConfig::DEFAULT_HEARTBEAT_INTERVAL,
             ..Default::default()
         },
     )
@@ -116,6 +120,7 @@ async fn a_killed_worker_loses_its_run_and_the_others_complete(db: Db) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stack.workers[0].kill_9();
+    let killed = std::time::Instant::now();
     // The sandbox dies with its worker (bubblewrap --die-with-parent).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while processes_with(&e2e_lost_marker) > 0 && std::time::Instant::now() < deadline {
@@ -126,11 +131,17 @@ async fn a_killed_worker_loses_its_run_and_the_others_complete(db: Db) {
         0,
         "the sandbox outlived its worker"
     );
-    let survivor = stack.add_worker().await;
-    let others: Vec<String> = futures_ids(&stack, 3).await;
     let lost = stack.wait_finished(&doomed, Duration::from_secs(30)).await;
+    let noticed = killed.elapsed();
+    eprintln!("a worker killed with SIGKILL: its run failed after {noticed:?}");
     assert_eq!(lost["status"], "failed");
     assert_eq!(lost["error"], "worker_lost");
+    assert!(
+        noticed <= Duration::from_secs(10),
+        "the lost worker was noticed after {noticed:?}, not within 10 s"
+    );
+    let survivor = stack.add_worker().await;
+    let others: Vec<String> = futures_ids(&stack, 3).await;
     for id in &others {
         let run = stack.wait_finished(id, Duration::from_secs(30)).await;
         assert_eq!(run["status"], "completed", "{run}");

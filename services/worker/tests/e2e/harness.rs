@@ -121,6 +121,8 @@ pub struct StackOptions {
     pub workers: usize,
     pub worker_slots: u32,
     pub worker_lost_after: Duration,
+    /// What the gateways ask of workers (300 ms unless a test wants the defaults).
+    pub heartbeat_interval: Duration,
     pub pending_republish_after: Duration,
     /// `VM0_SANDBOX` of the workers.
     pub sandbox: &'static str,
@@ -140,6 +142,7 @@ impl Default for StackOptions {
             workers: 1,
             worker_slots: 4,
             worker_lost_after: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_millis(300),
             pending_republish_after: Duration::from_secs(30),
             sandbox: "bubblewrap",
             worker_env: Vec::new(),
@@ -200,7 +203,7 @@ impl Stack {
         dispatch.grpc_tls = Some(GrpcTls::local(&self.tls_dir()).expect("control plane TLS"));
         dispatch.worker_lost_after = self.options.worker_lost_after;
         dispatch.pending_republish_after = self.options.pending_republish_after;
-        dispatch.heartbeat_interval = Duration::from_millis(300);
+        dispatch.heartbeat_interval = self.options.heartbeat_interval;
         dispatch.reaper_interval = Duration::from_millis(200);
         config.dispatch = Some(dispatch);
         let gateway = Gateway::open(
@@ -235,6 +238,19 @@ impl Stack {
     }
 
     /// The secrets key the stack's gateways share.
+    /// A JetStream client with the gateways' NATS rights (streams may be changed).
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let nats = self.nats.options(Role::Gateway);
+        let creds = nats.credentials.clone().expect("creds");
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password(creds.user, creds.password)
+            .custom_inbox_prefix(Role::Gateway.inbox_prefix())
+            .connect(&nats.url)
+            .await
+            .expect("connect");
+        async_nats::jetstream::new(client)
+    }
+
     pub fn secrets_key(&self) -> [u8; 32] {
         self.secrets_key
     }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod claims;
 mod fleet;
 mod hostile;
 mod lifecycle;

@@ -288,15 +288,7 @@ async fn telemetry_refused_for_a_while_is_sent_again() {
             json!({"command": ["sh", "-c", "i=0; while [ $i -lt 40 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done"]}),
         )
         .await;
-    let nats = stack.nats.options(vm0_bus::Role::Gateway);
-    let creds = nats.credentials.clone().expect("creds");
-    let client = async_nats::ConnectOptions::new()
-        .user_and_password(creds.user, creds.password)
-        .custom_inbox_prefix(vm0_bus::Role::Gateway.inbox_prefix())
-        .connect(&nats.url)
-        .await
-        .expect("connect");
-    let js = async_nats::jetstream::new(client);
+    let js = stack.jetstream().await;
     let id = stack
         .create_run(0, json!({"agent": "ticker", "prompt": "p"}))
         .await;
@@ -346,4 +338,196 @@ async fn telemetry_refused_for_a_while_is_sent_again() {
         "no gap, no duplicate"
     );
     assert!(!events.iter().any(|e| e.0 == "error"), "{events:?}");
+}
+
+/// The reaper reads every running run, not the oldest thousand: a run whose
+/// worker is gone is failed even behind a thousand older healthy ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_sees_past_a_thousand_running_runs() {
+    use futures::StreamExt;
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            workers: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent("long", json!({"command": ["sleep", "3600"]}))
+        .await;
+    let ids: Vec<String> = futures::stream::iter(0..1001)
+        .map(|_| stack.create_run(0, json!({"agent": "long", "prompt": "p"})))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let lost = ids.iter().max().expect("ids").clone();
+    let now = vm0_api_types::Timestamp::now().micros();
+    let (busy_since, lost_since) = (now - 100_000_000, now - 50_000_000);
+    // Silent far longer than the stack's worker_lost_after.
+    let gone_heard = now - 3_600_000_000;
+    let url = stack.database_url();
+    for sql in [
+        format!(
+            "INSERT INTO workers (id, hostname, sandbox, capacity, free, registered_at, last_heartbeat_at) \
+             VALUES ('busy', 'h', 'bubblewrap', '{{}}', '{{}}', {now}, {now}), \
+                    ('gone', 'h', 'bubblewrap', '{{}}', '{{}}', {gone_heard}, {gone_heard})"
+        ),
+        format!(
+            "UPDATE runs SET status = 'running', attempt = 1, worker_id = 'busy', \
+             started_at = {busy_since}, timeout_seconds = 3600 WHERE id <> '{lost}'"
+        ),
+        // Started last, its id last: behind the thousand in either order.
+        format!(
+            "UPDATE runs SET status = 'running', attempt = 1, worker_id = 'gone', \
+             started_at = {lost_since}, timeout_seconds = 3600 WHERE id = '{lost}'"
+        ),
+    ] {
+        vm0_db::testing::execute(&url, &sql).await.expect("sql");
+    }
+    let run = stack.wait_finished(&lost, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"], "worker_lost", "{run}");
+    let busy = stack.run(&ids.iter().min().expect("ids").clone()).await;
+    assert_eq!(
+        busy["status"], "running",
+        "a healthy run is left alone: {busy}"
+    );
+}
+
+/// A run over long before the first periodic sample (2 s) still has one: the
+/// last, taken when its command ended, with the CPU it used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_has_its_last_sample() {
+    let stack = Stack::start(Db::Sqlite, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "brief",
+            json!({"command": ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "brief", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert!(
+        run["executionTimeMs"].as_i64().unwrap_or(i64::MAX) < 2000,
+        "{run}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = stack.get(&format!("/v1/runs/{id}/metrics")).await;
+        if m["summary"]["sampleCount"].as_i64().unwrap_or(0) >= 1 {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no sample: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sample = &metrics["data"][0];
+    assert!(sample["memoryUsedMb"].is_number(), "{metrics}");
+    assert!(
+        sample["memoryTotalMb"].as_i64().unwrap_or(0) > 0,
+        "{metrics}"
+    );
+}
+
+/// A run's output is capped (`VM0_RUN_OUTPUT_MAX_BYTES`): past it, output is
+/// read and dropped, the run goes on and completes, and its log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_dropped_and_said() {
+    let cap = 100_000u64;
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            worker_env: vec![("VM0_RUN_OUTPUT_MAX_BYTES", cap.to_string())],
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "chatty",
+            json!({"command": ["sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' a | fold -w 99; echo; echo still-running >&2"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
+        .await;
+    let run = stack.wait_finished(&id, WAIT).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let kept: u64 = stack
+        .events(0, &id, None)
+        .await
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().len() as u64)
+        .sum();
+    assert!(kept <= cap, "{kept} bytes kept past a cap of {cap}");
+    assert!(kept >= cap - 100, "output up to the cap is kept: {kept}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = stack.logs(&id).await;
+        let said = |needle: &str| {
+            logs.iter().any(|l| {
+                l["type"] == "system" && l["message"].as_str().is_some_and(|m| m.contains(needle))
+            })
+        };
+        if said("VM0_RUN_OUTPUT_MAX_BYTES") && said("dropped past the cap") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{logs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs are admitted by the vCPUs they ask for, not only by slots: a worker
+/// of 2 vCPUs and 4 slots runs two one-vCPU runs at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_admitted_by_the_vcpus_they_ask_for() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            worker_slots: 4,
+            worker_env: vec![("VM0_WORKER_VCPUS", "2".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "one-cpu",
+            json!({"command": ["sleep", "1"], "resources": {"vcpus": 1}}),
+        )
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            stack
+                .create_run(0, json!({"agent": "one-cpu", "prompt": "p"}))
+                .await,
+        );
+    }
+    let mut spans = Vec::new();
+    for id in &ids {
+        let run = stack.wait_finished(id, WAIT).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        let at = |k: &str| chrono_micros(run[k].as_str().unwrap_or_default());
+        spans.push((at("startedAt"), at("completedAt")));
+    }
+    // At no run's start were more than two running.
+    for (start, _) in &spans {
+        let running = spans
+            .iter()
+            .filter(|(s, e)| s <= start && start < e)
+            .count();
+        assert!(running <= 2, "{running} runs at once on 2 vCPUs: {spans:?}");
+    }
+}
+
+/// Microseconds since the epoch of an RFC 3339 timestamp the API wrote.
+fn chrono_micros(ts: &str) -> i64 {
+    vm0_api_types::Timestamp::parse(ts)
+        .map(|t| t.micros())
+        .unwrap_or_default()
 }

@@ -106,7 +106,7 @@ async fn worker_b_cannot_act_for_worker_a(db: Db) {
     let claim = b
         .claim(pb::ClaimRequest {
             run_id: id.clone(),
-            worker_id: String::new(),
+            ..Default::default()
         })
         .await
         .expect("claim")
