@@ -257,7 +257,10 @@ async fn main() -> Result<()> {
     for i in 0..args.workers {
         let name = format!("bench-{i}");
         let credential = vm0_gateway::worker_auth::create_credential(&store, &name).await?;
+        let base = vm0_worker::WorkerConfig::defaults().apply_env()?;
         let wc = vm0_worker::WorkerConfig {
+            // As VM0_WORKER_SLOTS does: slots alone bound runs of one vCPU.
+            vcpus: base.vcpus.max(args.slots),
             worker_id: name,
             nats: nats.options(vm0_bus::Role::Worker),
             control_plane_url: control.clone(),
@@ -266,7 +269,7 @@ async fn main() -> Result<()> {
             slots: args.slots,
             data_dir: dir.path().to_owned(),
             sandbox: args.sandbox.parse().map_err(anyhow::Error::msg)?,
-            ..vm0_worker::WorkerConfig::defaults().apply_env()?
+            ..base
         };
         let slots = vm0_worker::Slots::for_config(&wc)?;
         let sandbox = vm0_worker::sandbox(&wc, &slots).await?;

@@ -5,7 +5,7 @@
 //! - **gateway**: publishes jobs, the control plane's status events, cancels and
 //!   token revocations; runs the JetStream API (streams, consumers, the
 //!   persister's fetches and acks); reads every run's subjects (event streams).
-//! - **worker**: publishes a run's output, logs and metrics (never `status`, so no
+//! - **worker**: publishes a run's output (with its `error` events), logs and metrics (never `status`, so no
 //!   `complete` event, and never `auth.*` or `jobs.run`); pulls and acks jobs of
 //!   the `workers` consumer; hears cancels. It subscribes to no run's telemetry.
 //!

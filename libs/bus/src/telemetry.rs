@@ -48,8 +48,10 @@ impl Telemetry {
     /// The subject channel this message goes to.
     pub fn channel(&self) -> Channel {
         match self {
+            // A worker's own events (an `error` says its output was cut) travel
+            // with its output; status and complete never do.
             Telemetry::Event {
-                event: RunEventType::Output,
+                event: RunEventType::Output | RunEventType::Error,
                 ..
             } => Channel::Output,
             Telemetry::Event { .. } => Channel::Status,
@@ -64,8 +66,8 @@ impl Telemetry {
 
     /// The run id and message of a telemetry subject's payload, if the message
     /// belongs on that subject. A message's kind must match its channel: workers
-    /// may publish output, logs and metrics, never status, so a `complete` or
-    /// `status` event on an output subject is someone's forgery.
+    /// may publish output (and `error`) events, logs and metrics, never status, so
+    /// a `complete` or `status` event on an output subject is someone's forgery.
     pub fn from_subject(subject: &str, payload: &[u8]) -> Result<(String, Telemetry), String> {
         let mut parts = subject.split('.');
         let (run_id, channel) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -103,6 +105,13 @@ mod tests {
             m
         );
         assert_eq!(m.channel(), Channel::Output);
+        let truncated = Telemetry::Event {
+            seq: 4,
+            event: RunEventType::Error,
+            data: serde_json::json!({"code": "output_truncated"}),
+            ts: 1,
+        };
+        assert_eq!(truncated.channel(), Channel::Output, "a worker may send it");
         let bytes = serde_json::to_vec(&m).expect("bytes");
         assert_eq!(
             Telemetry::from_subject("runs.run_a.output", &bytes).map(|(id, _)| id),

@@ -19,21 +19,13 @@ fn now() -> i64 {
     Timestamp::now().micros()
 }
 
-async fn migrations_are_idempotent_and_concurrent(db: Db) {
-    let dir = tempfile::tempdir().expect("dir");
-    let url = url(db, dir.path()).await;
-    let a = Store::connect(&url, 2).await.expect("a");
-    let b = Store::connect(&url, 2).await.expect("b");
-    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
-    ra.expect("first migrator");
-    rb.expect("second migrator");
-    a.migrate().await.expect("again");
-    a.ping().await.expect("ping");
-}
-
-async fn one_of_many_concurrent_cancels_wins(db: Db) {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = store(db, dir.path()).await;
+/// A pending run of a new agent of the organization `acme`.
+async fn pending_run(
+    store: &Store,
+) -> (
+    vm0_db::entity::organization::Model,
+    vm0_db::entity::run::Model,
+) {
     let org = store.ensure_organization("acme", now()).await.expect("org");
     let (agent, version) = store
         .create_agent(&org.id, "a", r#"{"command":["true"]}"#, "h", now())
@@ -59,6 +51,25 @@ async fn one_of_many_concurrent_cancels_wins(db: Db) {
         })
         .await
         .expect("run");
+    (org, run)
+}
+
+async fn migrations_are_idempotent_and_concurrent(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = url(db, dir.path()).await;
+    let a = Store::connect(&url, 2).await.expect("a");
+    let b = Store::connect(&url, 2).await.expect("b");
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.expect("first migrator");
+    rb.expect("second migrator");
+    a.migrate().await.expect("again");
+    a.ping().await.expect("ping");
+}
+
+async fn one_of_many_concurrent_cancels_wins(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = store(db, dir.path()).await;
+    let (org, run) = pending_run(&store).await;
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (store, org, id) = (store.clone(), org.id.clone(), run.id.clone());
@@ -142,31 +153,7 @@ async fn concurrent_agent_updates_never_share_a_version_number(db: Db) {
 async fn complete_stays_last_while_a_worker_keeps_sending(db: Db) {
     let dir = tempfile::tempdir().expect("dir");
     let store = store(db, dir.path()).await;
-    let org = store.ensure_organization("acme", now()).await.expect("org");
-    let (agent, version) = store
-        .create_agent(&org.id, "a", r#"{"command":["true"]}"#, "h", now())
-        .await
-        .expect("agent");
-    let run = store
-        .create_run(NewRun {
-            id: vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Run),
-            org_id: org.id.clone(),
-            agent_id: agent.id.clone(),
-            agent_name: agent.name.clone(),
-            agent_version_id: version.id.clone(),
-            session_id: None,
-            prompt: "p".into(),
-            variables: "{}".into(),
-            secret_names: "[]".into(),
-            volumes: "{}".into(),
-            artifact_name: None,
-            artifact_version: None,
-            secrets_sealed: None,
-            timeout_seconds: 600,
-            now: now(),
-        })
-        .await
-        .expect("run");
+    let (_, run) = pending_run(&store).await;
     let ClaimOutcome::Claimed(claim) = store
         .claim_run(&run.id, "w1", "t", now())
         .await

@@ -139,7 +139,8 @@ async fn kill_leaves_nothing_behind() {
     let argv = [
         "sh",
         "-c",
-        &format!("sleep 300 & sleep 301 & echo started; wait # {marker}"),
+        // Durations no other test uses: the children carry no marker.
+        &format!("sleep 4711 & sleep 4712 & echo started; wait # {marker}"),
     ];
     let out = run(spec(dir.path(), &argv), Some(Duration::from_millis(500))).await;
     assert!(out.stdout.contains("started"));
@@ -148,12 +149,13 @@ async fn kill_leaves_nothing_behind() {
     assert_eq!(out.exit.signal, Some(15));
     // The kernel tears the pid namespace down asynchronously.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while processes_matching(marker) > 0 && std::time::Instant::now() < deadline {
+    let remaining = || processes_matching(marker) + processes_matching("sleep 471");
+    while remaining() > 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(processes_matching(marker), 0, "processes of the run remain");
     assert_eq!(
-        processes_matching("sleep 30"),
+        processes_matching("sleep 471"),
         0,
         "children of the run remain"
     );

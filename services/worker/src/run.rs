@@ -276,6 +276,16 @@ impl<S> RunTelemetry<'_, S> {
                     "the run's output passed {max} bytes (VM0_RUN_OUTPUT_MAX_BYTES): what follows is not kept"
                 );
                 self.system_log(LogLevel::Warn, &line).await;
+                // Followers of the stream are told too.
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let msg = Telemetry::Event {
+                    seq,
+                    event: RunEventType::Error,
+                    data: serde_json::json!({"code": "output_truncated", "message": line}),
+                    ts: Timestamp::now().micros(),
+                };
+                self.publish(msg).await;
             }
             self.output.dropped += len;
             return;

@@ -221,6 +221,17 @@ impl Drop for TestGateway {
 
 /// Asserts the error envelope: status, type, code and (when given) param.
 #[track_caller]
+/// `400 invalid_parameter` naming `param`.
+pub fn assert_invalid(got: &(StatusCode, Value), param: &str) {
+    assert_error(
+        got,
+        400,
+        "invalid_request_error",
+        "invalid_parameter",
+        Some(param),
+    );
+}
+
 pub fn assert_error(
     got: &(StatusCode, Value),
     status: u16,

@@ -2,7 +2,7 @@ use std::collections::HashSet;
 
 use serde_json::json;
 
-use crate::common::{Db, TestGateway, assert_error};
+use crate::common::{Db, TestGateway, assert_error, assert_invalid};
 
 const N: usize = 250;
 
@@ -81,13 +81,7 @@ async fn bad_limits_and_forged_cursors(db: Db) {
         }
         for cursor in ["garbage", "eyJpZCI6ImFnX2RlZiJ9", "%00", "A"] {
             let got = gw.get(&format!("{path}?cursor={cursor}")).await;
-            assert_error(
-                &got,
-                400,
-                "invalid_request_error",
-                "invalid_parameter",
-                Some("cursor"),
-            );
+            assert_invalid(&got, "cursor");
         }
     }
     // A cursor of the runs list is not one of the agents list.
@@ -132,13 +126,7 @@ async fn forged_cursors_on_logs_and_metrics_are_400(db: Db) {
             let got = gw
                 .get(&format!("/v1/runs/{id}/{path}{sep}cursor={cursor}"))
                 .await;
-            assert_error(
-                &got,
-                400,
-                "invalid_request_error",
-                "invalid_parameter",
-                Some("cursor"),
-            );
+            assert_invalid(&got, "cursor");
         }
     }
 }

@@ -240,13 +240,7 @@ async fn a_job_delivered_twice_runs_once() {
     bus.publish_job_again(&job).await.expect("publish");
     let run = stack.wait_finished(&id, WAIT).await;
     assert_eq!(run["status"], "completed", "{run}");
-    let out: String = stack
-        .events(0, &id, None)
-        .await
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let out: String = stack.output(&id).await;
     assert_eq!(out, "started\nended\n");
     // And nothing starts it later.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -459,6 +459,11 @@ impl Stack {
     }
 
     /// The whole SSE stream of a finished run (or until it ends), from `gateway`.
+    /// Every output line of a run's event stream, joined.
+    pub async fn output(&self, id: &str) -> String {
+        output_of(&self.events(0, id, None).await)
+    }
+
     pub async fn events(
         &self,
         gateway: usize,
@@ -479,6 +484,15 @@ impl Stack {
         .expect("the stream ends");
         parse_sse(&text)
     }
+}
+
+/// The output lines of `(event, id, data)` events, joined.
+pub fn output_of(events: &[(String, Option<String>, Value)]) -> String {
+    events
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 /// `(event, id, data)` of each event of a whole stream.

@@ -27,23 +27,12 @@ fn port(url: &str) -> String {
         .to_owned()
 }
 
-/// Every output line of a run.
-async fn output(stack: &Stack, id: &str) -> String {
-    stack
-        .events(0, id, None)
-        .await
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
 async fn run_to_end(stack: &Stack, agent: &str, vars: Value, wait: Duration) -> (Value, String) {
     let id = stack
         .create_run(0, json!({"agent": agent, "prompt": "p", "variables": vars}))
         .await;
     let run = stack.wait_finished(&id, wait).await;
-    let out = output(stack, &id).await;
+    let out = stack.output(&id).await;
     (run, out)
 }
 

@@ -134,7 +134,7 @@ async fn timeout_kills_the_run(db: Db) {
     );
 }
 
-async fn cancel_of_a_running_run_ends_it_within_2s(db: Db) {
+async fn cancel_of_a_running_run_ends_its_command_within_1s(db: Db) {
     let e2e_cancel_marker = crate::harness::marker("cancel");
     let stack = Stack::start(db, StackOptions::default()).await;
     stack
@@ -156,17 +156,21 @@ async fn cancel_of_a_running_run_ends_it_within_2s(db: Db) {
     assert_eq!(run["status"], "cancelled");
     assert!(took < Duration::from_secs(2), "cancel took {took:?}");
     let logs = stack.logs(&id).await;
-    let confirmed = logs.iter().any(|l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("run cancelled"))
-    });
+    // The worker's own report, not the control plane's forced cancel.
+    let confirmed = logs
+        .iter()
+        .any(|l| l["message"] == "run cancelled: cancelled by user");
     assert!(confirmed, "the worker confirmed the cancel: {logs:?}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while processes_with(&e2e_cancel_marker) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // The command is gone within a second of the request.
+    while processes_with(&e2e_cancel_marker) > 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let gone = started.elapsed();
     assert_eq!(processes_with(&e2e_cancel_marker), 0, "the sandbox is gone");
+    assert!(
+        gone < Duration::from_secs(1),
+        "the command outlived its cancel by {gone:?}"
+    );
     let events = stack.events(0, &id, None).await;
     assert_eq!(events.last().map(|e| e.0.as_str()), Some("complete"));
 }
@@ -269,7 +273,7 @@ vm0_db::on_both_databases!(
     run_completes_with_output_in_sse_logs_and_metrics,
     failing_command_ends_failed_with_its_exit_code,
     timeout_kills_the_run,
-    cancel_of_a_running_run_ends_it_within_2s,
+    cancel_of_a_running_run_ends_its_command_within_1s,
     cancel_of_a_pending_run_means_it_never_starts,
     sse_resume_at_every_event_gives_exactly_the_rest,
 );
@@ -292,13 +296,7 @@ async fn the_command_runs_unprivileged() {
         .await;
     let run = stack.wait_finished(&id, WAIT).await;
     assert_eq!(run["status"], "completed", "{run}");
-    let output: String = stack
-        .events(0, &id, None)
-        .await
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let output: String = stack.output(&id).await;
     // A root worker (this harness's) runs each slot as a host uid of its own,
     // leased from VM0_SLOT_UIDS, never one of the host's users; it is `agent`.
     assert!(

@@ -168,13 +168,7 @@ async fn qemu_runs_end_in_every_way() {
         .await;
     let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{}", run["error"]);
-    let out: String = stack
-        .events(0, &id, None)
-        .await
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let out: String = stack.output(&id).await;
     assert_eq!(out, format!("stdin={0} file={0} env=0\n", 200 * 1024));
     // A run over before the first periodic sample still has its last one.
     metrics_of(&stack, &id).await;
@@ -216,6 +210,50 @@ async fn qemu_runs_end_in_every_way() {
     assert_eq!(
         run["error"], "out of memory: the kernel killed the agent",
         "{run}"
+    );
+
+    // Cancel: the worker confirms it (no forced cancel at VM0_CANCEL_WAIT_MS)
+    // and the VM is gone within a second of the request.
+    let id = stack
+        .create_run(0, json!({"agent": "sleeper", "prompt": "p"}))
+        .await;
+    wait_for_output(&stack, &id, "up\n").await;
+    let vmm = crate::harness::process_trees_matching(&id);
+    let asked = std::time::Instant::now();
+    let (status, run) = stack
+        .call(0, Method::POST, &format!("/v1/runs/{id}/cancel"), None)
+        .await;
+    let answered = asked.elapsed();
+    assert!(status.is_success(), "{status} {run}");
+    assert_eq!(run["status"], "cancelled", "{run}");
+    // A zombie is dead (whoever reaps it: an orphaned jail's pid 1 goes to
+    // the machine's init).
+    let alive = || {
+        vmm.iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| !r.trim_start().starts_with('Z'))
+                })
+            })
+            .count()
+    };
+    while alive() > 0 && asked.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gone = asked.elapsed();
+    eprintln!("qemu cancel: answered in {answered:?}, the VM gone after {gone:?}");
+    let logs = stack.logs(&id).await;
+    assert!(
+        logs.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m == "run cancelled: cancelled by user")),
+        "the worker confirmed the cancel: {logs:?}"
+    );
+    assert!(
+        gone < Duration::from_secs(1),
+        "the VM outlived its cancel by {gone:?}"
     );
 
     // The worker dies with SIGKILL mid-run: its VMM dies with it.

@@ -28,6 +28,46 @@ async fn output(stack: &Stack, token: &str, id: &str) -> String {
         .collect()
 }
 
+type Events = Vec<(String, Option<String>, serde_json::Value)>;
+
+/// A run's events once `n` outputs are stored (or after a minute).
+async fn events_with_outputs(stack: &Stack, id: &str, n: usize) -> Events {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = stack.events(0, id, None).await;
+        if events.iter().filter(|e| e.0 == "output").count() == n
+            || tokio::time::Instant::now() > deadline
+        {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `tick 0` .. `tick n-1`, each once and in order, numbered without a gap or a
+/// duplicate, nothing reported lost.
+fn every_tick_once_in_order(events: &Events, n: usize) {
+    let expected: String = (0..n).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(
+        crate::harness::output_of(events),
+        expected,
+        "every line, in order: {events:?}"
+    );
+    let ids: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(
+        !events.iter().any(|e| e.0 == "error"),
+        "nothing reported lost: {events:?}"
+    );
+}
+
 /// A NUL byte in one tenant's output (PostgreSQL's text refuses it) is made
 /// storable at the edge; every later run of every tenant still gets its output.
 async fn a_nul_byte_in_output_stops_nobody_s_telemetry(db: Db) {
@@ -245,35 +285,8 @@ async fn telemetry_survives_nats_going_away_mid_run() {
     stack.nats.resume().await;
     let run = stack.wait_finished(&id, Duration::from_secs(90)).await;
     assert_eq!(run["status"], "completed", "{run}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let events = loop {
-        let events = stack.events(0, &id, None).await;
-        let outputs = events.iter().filter(|e| e.0 == "output").count();
-        if outputs == 50 || tokio::time::Instant::now() > deadline {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let lines: Vec<String> = events
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    let expected: Vec<String> = (0..50).map(|i| format!("tick {i}\n")).collect();
-    assert_eq!(lines, expected, "every line, in order: {events:?}");
-    let ids: Vec<i64> = events
-        .iter()
-        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
-        .collect();
-    assert_eq!(
-        ids,
-        (1..=ids.len() as i64).collect::<Vec<_>>(),
-        "no gap, no duplicate"
-    );
-    assert!(
-        !events.iter().any(|e| e.0 == "error"),
-        "nothing reported lost: {events:?}"
-    );
+    let events = events_with_outputs(&stack, &id, 50).await;
+    every_tick_once_in_order(&events, 50);
 }
 
 /// JetStream refuses a run's telemetry for a while (its stream is full, with
@@ -311,33 +324,8 @@ async fn telemetry_refused_for_a_while_is_sent_again() {
         .expect("take telemetry again");
     let run = stack.wait_finished(&id, Duration::from_secs(90)).await;
     assert_eq!(run["status"], "completed", "{run}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let events = loop {
-        let events = stack.events(0, &id, None).await;
-        if events.iter().filter(|e| e.0 == "output").count() == 40
-            || tokio::time::Instant::now() > deadline
-        {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let lines: Vec<String> = events
-        .iter()
-        .filter(|e| e.0 == "output")
-        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    let expected: Vec<String> = (0..40).map(|i| format!("tick {i}\n")).collect();
-    assert_eq!(lines, expected, "every line, in order");
-    let ids: Vec<i64> = events
-        .iter()
-        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
-        .collect();
-    assert_eq!(
-        ids,
-        (1..=ids.len() as i64).collect::<Vec<_>>(),
-        "no gap, no duplicate"
-    );
-    assert!(!events.iter().any(|e| e.0 == "error"), "{events:?}");
+    let events = events_with_outputs(&stack, &id, 40).await;
+    every_tick_once_in_order(&events, 40);
 }
 
 /// The reaper reads every running run, not the oldest thousand: a run whose
@@ -456,9 +444,12 @@ async fn output_past_the_cap_is_dropped_and_said() {
         .await;
     let run = stack.wait_finished(&id, WAIT).await;
     assert_eq!(run["status"], "completed", "{run}");
-    let kept: u64 = stack
-        .events(0, &id, None)
-        .await
+    let events = stack.events(0, &id, None).await;
+    let truncated: Vec<_> = events.iter().filter(|e| e.0 == "error").collect();
+    assert_eq!(truncated.len(), 1, "{truncated:?}");
+    assert_eq!(truncated[0].2["code"], "output_truncated", "{truncated:?}");
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("complete"));
+    let kept: u64 = events
         .iter()
         .filter(|e| e.0 == "output")
         .map(|e| e.2["content"].as_str().unwrap_or_default().len() as u64)
