@@ -123,6 +123,9 @@ pub struct StackOptions {
     pub worker_lost_after: Duration,
     /// What the gateways ask of workers (300 ms unless a test wants the defaults).
     pub heartbeat_interval: Duration,
+    /// How long a cancel waits for the worker before the control plane ends the
+    /// run itself (`VM0_CANCEL_WAIT_MS`; the gateway's default unless set).
+    pub cancel_wait: Option<Duration>,
     pub pending_republish_after: Duration,
     /// `VM0_SANDBOX` of the workers.
     pub sandbox: &'static str,
@@ -143,6 +146,7 @@ impl Default for StackOptions {
             worker_slots: 4,
             worker_lost_after: Duration::from_secs(60),
             heartbeat_interval: Duration::from_millis(300),
+            cancel_wait: None,
             pending_republish_after: Duration::from_secs(30),
             sandbox: "bubblewrap",
             worker_env: Vec::new(),
@@ -205,6 +209,9 @@ impl Stack {
         dispatch.pending_republish_after = self.options.pending_republish_after;
         dispatch.heartbeat_interval = self.options.heartbeat_interval;
         dispatch.reaper_interval = Duration::from_millis(200);
+        if let Some(wait) = self.options.cancel_wait {
+            dispatch.cancel_wait = wait;
+        }
         config.dispatch = Some(dispatch);
         let gateway = Gateway::open(
             config,

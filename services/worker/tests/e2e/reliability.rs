@@ -257,6 +257,7 @@ async fn prompts_of_any_accepted_size_reach_the_command(db: Db) {
 }
 
 vm0_db::on_both_databases!(
+    a_forced_cancel_of_a_chatty_run_keeps_its_events_whole,
     a_nul_byte_in_output_stops_nobody_s_telemetry,
     a_message_that_keeps_failing_is_set_aside,
     prompts_of_any_accepted_size_reach_the_command,
@@ -521,4 +522,104 @@ fn chrono_micros(ts: &str) -> i64 {
     vm0_api_types::Timestamp::parse(ts)
         .map(|t| t.micros())
         .unwrap_or_default()
+}
+
+/// The control plane ends a run that prints thousands of lines (a cancel it
+/// does not wait for: `VM0_CANCEL_WAIT_MS` of 1 ms), while the worker is still
+/// publishing: in the store and in a stream resumed from the middle, every event
+/// once, in order, numbered without a gap, `complete` last; the command stops.
+async fn a_forced_cancel_of_a_chatty_run_keeps_its_events_whole(db: Db) {
+    let marker = crate::harness::marker("chatty");
+    let stack = Stack::start(
+        db,
+        StackOptions {
+            cancel_wait: Some(Duration::from_millis(1)),
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "chatty",
+            json!({"command": ["sh", "-c", format!("i=0; while true; do echo line $i; i=$((i+1)); done # {marker}")]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
+        .await;
+    // Thousands of lines are out before the cancel.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs = stack.logs(&id).await;
+        if logs.len() >= 100 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no output: {logs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, run) = stack
+        .call(
+            0,
+            reqwest::Method::POST,
+            &format!("/v1/runs/{id}/cancel"),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status} {run}");
+    assert_eq!(run["status"], "cancelled", "{run}");
+    // The worker hears the cancel too; its late telemetry is not stored after
+    // `complete`.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while crate::harness::processes_with(&marker) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = stack.events(0, &id, None).await;
+    let seqs: Vec<i64> = events
+        .iter()
+        .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert_eq!(
+        events.last().map(|e| e.0.as_str()),
+        Some("complete"),
+        "complete is last"
+    );
+    assert_eq!(events.iter().filter(|e| e.0 == "complete").count(), 1);
+    let lines: Vec<String> = events
+        .iter()
+        .filter(|e| e.0 == "output")
+        .map(|e| e.2["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(lines.len() >= 100, "{} lines", lines.len());
+    let expected: Vec<String> = (0..lines.len()).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(lines, expected, "every line once, in order");
+    // The store holds nothing after `complete` either.
+    let stored = stack
+        .store
+        .events_after(&id, 0, 1_000_000)
+        .await
+        .expect("stored events");
+    assert_eq!(
+        stored.last().map(|e| (e.seq, e.event_type.as_str())),
+        Some((seqs.len() as i64, "complete")),
+        "{} events stored, {} streamed",
+        stored.len(),
+        seqs.len()
+    );
+    // Resumed from the middle: the same suffix.
+    let middle = format!("evt_{}", seqs.len() / 2);
+    let resumed = stack.events(0, &id, Some(&middle)).await;
+    assert_eq!(resumed.as_slice(), &events[seqs.len() / 2..]);
 }
