@@ -166,6 +166,7 @@ async fn cancel_of_a_running_run_ends_its_command_within_1s(db: Db) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let gone = started.elapsed();
+    eprintln!("bubblewrap cancel: answered in {took:?}, the command gone after {gone:?}");
     assert_eq!(processes_with(&e2e_cancel_marker), 0, "the sandbox is gone");
     assert!(
         gone < Duration::from_secs(1),
