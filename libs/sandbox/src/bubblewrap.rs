@@ -419,7 +419,8 @@ async fn keep_tail(mut stderr: ChildStderr) -> String {
     String::from_utf8_lossy(&kept).trim().to_owned()
 }
 
-/// Samples the sandbox's process tree from the host until aborted.
+/// Samples the sandbox's process tree from the host every `sample_interval`,
+/// and once more, the last sample, when `done` fires (or its sender is gone).
 async fn sample_from_host(
     pid: u32,
     spec: std::sync::Arc<SandboxSpec>,
@@ -451,7 +452,7 @@ async fn sample_from_host(
         if last_one {
             // The command has ended (its CPU is in its parent's counters, its
             // memory is gone): the last sample shows the most it held.
-            sample.memory_used_bytes = peak_memory.max(sample.memory_used_bytes);
+            sample.memory_used_bytes = peak_memory;
             let _ = events.send(SandboxEvent::Sample(sample)).await;
             return;
         }

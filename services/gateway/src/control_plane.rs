@@ -166,8 +166,8 @@ impl ControlPlaneService {
     }
 
     /// What the worker executes: the agent version's recipe plus the run's
-    /// variables and secrets (`next_event_seq` is the claim's). Err says why the
-    /// run cannot run.
+    /// variables and secrets (`next_event_seq` is left for the claim to set). Err
+    /// says why the run cannot run.
     fn spec(
         &self,
         run: &vm0_db::entity::run::Model,
@@ -339,6 +339,7 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?
             && run.status == RunStatus::Pending.as_str()
         {
+            // From the store, not the version cache: a deleted agent is seen.
             let Some(version) = self
                 .store
                 .get_agent_version_by_id(&run.agent_version_id)

@@ -7,8 +7,9 @@
 //! listener. On SIGTERM the job loop stops first; running runs get
 //! `drain_timeout` to finish, then are stopped and reported failed.
 
-/// Configuration from the environment.
+/// The vCPUs and memory runs hold.
 pub mod admission;
+/// Configuration from the environment.
 pub mod config;
 /// The control plane client.
 pub mod control;

@@ -277,26 +277,25 @@ impl<S> RunTelemetry<'_, S> {
                 );
                 self.system_log(LogLevel::Warn, &line).await;
                 // Followers of the stream are told too.
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                let msg = Telemetry::Event {
-                    seq,
-                    event: RunEventType::Error,
-                    data: serde_json::json!({"code": "output_truncated", "message": line}),
-                    ts: Timestamp::now().micros(),
-                };
-                self.publish(msg).await;
+                let data = serde_json::json!({"code": "output_truncated", "message": line});
+                self.event(RunEventType::Error, data).await;
             }
             self.output.dropped += len;
             return;
         }
         self.output.kept += len;
+        let data = serde_json::json!({"content": content, "stream": stream.as_str()});
+        self.event(RunEventType::Output, data).await;
+    }
+
+    /// Publishes an event of the worker's own under the run's next number.
+    async fn event(&mut self, event: RunEventType, data: serde_json::Value) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = Telemetry::Event {
             seq,
-            event: RunEventType::Output,
-            data: serde_json::json!({"content": content, "stream": stream.as_str()}),
+            event,
+            data,
             ts: Timestamp::now().micros(),
         };
         self.publish(msg).await;

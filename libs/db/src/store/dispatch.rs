@@ -86,6 +86,20 @@ fn event(
     }
 }
 
+/// [`Store::max_event_seq`] on `conn` (a transaction sees what it wrote).
+async fn max_event_seq_on(
+    conn: &impl sea_orm::ConnectionTrait,
+    run_id: &str,
+) -> Result<i64, StoreError> {
+    let last = run_event::Entity::find()
+        .filter(run_event::Column::RunId.eq(run_id))
+        .order_by_desc(run_event::Column::Seq)
+        .limit(1)
+        .one(conn)
+        .await?;
+    Ok(last.map_or(0, |e| e.seq))
+}
+
 fn system_log(run_id: &str, now: i64, level: LogLevel, message: String) -> run_log::ActiveModel {
     run_log::ActiveModel {
         run_id: Set(run_id.to_owned()),
@@ -376,12 +390,7 @@ impl Store {
                 .one(&*txn)
                 .await?;
         }
-        let stored_max = run_event::Entity::find()
-            .filter(run_event::Column::RunId.eq(f.run_id.clone()))
-            .order_by_desc(run_event::Column::Seq)
-            .one(&*txn)
-            .await?
-            .map_or(0, |e| e.seq);
+        let stored_max = max_event_seq_on(&*txn, &f.run_id).await?;
         let base = current
             .last_event_seq
             .max(f.last_worker_seq)
@@ -459,13 +468,7 @@ impl Store {
 
     /// Highest stored event number of a run (0 when none).
     pub async fn max_event_seq(&self, run_id: &str) -> Result<i64, StoreError> {
-        let last = run_event::Entity::find()
-            .filter(run_event::Column::RunId.eq(run_id))
-            .order_by_desc(run_event::Column::Seq)
-            .limit(1)
-            .one(self.conn())
-            .await?;
-        Ok(last.map_or(0, |e| e.seq))
+        max_event_seq_on(self.conn(), run_id).await
     }
 
     /// Runs currently `running`, a page of `limit` after the run id `after` (for
@@ -537,12 +540,10 @@ impl Store {
             .collect();
         let mut ended = Vec::new();
         for run in mine {
-            if reported.contains(&run.id)
-                || run.started_at.unwrap_or(run.created_at) >= claimed_before
-            {
+            let started = run.started_at.unwrap_or(run.created_at);
+            if reported.contains(&run.id) || started >= claimed_before {
                 continue;
             }
-            let started = run.started_at.unwrap_or(run.created_at);
             ended.push(
                 self.finish_run(FinishRun {
                     run_id: run.id.clone(),

@@ -344,9 +344,8 @@ async fn pump(
         };
         match (missing_to, hole) {
             (None, _) => hole = None,
-            (Some(_), Some((at, since))) if at == next => {
+            (Some(to), Some((at, since))) if at == next => {
                 if since.elapsed() >= state.config.sse_gap_wait {
-                    let to = missing_to.unwrap_or(next);
                     if tx.send(Ok(missing(next, to))).await.is_err() {
                         return Ok(());
                     }
