@@ -46,6 +46,10 @@ pub const PERSISTER_CONSUMER: &str = "persister";
 /// How long a pulled job stays invisible to other workers without an ack or a
 /// progress ack; workers send progress acks while a run lives.
 pub const JOB_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long telemetry a persister pulled stays its own without an ack: when a
+/// gateway dies mid-batch, its messages reach another persister this much later
+/// (event streams wait longer than this for a missing event: `VM0_SSE_GAP_WAIT_MS`).
+pub const PERSIST_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Deliveries of a job before JetStream gives up on it (the gateway's sweeper
 /// republishes runs that stay pending).
 pub const JOB_MAX_DELIVER: i64 = 5;
@@ -321,19 +325,25 @@ impl Bus {
     /// The durable pull consumer the gateways' persisters share.
     pub async fn persister_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
         let stream = self.js.get_stream(TELEMETRY_STREAM).await.map_err(js_err)?;
-        stream
-            .get_or_create_consumer(
-                PERSISTER_CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(PERSISTER_CONSUMER.into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(js_err)
+        let config = consumer::pull::Config {
+            durable_name: Some(PERSISTER_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: PERSIST_ACK_WAIT,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        };
+        // Created, or updated in place (ack_wait and max_ack_pending are editable):
+        // a consumer made by an older gateway gets today's settings.
+        match stream.create_consumer(config).await {
+            Ok(consumer) => Ok(consumer),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update the persister consumer; using it as it is");
+                stream
+                    .get_consumer(PERSISTER_CONSUMER)
+                    .await
+                    .map_err(js_err)
+            }
+        }
     }
 
     /// Publishes telemetry of a run to its JetStream subject and waits for the ack.

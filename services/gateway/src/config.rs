@@ -31,7 +31,9 @@ pub struct GatewayConfig {
     /// without NATS (with NATS, new events arrive live), default 250.
     pub sse_poll: Duration,
     /// `VM0_SSE_GAP_WAIT_MS`: how long an event stream waits for a missing event
-    /// before it reports it lost and goes on, default 2000.
+    /// before it reports it lost and goes on, default 15000: longer than a dead
+    /// gateway's unacked telemetry takes to reach another persister
+    /// (`vm0_bus::PERSIST_ACK_WAIT`), so a delay is not reported as a loss.
     pub sse_gap_wait: Duration,
     /// `VM0_SSE_MAX_STREAMS_PER_ORG`: event streams one organization may have
     /// open on one gateway, default 100; past it, `429`.
@@ -45,6 +47,12 @@ pub struct GatewayConfig {
     /// `VM0_TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks of load
     /// balancers whose `X-Forwarded-For` names the client; none by default.
     pub trusted_proxies: Vec<crate::auth::Cidr>,
+    /// `VM0_RUN_RECORDS_RETENTION_DAYS`: the events, logs and metrics of a run
+    /// are deleted this long after it ended (the run stays), default 90 days;
+    /// 0 keeps them forever (`None`).
+    pub records_retention: Option<Duration>,
+    /// How often retention looks for runs due (10 minutes).
+    pub retention_interval: Duration,
     /// Dispatch: everything that needs NATS. `None` serves the API from the store
     /// alone (runs stay pending).
     pub dispatch: Option<DispatchConfig>,
@@ -223,7 +231,7 @@ impl GatewayConfig {
             sse_max_streams_per_org >= 1,
             "VM0_SSE_MAX_STREAMS_PER_ORG must be at least 1"
         );
-        let gap_wait_ms: u64 = parse_or("VM0_SSE_GAP_WAIT_MS", 2000)?;
+        let gap_wait_ms: u64 = parse_or("VM0_SSE_GAP_WAIT_MS", 15_000)?;
         anyhow::ensure!(
             (10..=600_000).contains(&gap_wait_ms),
             "VM0_SSE_GAP_WAIT_MS must be from 10 to 600000"
@@ -257,7 +265,15 @@ impl GatewayConfig {
             db_max_connections >= 1,
             "VM0_DB_MAX_CONNECTIONS must be at least 1"
         );
+        let retention_days: u32 = parse_or("VM0_RUN_RECORDS_RETENTION_DAYS", 90)?;
+        anyhow::ensure!(
+            retention_days <= 36_500,
+            "VM0_RUN_RECORDS_RETENTION_DAYS must be at most 36500 (0 keeps records forever)"
+        );
         Ok(GatewayConfig {
+            records_retention: (retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(retention_days) * 86_400)),
+            retention_interval: GatewayConfig::DEFAULT_RETENTION_INTERVAL,
             http_addr,
             data_dir,
             database_url,
@@ -275,9 +291,16 @@ impl GatewayConfig {
         })
     }
 
+    /// How often retention looks for runs due, unless told otherwise.
+    pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+    /// How long records are kept, unless told otherwise.
+    pub const DEFAULT_RECORDS_RETENTION: Duration = Duration::from_secs(90 * 86_400);
+
     /// Defaults for tests and embedding: everything but the database URL.
     pub fn for_database(database_url: impl Into<String>) -> GatewayConfig {
         GatewayConfig {
+            records_retention: Some(Self::DEFAULT_RECORDS_RETENTION),
+            retention_interval: Self::DEFAULT_RETENTION_INTERVAL,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: PathBuf::from(".vm0"),
             database_url: database_url.into(),
@@ -286,7 +309,7 @@ impl GatewayConfig {
             sse_heartbeat: Duration::from_secs(15),
             auth_cache_ttl: Duration::from_secs(5),
             sse_poll: Duration::from_millis(250),
-            sse_gap_wait: Duration::from_secs(2),
+            sse_gap_wait: Duration::from_secs(15),
             sse_max_streams_per_org: 100,
             token_max_days: None,
             auth_failures_per_minute: 30,

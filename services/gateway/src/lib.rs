@@ -26,6 +26,8 @@ pub mod persister;
 pub mod reaper;
 /// Request ids, per-request spans, common response headers.
 pub mod request_id;
+/// Deletes the records of runs that ended long ago.
+pub mod retention;
 /// HTTP handlers.
 pub mod routes;
 /// Run secrets sealed at rest.
@@ -183,6 +185,14 @@ impl Gateway {
             event_streams: Arc::new(routes::events::OrgStreams::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(keep) = state.config.records_retention {
+            tasks.spawn(retention::run(
+                self.store.clone(),
+                keep,
+                state.config.retention_interval,
+                shutdown.clone(),
+            ));
+        }
         if let Some(bus) = &self.bus {
             tasks.spawn(auth::forget_revoked(
                 state.tokens.clone(),

@@ -42,6 +42,8 @@ pub struct Model {
     /// The token of the claim holding the run (a retried claim with the same
     /// token gets the same lease).
     pub claim_token: Option<String>,
+    /// When the run's events, logs and metrics were deleted by retention.
+    pub records_purged_at: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

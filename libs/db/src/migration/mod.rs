@@ -8,6 +8,7 @@ mod m0001_initial;
 mod m0002_dispatch;
 mod m0003_trust;
 mod m0004_claims;
+mod m0005_retention;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_dispatch::Migration),
             Box::new(m0003_trust::Migration),
             Box::new(m0004_claims::Migration),
+            Box::new(m0005_retention::Migration),
         ]
     }
 }

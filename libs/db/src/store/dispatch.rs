@@ -618,9 +618,35 @@ impl Store {
                 completed.insert(e.run_id, e.seq);
             }
         }
+        // Nor anything of a run whose records retention deleted (a message
+        // redelivered late would bring back a piece of them).
+        let mut all_ids: Vec<&str> = run_ids.clone();
+        all_ids.extend(logs.iter().map(|(id, _)| id.as_str()));
+        all_ids.extend(metrics.iter().map(|(id, _)| id.as_str()));
+        all_ids.sort_unstable();
+        all_ids.dedup();
+        let mut purged: std::collections::HashSet<String> = Default::default();
+        for chunk in all_ids.chunks(500) {
+            let ids: Vec<String> = run::Entity::find()
+                .select_only()
+                .column(run::Column::Id)
+                .filter(run::Column::Id.is_in(chunk.iter().copied()))
+                .filter(run::Column::RecordsPurgedAt.is_not_null())
+                .into_tuple()
+                .all(&*txn)
+                .await?;
+            purged.extend(ids);
+        }
         let events: Vec<&run_event::Model> = events
             .iter()
             .filter(|e| completed.get(&e.run_id).is_none_or(|done| e.seq < *done))
+            .filter(|e| !purged.contains(&e.run_id))
+            .collect();
+        let logs: Vec<&(String, NewLog)> =
+            logs.iter().filter(|(id, _)| !purged.contains(id)).collect();
+        let metrics: Vec<&(String, NewMetric)> = metrics
+            .iter()
+            .filter(|(id, _)| !purged.contains(id))
             .collect();
         for chunk in events.chunks(500) {
             run_event::Entity::insert_many(

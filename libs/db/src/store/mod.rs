@@ -7,6 +7,7 @@
 
 mod agents;
 mod dispatch;
+mod retention;
 mod run_batch;
 mod runs;
 mod telemetry;

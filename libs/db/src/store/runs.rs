@@ -120,6 +120,7 @@ impl Store {
             secrets_sealed: new.secrets_sealed,
             timeout_seconds: new.timeout_seconds,
             claim_token: None,
+            records_purged_at: None,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
         let pending = super::run_batch::PendingRun {

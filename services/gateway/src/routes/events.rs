@@ -125,6 +125,7 @@ fn resume_position(headers: &HeaderMap, q: &QueryParams) -> ApiResult<i64> {
     params(("id" = String, Path),
         ("lastEventId" = Option<String>, Query, description = "Resume after this event id (also `last_event_id`, or the Last-Event-ID header)")),
     responses((status = 200, content_type = "text/event-stream", description = "status, output, error, complete, heartbeat events"),
+        (status = 400, body = ErrorEnvelope, description = "a bad Last-Event-ID; `invalid_state` when retention deleted the run's events"),
         (status = 404, body = ErrorEnvelope),
         (status = 429, body = ErrorEnvelope, description = "the organization has VM0_SSE_MAX_STREAMS_PER_ORG streams open on this gateway")),
     security(("bearer" = [])))]
@@ -138,6 +139,9 @@ pub async fn stream(
     q.only(&["lastEventId"])?;
     let after = resume_position(&headers, &q)?;
     let run = load(&state, &caller, &id).await?;
+    if let Some(at) = run.records_purged_at {
+        return Err(crate::retention::purged_error("events", at));
+    }
     let open = OpenStream::new(
         &state.event_streams,
         &caller.org_id,
@@ -199,6 +203,18 @@ fn missing(from: i64, to: i64) -> Event {
             "message": message,
             "missing": ids,
             "missingCount": to - from + 1,
+        })
+        .to_string(),
+    )
+}
+
+/// The `error` event that ends a stream whose run's events retention deleted.
+fn purged_event() -> Event {
+    Event::default().event(RunEventType::Error.as_str()).data(
+        serde_json::json!({
+            "type": "invalid_request_error",
+            "code": "invalid_state",
+            "message": "this run's events were deleted by retention (VM0_RUN_RECORDS_RETENTION_DAYS)",
         })
         .to_string(),
     )
@@ -321,6 +337,11 @@ async fn pump(
             if ahead.is_empty() {
                 last_of_ended = match state.store.get_run(org_id, run_id).await? {
                     None => return Ok(()),
+                    // Retention emptied the run while it was streamed.
+                    Some(r) if r.records_purged_at.is_some() => {
+                        let _ = tx.send(Ok(purged_event())).await;
+                        return Ok(());
+                    }
                     Some(r) if convert::run_status(&r.status)?.is_terminal() => {
                         // A finished run whose `complete` the client already has
                         // ends here.

@@ -51,7 +51,7 @@ fn log_filter(q: &QueryParams) -> ApiResult<LogFilter> {
         ("order" = Option<String>, Query, description = "asc (default) or desc"),
         ("limit" = Option<u64>, Query, description = "Items per page (1-100, default 20)"),
         ("cursor" = Option<String>, Query)),
-    responses((status = 200, body = Page<LogEntry>), (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
+    responses((status = 200, body = Page<LogEntry>), (status = 400, body = ErrorEnvelope, description = "a bad filter or cursor; `invalid_state` when retention deleted the run's records"), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn logs(
     caller: Caller,
@@ -75,6 +75,9 @@ pub async fn logs(
     let page = PageRequest::with_row_ids(&q, scope)?;
     let filter = log_filter(&q)?;
     let run = load(&state, &caller, &id).await?;
+    if let Some(at) = run.records_purged_at {
+        return Err(crate::retention::purged_error("logs", at));
+    }
     let rows = state
         .store
         .list_logs(&run.id, &filter, order, page.after.as_ref(), page.limit)
@@ -97,7 +100,7 @@ pub async fn logs(
     params(("id" = String, Path),
         ("limit" = Option<u64>, Query, description = "Samples per page (1-100, default 100)"),
         ("cursor" = Option<String>, Query)),
-    responses((status = 200, body = MetricsResponse), (status = 404, body = ErrorEnvelope)),
+    responses((status = 200, body = MetricsResponse), (status = 400, body = ErrorEnvelope, description = "a bad cursor; `invalid_state` when retention deleted the run's records"), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn metrics(
     caller: Caller,
@@ -111,6 +114,9 @@ pub async fn metrics(
         page.limit = vm0_api_types::cursor::MAX_LIMIT;
     }
     let run = load(&state, &caller, &id).await?;
+    if let Some(at) = run.records_purged_at {
+        return Err(crate::retention::purged_error("metrics", at));
+    }
     let rows = state
         .store
         .list_metrics(&run.id, page.after.as_ref(), page.limit)

@@ -101,6 +101,39 @@ impl Drop for WorkerProc {
     }
 }
 
+/// A `vm0-gateway` process (the real binary) on the stack's store and NATS:
+/// what a test kills with SIGKILL. Killed on drop.
+pub struct GatewayChild {
+    pub base: String,
+    child: Child,
+}
+
+impl GatewayChild {
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayChild {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// The `vm0-gateway` binary, which cargo builds beside the worker's for the
+/// workspace's tests.
+fn gateway_binary() -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_vm0-worker")).with_file_name("vm0-gateway");
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole workspace's tests (cargo nextest run --workspace), \
+         or cargo build -p vm0-gateway first",
+        path.display()
+    );
+    path
+}
+
 pub struct GatewayProc {
     pub base: String,
     /// `https://127.0.0.1:<port>`, signed by the stack's CA (`Stack::ca_file`).
@@ -136,6 +169,9 @@ pub struct StackOptions {
     /// Run the workers as this uid (and gid) instead of root: an unprivileged
     /// worker, as the Dockerfile's `USER vm0` or `vm0 dev` by a normal user.
     pub worker_uid: Option<u32>,
+    /// The gateways' records retention (`VM0_RUN_RECORDS_RETENTION_DAYS`),
+    /// looked at every 200 ms; the gateway's default unless set.
+    pub records_retention: Option<Duration>,
 }
 
 impl Default for StackOptions {
@@ -152,6 +188,7 @@ impl Default for StackOptions {
             worker_env: Vec::new(),
             auth_cache_ttl: Duration::from_secs(5),
             worker_uid: None,
+            records_retention: None,
         }
     }
 }
@@ -174,9 +211,12 @@ impl Stack {
         let dir = tempfile::tempdir().expect("dir");
         let nats = Nats::start(dir.path()).await;
         let database_url = vm0_db::testing::fresh_database_url(db, dir.path()).await;
+        let store = Store::connect(&database_url, 4).await.expect("store");
+        // Migrated here too: a stack may start without in-process gateways.
+        store.migrate().await.expect("migrate");
         let mut stack = Stack {
             nats,
-            store: Store::connect(&database_url, 4).await.expect("store"),
+            store,
             gateways: Vec::new(),
             workers: Vec::new(),
             token: String::new(),
@@ -203,6 +243,10 @@ impl Stack {
         let mut config = GatewayConfig::for_database(self.database_url.clone());
         config.data_dir = self.dir.path().join(format!("gw{}", self.gateways.len()));
         config.auth_cache_ttl = self.options.auth_cache_ttl;
+        if let Some(keep) = self.options.records_retention {
+            config.records_retention = Some(keep);
+            config.retention_interval = Duration::from_millis(200);
+        }
         let mut dispatch = DispatchConfig::new(self.nats.options(Role::Gateway));
         dispatch.grpc_tls = Some(GrpcTls::local(&self.tls_dir()).expect("control plane TLS"));
         dispatch.worker_lost_after = self.options.worker_lost_after;
@@ -237,6 +281,60 @@ impl Stack {
             grpc: grpc_url,
             shutdown,
         });
+    }
+
+    /// Starts a `vm0-gateway` process serving the stack (API, persister, reaper,
+    /// control plane on loopback); returns once it is ready.
+    pub async fn spawn_gateway_process(&self, env: &[(&str, &str)]) -> GatewayChild {
+        let http = free_port();
+        let nats = self.nats.options(Role::Gateway);
+        let creds = nats.credentials.clone().expect("the gateway role's user");
+        let mut cmd = Command::new(gateway_binary());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("VM0_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env("VM0_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "VM0_DATA_DIR",
+                self.dir.path().join(format!("gwproc-{http}")),
+            )
+            .env("DATABASE_URL", &self.database_url)
+            .env("VM0_SECRETS_KEY", hex::encode(self.secrets_key))
+            .env("VM0_NATS_URL", &nats.url)
+            .env("VM0_NATS_USER", &creds.user)
+            .env("VM0_NATS_PASSWORD", &creds.password)
+            .envs(env.iter().copied())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(ca) = &nats.ca {
+            cmd.env("VM0_NATS_CA", ca);
+        }
+        let mut child = GatewayChild {
+            base: format!("http://127.0.0.1:{http}"),
+            child: cmd.spawn().expect("start vm0-gateway"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self
+                .client
+                .get(format!("{}/readyz", child.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK);
+            if ready {
+                return child;
+            }
+            if let Ok(Some(status)) = child.child.try_wait() {
+                panic!("vm0-gateway exited at start: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vm0-gateway not ready in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The stack's database, for another gateway.

@@ -8,6 +8,8 @@ mod fleet;
 mod hostile;
 mod lifecycle;
 mod microvm;
+mod persister;
 mod reliability;
+mod retention;
 mod traces;
 mod trust;
