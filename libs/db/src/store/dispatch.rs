@@ -593,49 +593,41 @@ impl Store {
         let txn = self.begin_write().await?;
         // Nothing is stored after a run's `complete`: a worker's last messages,
         // sent after the control plane ended its run (a forced cancel, the
-        // reaper), stay out of the record.
+        // reaper), stay out of the record. Nor anything of a run whose records
+        // retention deleted (a message redelivered late would bring back a
+        // piece of them). One look at the runs tells both: an ended run's
+        // `last_event_seq` is its `complete` (every way to end writes it so).
         let mut run_ids: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
+        run_ids.extend(logs.iter().map(|(id, _)| id.as_str()));
+        run_ids.extend(metrics.iter().map(|(id, _)| id.as_str()));
         run_ids.sort_unstable();
         run_ids.dedup();
         let mut completed: std::collections::HashMap<String, i64> = Default::default();
+        let mut purged: std::collections::HashSet<String> = Default::default();
         for chunk in run_ids.chunks(500) {
+            let mut q = run::Entity::find()
+                .select_only()
+                .columns([
+                    run::Column::Id,
+                    run::Column::Status,
+                    run::Column::LastEventSeq,
+                    run::Column::RecordsPurgedAt,
+                ])
+                .filter(run::Column::Id.is_in(chunk.iter().copied()))
+                .order_by_asc(run::Column::Id);
             if self.backend() == super::Backend::Postgres {
                 // See `end_run_once`: a run's end and its events' storing do
                 // not interleave (shared locks, taken in id order).
-                run::Entity::find()
-                    .filter(run::Column::Id.is_in(chunk.iter().copied()))
-                    .order_by_asc(run::Column::Id)
-                    .lock_shared()
-                    .all(&*txn)
-                    .await?;
+                q = q.lock_shared();
             }
-            for e in run_event::Entity::find()
-                .filter(run_event::Column::RunId.is_in(chunk.iter().copied()))
-                .filter(run_event::Column::EventType.eq(RunEventType::Complete.as_str()))
-                .all(&*txn)
-                .await?
-            {
-                completed.insert(e.run_id, e.seq);
+            let rows: Vec<(String, String, i64, Option<i64>)> = q.into_tuple().all(&*txn).await?;
+            for (id, status, last_seq, purged_at) in rows {
+                if purged_at.is_some() {
+                    purged.insert(id);
+                } else if RunStatus::parse(&status).is_some_and(|s| s.is_terminal()) {
+                    completed.insert(id, last_seq);
+                }
             }
-        }
-        // Nor anything of a run whose records retention deleted (a message
-        // redelivered late would bring back a piece of them).
-        let mut all_ids: Vec<&str> = run_ids.clone();
-        all_ids.extend(logs.iter().map(|(id, _)| id.as_str()));
-        all_ids.extend(metrics.iter().map(|(id, _)| id.as_str()));
-        all_ids.sort_unstable();
-        all_ids.dedup();
-        let mut purged: std::collections::HashSet<String> = Default::default();
-        for chunk in all_ids.chunks(500) {
-            let ids: Vec<String> = run::Entity::find()
-                .select_only()
-                .column(run::Column::Id)
-                .filter(run::Column::Id.is_in(chunk.iter().copied()))
-                .filter(run::Column::RecordsPurgedAt.is_not_null())
-                .into_tuple()
-                .all(&*txn)
-                .await?;
-            purged.extend(ids);
         }
         let events: Vec<&run_event::Model> = events
             .iter()

@@ -258,6 +258,7 @@ async fn prompts_of_any_accepted_size_reach_the_command(db: Db) {
 
 vm0_db::on_both_databases!(
     a_forced_cancel_of_a_chatty_run_keeps_its_events_whole,
+    the_reaper_ending_a_chatty_run_keeps_its_events_whole,
     a_nul_byte_in_output_stops_nobody_s_telemetry,
     a_message_that_keeps_failing_is_set_aside,
     prompts_of_any_accepted_size_reach_the_command,
@@ -581,6 +582,68 @@ async fn a_forced_cancel_of_a_chatty_run_keeps_its_events_whole(db: Db) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    events_are_whole(&stack, &id).await;
+}
+
+/// The reaper ends a run printing without pause: its worker is stopped
+/// (SIGSTOP) past `worker_lost_after`, so the run ends `failed` /
+/// `worker_lost` while the command goes on and its output waits in the
+/// worker; then the worker goes on (SIGCONT) and sends what it held, numbered
+/// after the reaper's `complete`. None of it is stored; the events stay whole;
+/// the worker's next heartbeat stops the command.
+async fn the_reaper_ending_a_chatty_run_keeps_its_events_whole(db: Db) {
+    let marker = crate::harness::marker("reaped");
+    let stack = Stack::start(
+        db,
+        StackOptions {
+            worker_lost_after: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "chatty",
+            json!({"command": ["sh", "-c", format!("i=0; while true; do echo line $i; i=$((i+1)); done # {marker}")]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stack.logs(&id).await.len() < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let worker = stack.workers[0].pid().to_string();
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &worker])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {sig} {worker}");
+    };
+    signal("-STOP");
+    let run = stack.wait_for(&id, WAIT, |s| s == "failed").await;
+    signal("-CONT");
+    assert_eq!(run["error"], "worker_lost", "{run}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while crate::harness::processes_with(&marker) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command still runs after its worker came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    events_are_whole(&stack, &id).await;
+}
+
+/// A chatty run the control plane ended: every streamed event once, numbered
+/// 1..n, its lines in order, `complete` last and once; the store holds nothing
+/// after `complete`; a stream resumed from the middle gives the same suffix.
+async fn events_are_whole(stack: &Stack, id: &str) {
+    let id = id.to_owned();
     let events = stack.events(0, &id, None).await;
     let seqs: Vec<i64> = events
         .iter()
