@@ -1,0 +1,14 @@
+//! Content-addressed versions of file trees: what volumes, artifacts and a
+//! checkpoint's state directory are made of.
+//!
+//! A version is a set of files, each a relative path, a size and a SHA-256
+//! ([`Manifest`]). Its id ([`VersionId`]) is the SHA-256 of that set in path
+//! order, so identical content is the same version wherever it comes from.
+//! Every path a client names passes [`paths::check`] first: nothing it names
+//! can point outside the version's own place.
+
+pub mod manifest;
+pub mod paths;
+
+pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
+pub use paths::PathError;
