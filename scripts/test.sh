@@ -12,6 +12,12 @@ ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
 # The guest images need a *static* busybox (Debian's plain busybox is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static-probe-absent:busybox-static
 
+# A real S3-compatible server for the object store's tests (moto, from PyPI).
+python3 -c 'import moto.server' 2>/dev/null || {
+  echo "==> installing moto[server] (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]==5.2.1'
+}
+
 # The guest agent is PID 1 of the microVMs' initramfs: a static (musl) binary.
 source scripts/guest-agent.sh
 build_guest_agent

@@ -8,7 +8,9 @@
 //! can point outside the version's own place.
 
 pub mod manifest;
+pub mod objects;
 pub mod paths;
 
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
+pub use objects::{Objects, ObjectsError, Stored};
 pub use paths::PathError;

@@ -539,28 +539,7 @@ async fn a_forced_cancel_of_a_chatty_run_keeps_its_events_whole(db: Db) {
         },
     )
     .await;
-    stack
-        .create_agent(
-            "chatty",
-            json!({"command": ["sh", "-c", format!("i=0; while true; do echo line $i; i=$((i+1)); done # {marker}")]}),
-        )
-        .await;
-    let id = stack
-        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
-        .await;
-    // Thousands of lines are out before the cancel.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let logs = stack.logs(&id).await;
-        if logs.len() >= 100 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no output: {logs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = start_chatty_run(&stack, &marker).await;
     let (status, run) = stack
         .call(
             0,
@@ -601,20 +580,7 @@ async fn the_reaper_ending_a_chatty_run_keeps_its_events_whole(db: Db) {
         },
     )
     .await;
-    stack
-        .create_agent(
-            "chatty",
-            json!({"command": ["sh", "-c", format!("i=0; while true; do echo line $i; i=$((i+1)); done # {marker}")]}),
-        )
-        .await;
-    let id = stack
-        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
-        .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stack.logs(&id).await.len() < 100 {
-        assert!(tokio::time::Instant::now() < deadline, "no output");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = start_chatty_run(&stack, &marker).await;
     let worker = stack.workers[0].pid().to_string();
     let signal = |sig: &str| {
         let sent = std::process::Command::new("kill")
@@ -637,6 +603,26 @@ async fn the_reaper_ending_a_chatty_run_keeps_its_events_whole(db: Db) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     events_are_whole(&stack, &id).await;
+}
+
+/// Starts a run printing numbered lines without pause (its command line holds
+/// `marker`); returns once 100 of them are stored.
+async fn start_chatty_run(stack: &Stack, marker: &str) -> String {
+    stack
+        .create_agent(
+            "chatty",
+            json!({"command": ["sh", "-c", format!("i=0; while true; do echo line $i; i=$((i+1)); done # {marker}")]}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "chatty", "prompt": "p"}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stack.logs(&id).await.len() < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    id
 }
 
 /// A chatty run the control plane ended: every streamed event once, numbered
