@@ -7,10 +7,12 @@
 //! Every path a client names passes [`paths::check`] first: nothing it names
 //! can point outside the version's own place.
 
+pub mod archive;
 pub mod manifest;
 pub mod objects;
 pub mod paths;
 
+pub use archive::{ArchiveError, Packed, pack_dir, unpack};
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
 pub use objects::{Objects, ObjectsError, Stored};
 pub use paths::PathError;

@@ -2,9 +2,11 @@
 //!
 //! The id is the lowercase hex SHA-256 of the files in byte order of their
 //! paths, each written as `path NUL size NUL sha256-hex LF` (size in decimal).
-//! Paths hold no control characters ([`crate::paths`]), so the encoding is
-//! unambiguous: two manifests have the same id exactly when they list the same
-//! files with the same sizes and contents.
+//! A symbolic link is a file whose content is its target, written with the
+//! target after one more NUL: `path NUL size NUL sha256-hex NUL target LF`.
+//! Paths and targets hold no control characters ([`crate::paths`]), so the
+//! encoding is unambiguous: two manifests have the same id exactly when they
+//! list the same files with the same sizes and contents (and links).
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,22 @@ pub struct FileEntry {
     pub size: u64,
     /// SHA-256 of the content, lowercase hex.
     pub sha256: String,
+    /// A symbolic link's target (its content, as `size` and `sha256` say),
+    /// stored as it is and never followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl FileEntry {
+    /// The entry of a symbolic link to `target`.
+    pub fn symlink(path: impl Into<String>, target: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: target.len() as u64,
+            sha256: hex::encode(Sha256::digest(target.as_bytes())),
+            link: Some(target.to_owned()),
+        }
+    }
 }
 
 /// What one version may hold (each configurable by the operator).
@@ -55,6 +73,10 @@ pub enum ManifestError {
     FileAndDirectory { path: String, under: String },
     #[error("file {path:?}: sha256 must be 64 lowercase hex characters")]
     BadDigest { path: String },
+    #[error(
+        "link {path:?}: its target is empty, has a control character, or is not what size and sha256 say"
+    )]
+    BadLink { path: String },
     #[error("{count} files, more than {max}")]
     TooManyFiles { count: usize, max: usize },
     #[error("file {path:?} is {size} bytes, more than {max}")]
@@ -105,6 +127,13 @@ impl Manifest {
                     .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
             if !digest_ok {
                 return Err(ManifestError::BadDigest { path: f.path });
+            }
+            if let Some(target) = &f.link
+                && (target.is_empty()
+                    || target.contains(char::is_control)
+                    || FileEntry::symlink(&f.path, target) != f)
+            {
+                return Err(ManifestError::BadLink { path: f.path });
             }
             if f.size > limits.max_file_bytes {
                 return Err(ManifestError::FileTooLarge {
@@ -162,6 +191,10 @@ impl Manifest {
             h.update(f.size.to_string().as_bytes());
             h.update([0]);
             h.update(f.sha256.as_bytes());
+            if let Some(target) = &f.link {
+                h.update([0]);
+                h.update(target.as_bytes());
+            }
             h.update([b'\n']);
         }
         VersionId(hex::encode(h.finalize()))
@@ -241,6 +274,7 @@ mod tests {
             path: path.into(),
             size: content.len() as u64,
             sha256: sha(content),
+            link: None,
         }
     }
 
@@ -347,6 +381,26 @@ mod tests {
             ManifestError::TooManyFiles { count: 3, max: 2 }
         ));
         assert!(!ManifestError::Duplicate { path: "a".into() }.is_too_large());
+    }
+
+    #[test]
+    fn a_link_is_not_the_file_of_its_target() {
+        let l = Limits::default();
+        let as_file = Manifest::new(vec![file("a", b"../b")], &l).unwrap();
+        let as_link = Manifest::new(vec![FileEntry::symlink("a", "../b")], &l).unwrap();
+        assert_ne!(as_file.version_id(), as_link.version_id());
+        let text = format!("a\x004\x00{}\x00../b\n", sha(b"../b"));
+        assert_eq!(as_link.version_id().as_str(), sha(text.as_bytes()));
+        let mut lying = FileEntry::symlink("a", "../b");
+        lying.link = Some("/etc".into());
+        assert!(matches!(
+            Manifest::new(vec![lying], &l),
+            Err(ManifestError::BadLink { .. })
+        ));
+        assert!(matches!(
+            Manifest::new(vec![FileEntry::symlink("a", "x\ny")], &l),
+            Err(ManifestError::BadLink { .. })
+        ));
     }
 
     #[test]
