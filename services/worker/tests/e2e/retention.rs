@@ -80,15 +80,7 @@ async fn records_of_old_runs_are_deleted_and_say_so(db: Db) {
     }
     let run = stack.get(&format!("/v1/runs/{old}")).await;
     assert_eq!(run["status"], "completed", "the run stays: {run}");
-    assert!(
-        stack
-            .store
-            .events_after(&old, 0, 10)
-            .await
-            .expect("events")
-            .is_empty(),
-        "no event row left"
-    );
+    assert!(no_events(&stack, &old).await, "no event row left");
 
     // A message of the old run arriving late (a redelivery) stores nothing;
     // a new run's records, persisted after it, are all there.
@@ -120,16 +112,17 @@ async fn records_of_old_runs_are_deleted_and_say_so(db: Db) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        stack
-            .store
-            .events_after(&old, 0, 10)
-            .await
-            .expect("events")
-            .is_empty(),
+        no_events(&stack, &old).await,
         "a late message brought nothing back"
     );
     let (status, _) = stack.call(0, Method::GET, &logs_path, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// Whether the store holds no event of `run`.
+async fn no_events(stack: &Stack, run: &str) -> bool {
+    let events = stack.store.events_after(run, 0, 10).await.expect("events");
+    events.is_empty()
 }
 
 vm0_db::on_both_databases!(records_of_old_runs_are_deleted_and_say_so);
