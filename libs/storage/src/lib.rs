@@ -11,8 +11,10 @@ pub mod archive;
 pub mod manifest;
 pub mod objects;
 pub mod paths;
+pub mod signed;
 
 pub use archive::{ArchiveError, Packed, pack_dir, unpack};
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
 pub use objects::{Objects, ObjectsError, Stored};
 pub use paths::PathError;
+pub use signed::{Access, Grant, SignatureError, UrlSigner};
