@@ -11,7 +11,7 @@
 //! blocking thread.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -311,7 +311,7 @@ pub fn unpack<R: Read>(input: R, dest: &Path, limits: &Limits) -> Result<Manifes
 /// Makes `parts[..depth]` real directories under `dest`: each is created or
 /// must already be a directory, never a link (a link made by an earlier entry
 /// must not carry a later one elsewhere).
-fn real_dirs(dest: &Path, parts: &[&str], depth: usize) -> Result<PathBuf, String> {
+fn real_dirs(dest: &Path, parts: &[&str], depth: usize) -> Result<(), String> {
     let mut at = dest.to_path_buf();
     for part in &parts[..depth] {
         at.push(part);
@@ -328,5 +328,5 @@ fn real_dirs(dest: &Path, parts: &[&str], depth: usize) -> Result<PathBuf, Strin
             Err(e) => return Err(format!("cannot be written: {e}")),
         }
     }
-    Ok(at)
+    Ok(())
 }

@@ -12,7 +12,8 @@ use vm0_db::Store;
 
 use crate::error::ErrorChain;
 
-/// Runs emptied per transaction batch; a pass goes on until none is due.
+/// Runs read per query (each is emptied in a transaction of its own); a pass
+/// goes on until none is due.
 const PAGE: u64 = 100;
 
 pub async fn run(store: Store, keep: Duration, every: Duration, shutdown: CancellationToken) {

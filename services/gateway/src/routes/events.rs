@@ -25,7 +25,7 @@ use vm0_api_types::{ErrorEnvelope, Timestamp};
 use vm0_bus::Telemetry;
 use vm0_db::convert::{self, StoredEvent};
 
-use super::runs::load;
+use super::runs::load_records;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorChain};
@@ -138,10 +138,7 @@ pub async fn stream(
 ) -> ApiResult<Response> {
     q.only(&["lastEventId"])?;
     let after = resume_position(&headers, &q)?;
-    let run = load(&state, &caller, &id).await?;
-    if let Some(at) = run.records_purged_at {
-        return Err(crate::retention::purged_error("events", at));
-    }
+    let run = load_records(&state, &caller, &id, "events").await?;
     let open = OpenStream::new(
         &state.event_streams,
         &caller.org_id,
@@ -208,16 +205,13 @@ fn missing(from: i64, to: i64) -> Event {
     )
 }
 
-/// The `error` event that ends a stream whose run's events retention deleted.
-fn purged_event() -> Event {
-    Event::default().event(RunEventType::Error.as_str()).data(
-        serde_json::json!({
-            "type": "invalid_request_error",
-            "code": "invalid_state",
-            "message": "this run's events were deleted by retention (VM0_RUN_RECORDS_RETENTION_DAYS)",
-        })
-        .to_string(),
-    )
+/// The `error` event that ends a stream whose run's events retention deleted
+/// meanwhile: the error a new stream gets, as its data.
+fn purged_event(purged_at: i64) -> Event {
+    let body = crate::retention::purged_error("events", purged_at).body;
+    Event::default()
+        .event(RunEventType::Error.as_str())
+        .data(serde_json::to_string(&body).unwrap_or_default())
 }
 
 /// The `error` event that ends a stream whose token stopped being valid.
@@ -338,8 +332,8 @@ async fn pump(
                 last_of_ended = match state.store.get_run(org_id, run_id).await? {
                     None => return Ok(()),
                     // Retention emptied the run while it was streamed.
-                    Some(r) if r.records_purged_at.is_some() => {
-                        let _ = tx.send(Ok(purged_event())).await;
+                    Some(r) if let Some(at) = r.records_purged_at => {
+                        let _ = tx.send(Ok(purged_event(at))).await;
                         return Ok(());
                     }
                     Some(r) if convert::run_status(&r.status)?.is_terminal() => {

@@ -332,6 +332,21 @@ pub async fn load(
         .ok_or_else(|| ApiError::not_found("run", id, None))
 }
 
+/// [`load`], to read the run's `what` (events, logs, metrics): `400
+/// invalid_state` once retention deleted them.
+pub async fn load_records(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    what: &str,
+) -> ApiResult<vm0_db::entity::run::Model> {
+    let run = load(state, caller, id).await?;
+    match run.records_purged_at {
+        Some(at) => Err(crate::retention::purged_error(what, at)),
+        None => Ok(run),
+    }
+}
+
 /// Get a run
 #[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", params(("id" = String, Path)),
     responses((status = 200, body = Run), (status = 404, body = ErrorEnvelope)),

@@ -5,7 +5,7 @@ use vm0_api_types::runs::{LogEntry, LogLevel, LogType, MetricsResponse, MetricsS
 use vm0_api_types::{ErrorEnvelope, Timestamp};
 use vm0_db::{LogFilter, SortOrder, convert};
 
-use super::runs::{load, parse_time};
+use super::runs::{load_records, parse_time};
 use super::{PageRequest, cursor};
 use crate::AppState;
 use crate::auth::Caller;
@@ -74,10 +74,7 @@ pub async fn logs(
     };
     let page = PageRequest::with_row_ids(&q, scope)?;
     let filter = log_filter(&q)?;
-    let run = load(&state, &caller, &id).await?;
-    if let Some(at) = run.records_purged_at {
-        return Err(crate::retention::purged_error("logs", at));
-    }
+    let run = load_records(&state, &caller, &id, "logs").await?;
     let rows = state
         .store
         .list_logs(&run.id, &filter, order, page.after.as_ref(), page.limit)
@@ -113,10 +110,7 @@ pub async fn metrics(
     if q.get("limit").is_none() {
         page.limit = vm0_api_types::cursor::MAX_LIMIT;
     }
-    let run = load(&state, &caller, &id).await?;
-    if let Some(at) = run.records_purged_at {
-        return Err(crate::retention::purged_error("metrics", at));
-    }
+    let run = load_records(&state, &caller, &id, "metrics").await?;
     let rows = state
         .store
         .list_metrics(&run.id, page.after.as_ref(), page.limit)

@@ -283,14 +283,12 @@ async fn heartbeats_reconcile_what_runs_with_what_the_store_says(db: Db) {
     )
     .await
     .expect("force-cancel in the store");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while crate::harness::processes_with(&marker) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command of a run the control plane ended still runs"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::harness::assert_gone_within(
+        &marker,
+        Duration::from_secs(10),
+        "the command of a run the control plane ended still runs",
+    )
+    .await;
     assert_eq!(stack.run(&id).await["status"], "cancelled");
 
     // A run the store gives to this worker, which it does not have: one that

@@ -477,9 +477,21 @@ impl Stack {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        let base = self.gateways[gateway].base.clone();
+        self.call_at(&base, method, path, body).await
+    }
+
+    /// [`Stack::call`] to the gateway at `base` (one of its own or a process).
+    pub async fn call_at(
+        &self,
+        base: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self
             .client
-            .request(method, self.url(gateway, path))
+            .request(method, format!("{base}{path}"))
             .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
@@ -626,6 +638,16 @@ fn rand_key() -> [u8; 32] {
 }
 
 pub use vm0_sandbox::sample::processes_matching as processes_with;
+
+/// Waits until no process has `marker` in its command line; fails saying
+/// `what` if one still does after `within`.
+pub async fn assert_gone_within(marker: &str, within: Duration, what: &str) {
+    let deadline = tokio::time::Instant::now() + within;
+    while processes_with(marker) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// The processes whose command line contains `marker`, and all their
 /// descendants (a jailed VMM's command line does not name its run; its jail's

@@ -12,16 +12,11 @@ use crate::harness::{Db, Stack, StackOptions, parse_sse};
 const LINES: i64 = 8_000;
 
 async fn post(stack: &Stack, base: &str, path: &str, body: Value) -> Value {
-    let resp = stack
-        .client
-        .post(format!("{base}{path}"))
-        .bearer_auth(&stack.token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    assert!(resp.status().is_success(), "POST {path}: {}", resp.status());
-    resp.json().await.expect("json")
+    let (status, body) = stack
+        .call_at(base, reqwest::Method::POST, path, Some(body))
+        .await;
+    assert!(status.is_success(), "POST {path}: {status} {body}");
+    body
 }
 
 /// A run's telemetry is being stored when its gateway dies (SIGKILL, messages

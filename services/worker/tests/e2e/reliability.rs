@@ -552,14 +552,8 @@ async fn a_forced_cancel_of_a_chatty_run_keeps_its_events_whole(db: Db) {
     assert_eq!(run["status"], "cancelled", "{run}");
     // The worker hears the cancel too; its late telemetry is not stored after
     // `complete`.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while crate::harness::processes_with(&marker) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command still runs"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::harness::assert_gone_within(&marker, Duration::from_secs(10), "the command still runs")
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     events_are_whole(&stack, &id).await;
 }
@@ -593,14 +587,12 @@ async fn the_reaper_ending_a_chatty_run_keeps_its_events_whole(db: Db) {
     let run = stack.wait_for(&id, WAIT, |s| s == "failed").await;
     signal("-CONT");
     assert_eq!(run["error"], "worker_lost", "{run}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while crate::harness::processes_with(&marker) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command still runs after its worker came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::harness::assert_gone_within(
+        &marker,
+        Duration::from_secs(15),
+        "the command still runs after its worker came back",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     events_are_whole(&stack, &id).await;
 }
@@ -629,8 +621,7 @@ async fn start_chatty_run(stack: &Stack, marker: &str) -> String {
 /// 1..n, its lines in order, `complete` last and once; the store holds nothing
 /// after `complete`; a stream resumed from the middle gives the same suffix.
 async fn events_are_whole(stack: &Stack, id: &str) {
-    let id = id.to_owned();
-    let events = stack.events(0, &id, None).await;
+    let events = stack.events(0, id, None).await;
     let seqs: Vec<i64> = events
         .iter()
         .filter_map(|e| e.1.as_deref()?.strip_prefix("evt_")?.parse().ok())
@@ -657,7 +648,7 @@ async fn events_are_whole(stack: &Stack, id: &str) {
     // The store holds nothing after `complete` either.
     let stored = stack
         .store
-        .events_after(&id, 0, 1_000_000)
+        .events_after(id, 0, 1_000_000)
         .await
         .expect("stored events");
     assert_eq!(
@@ -669,6 +660,6 @@ async fn events_are_whole(stack: &Stack, id: &str) {
     );
     // Resumed from the middle: the same suffix.
     let middle = format!("evt_{}", seqs.len() / 2);
-    let resumed = stack.events(0, &id, Some(&middle)).await;
+    let resumed = stack.events(0, id, Some(&middle)).await;
     assert_eq!(resumed.as_slice(), &events[seqs.len() / 2..]);
 }
