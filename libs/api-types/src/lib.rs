@@ -15,6 +15,8 @@ pub mod ids;
 pub mod runs;
 /// Reading the run event stream as a client.
 pub mod sse;
+/// Volumes and artifacts: versions, uploads, downloads.
+pub mod storage;
 /// Tenants' text made storable (no NUL).
 pub mod text;
 /// RFC 3339 timestamps carried as microseconds since the epoch.

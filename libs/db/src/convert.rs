@@ -11,7 +11,10 @@ use vm0_api_types::runs::{
 use vm0_api_types::tokens::Token;
 
 use crate::StoreError;
-use crate::entity::{agent, agent_version, api_token, run, run_event, run_log, run_metric};
+use crate::entity::{
+    agent, agent_version, api_token, run, run_event, run_log, run_metric, storage, storage_version,
+};
+use vm0_api_types::storage::StorageVersion;
 
 const MB: i64 = 1024 * 1024;
 
@@ -121,5 +124,40 @@ pub fn token(t: &api_token::Model) -> Token {
         prefix: t.prefix.clone(),
         created_at: Timestamp(t.created_at),
         expires_at: t.expires_at.map(Timestamp),
+    }
+}
+
+pub fn storage(
+    s: &storage::Model,
+    current: Option<Option<StorageVersion>>,
+) -> vm0_api_types::storage::Storage {
+    vm0_api_types::storage::Storage {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        current_version_id: s.current_version_id.clone(),
+        size: s.size,
+        file_count: s.file_count,
+        created_at: Timestamp(s.created_at),
+        updated_at: Timestamp(s.updated_at),
+        current_version: current,
+    }
+}
+
+/// A version of a storage of `kind`.
+pub fn storage_version(kind: crate::StorageKind, v: &storage_version::Model) -> StorageVersion {
+    let owner = Some(v.storage_id.clone());
+    let (volume_id, artifact_id) = match kind {
+        crate::StorageKind::Volume => (owner, None),
+        crate::StorageKind::Artifact => (None, owner),
+    };
+    StorageVersion {
+        id: v.id.clone(),
+        volume_id,
+        artifact_id,
+        size: v.size,
+        file_count: v.file_count,
+        message: v.message.clone(),
+        created_by: v.created_by.clone(),
+        created_at: Timestamp(v.created_at),
     }
 }

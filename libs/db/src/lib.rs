@@ -17,6 +17,7 @@ pub mod store;
 pub mod testing;
 
 pub use store::{
-    Backend, CancelOutcome, ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun, KeysetAfter,
-    LogFilter, NewLog, NewMetric, NewRun, RunFilter, SortOrder, Store, StoreError, UpdateOutcome,
+    Backend, CancelOutcome, ClaimOutcome, ClaimedRun, Committed, FinishOutcome, FinishRun,
+    KeysetAfter, LogFilter, NewLog, NewMetric, NewRun, RunFilter, SortOrder, StorageKind, Store,
+    StoreError, UpdateOutcome,
 };

@@ -65,6 +65,74 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// Writes a version's archive entry by entry, in the order given (path order,
+/// for an archive that is the same for the same content): regular files with
+/// their executable bit and links, no owners, no times.
+pub struct ArchiveWriter<W: Write> {
+    tar: tar::Builder<flate2::write::GzEncoder<W>>,
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    pub fn new(out: W) -> ArchiveWriter<W> {
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        tar.follow_symlinks(false);
+        ArchiveWriter { tar }
+    }
+
+    /// Appends the file `path` of exactly `size` bytes read from `content`
+    /// (fewer or more is an error); returns its SHA-256 (lowercase hex).
+    pub fn add_file<R: Read>(
+        &mut self,
+        path: &str,
+        size: u64,
+        mode: u32,
+        content: R,
+    ) -> std::io::Result<String> {
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(size);
+        header.set_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 });
+        let mut reader = Hashing {
+            inner: content.take(size),
+            hash: Sha256::new(),
+            read: 0,
+        };
+        self.tar.append_data(&mut header, path, &mut reader)?;
+        // The header says `size`: a longer source is an error, not a cut file.
+        let extra = reader.inner.into_inner().read(&mut [0u8; 1])?;
+        if reader.read != size || extra != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{path}: {} {} bytes where {size} were expected",
+                    if extra != 0 { "more than" } else { "only" },
+                    reader.read
+                ),
+            ));
+        }
+        Ok(hex::encode(reader.hash.finalize()))
+    }
+
+    /// Appends the symbolic link `path` → `target`.
+    pub fn add_link(&mut self, path: &str, target: &str) -> std::io::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        header.set_mode(0o777);
+        self.tar.append_link(&mut header, path, target)
+    }
+
+    /// Ends the archive and flushes it to the writer.
+    pub fn finish(self) -> std::io::Result<W> {
+        let mut out = self.tar.into_inner()?.finish()?;
+        out.flush()?;
+        Ok(out)
+    }
+}
+
 /// Writes the files and links under `root` to `out` as a `.tar.gz`, in path
 /// order; returns their manifest.
 pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed, ArchiveError> {
@@ -79,16 +147,12 @@ pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed
         }
         .into());
     }
-    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    tar.follow_symlinks(false);
+    let mut tar = ArchiveWriter::new(out);
     let mut entries = Vec::with_capacity(found.len());
     let mut total: u64 = 0;
     for rel in found {
         let full = root.join(&rel);
         let meta = std::fs::symlink_metadata(&full).map_err(io("reading", &full))?;
-        let mut header = tar::Header::new_gnu();
-        header.set_mtime(0);
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&full).map_err(io("reading the link", &full))?;
             let Some(target) = target.to_str().filter(|t| !t.contains(char::is_control)) else {
@@ -97,11 +161,7 @@ pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed
                 ));
                 continue;
             };
-            header.set_entry_type(tar::EntryType::Symlink);
-            header.set_size(0);
-            header.set_mode(0o777);
-            tar.append_link(&mut header, &rel, target)
-                .map_err(io("archiving", &full))?;
+            tar.add_link(&rel, target).map_err(io("archiving", &full))?;
             entries.push(FileEntry::symlink(rel, target));
             continue;
         }
@@ -122,29 +182,18 @@ pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed
             }
             .into());
         }
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_size(meta.len());
-        header.set_mode(meta.permissions().mode() & 0o755);
         let file = std::fs::File::open(&full).map_err(io("opening", &full))?;
-        let mut reader = Hashing {
-            inner: file.take(meta.len()),
-            hash: Sha256::new(),
-            read: 0,
-        };
-        tar.append_data(&mut header, &rel, &mut reader)
+        let sha256 = tar
+            .add_file(&rel, meta.len(), meta.permissions().mode(), file)
             .map_err(io("archiving", &full))?;
         entries.push(FileEntry {
             path: rel,
-            size: reader.read,
-            sha256: hex::encode(reader.hash.finalize()),
+            size: meta.len(),
+            sha256,
             link: None,
         });
     }
-    tar.into_inner()
-        .and_then(|gz| gz.finish())
-        .map_err(io("finishing the archive of", root))?
-        .flush()
-        .map_err(io("writing the archive of", root))?;
+    tar.finish().map_err(io("finishing the archive of", root))?;
     Ok(Packed {
         manifest: Manifest::new(entries, limits)?,
         skipped,

@@ -8,12 +8,16 @@
 //! can point outside the version's own place.
 
 pub mod archive;
+pub mod assemble;
 pub mod manifest;
 pub mod objects;
 pub mod paths;
 pub mod signed;
+/// A real S3-compatible server (moto) for tests.
+pub mod testing;
 
-pub use archive::{ArchiveError, Packed, pack_dir, unpack};
+pub use archive::{ArchiveError, ArchiveWriter, Packed, pack_dir, unpack};
+pub use assemble::{AssembleError, Part, archive_objects};
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
 pub use objects::{Objects, ObjectsError, Stored};
 pub use paths::PathError;

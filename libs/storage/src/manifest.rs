@@ -46,6 +46,8 @@ pub struct Limits {
     pub max_file_bytes: u64,
     pub max_total_bytes: u64,
     pub max_files: usize,
+    /// Longest path, in bytes (at most [`paths::MAX_PATH_BYTES`]).
+    pub max_path_bytes: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +56,7 @@ impl Default for Limits {
             max_file_bytes: 5 << 30,
             max_total_bytes: 20 << 30,
             max_files: 100_000,
+            max_path_bytes: paths::MAX_PATH_BYTES,
         }
     }
 }
@@ -77,6 +80,12 @@ pub enum ManifestError {
         "link {path:?}: its target is empty, has a control character, or is not what size and sha256 say"
     )]
     BadLink { path: String },
+    #[error("file {index}: its path is {len} bytes long, more than {max}")]
+    PathTooLong {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
     #[error("{count} files, more than {max}")]
     TooManyFiles { count: usize, max: usize },
     #[error("file {path:?} is {size} bytes, more than {max}")]
@@ -121,6 +130,13 @@ impl Manifest {
                 path: f.path.clone(),
                 why,
             })?;
+            if f.path.len() > limits.max_path_bytes {
+                return Err(ManifestError::PathTooLong {
+                    index,
+                    len: f.path.len(),
+                    max: limits.max_path_bytes,
+                });
+            }
             let digest_ok = f.sha256.len() == 64
                 && f.sha256
                     .bytes()
@@ -348,6 +364,7 @@ mod tests {
             max_file_bytes: 10,
             max_total_bytes: 15,
             max_files: 2,
+            ..Limits::default()
         };
         let big = FileEntry {
             size: 11,

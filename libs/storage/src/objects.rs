@@ -62,6 +62,9 @@ pub struct Stored {
 #[derive(Clone, Debug)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
+    /// The S3 store again, for presigned URLs; `None` for the local store,
+    /// whose URLs the gateway serves and signs itself ([`crate::signed`]).
+    presigner: Option<Arc<object_store::aws::AmazonS3>>,
     prefix: ObjectPath,
     /// Where, for logs (`local:/dir` or `s3://bucket/prefix`).
     pub describe: String,
@@ -93,6 +96,7 @@ impl Objects {
                     })?;
                 Ok(Objects {
                     store: Arc::new(store),
+                    presigner: None,
                     prefix: ObjectPath::default(),
                     describe: format!("local:{}", local_dir.display()),
                 })
@@ -119,8 +123,10 @@ impl Objects {
                     at: url.to_owned(),
                     source,
                 })?;
+                let store = Arc::new(store);
                 Ok(Objects {
-                    store: Arc::new(store),
+                    store: store.clone(),
+                    presigner: Some(store),
                     prefix: ObjectPath::from(prefix.trim_matches('/')),
                     describe: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
                 })
@@ -138,6 +144,7 @@ impl Objects {
 
     /// Writes `data` to `key`, streaming it in parts; refuses more than
     /// `limit` bytes (nothing is left at `key` then). Returns size and digest.
+    /// Data shorter than one part is written in one request.
     pub async fn put_stream<S, E>(
         &self,
         key: &str,
@@ -152,30 +159,67 @@ impl Objects {
             key: key.to_owned(),
             source,
         };
+        let mut hash = Sha256::new();
+        let mut size: u64 = 0;
+        let mut data = std::pin::pin!(data);
+        let mut next = async || -> Result<Option<Bytes>, ObjectsError> {
+            let Some(chunk) = data.next().await else {
+                return Ok(None);
+            };
+            let chunk = chunk.map_err(|e| ObjectsError::Source {
+                key: key.to_owned(),
+                source: e.into(),
+            })?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ObjectsError::TooLarge {
+                    key: key.to_owned(),
+                    got: size,
+                    limit,
+                });
+            }
+            hash.update(&chunk);
+            Ok(Some(chunk))
+        };
+        // Up to one part: one request.
+        let mut head = Vec::new();
+        let mut head_len = 0;
+        let mut more = true;
+        while head_len <= PART_BYTES {
+            match next().await? {
+                Some(chunk) => {
+                    head_len += chunk.len();
+                    head.push(chunk);
+                }
+                None => {
+                    more = false;
+                    break;
+                }
+            }
+        }
+        if !more {
+            let payload: object_store::PutPayload = head.into_iter().collect();
+            self.store
+                .put(&self.path(key), payload)
+                .await
+                .map_err(store_err)?;
+            drop(next);
+            return Ok(Stored {
+                size,
+                sha256: hex::encode(hash.finalize()),
+            });
+        }
         let upload = self
             .store
             .put_multipart(&self.path(key))
             .await
             .map_err(store_err)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut hash = Sha256::new();
-        let mut size: u64 = 0;
-        let mut data = std::pin::pin!(data);
+        for chunk in head {
+            writer.put(chunk);
+        }
         let outcome: Result<(), ObjectsError> = async {
-            while let Some(chunk) = data.next().await {
-                let chunk = chunk.map_err(|e| ObjectsError::Source {
-                    key: key.to_owned(),
-                    source: e.into(),
-                })?;
-                size += chunk.len() as u64;
-                if size > limit {
-                    return Err(ObjectsError::TooLarge {
-                        key: key.to_owned(),
-                        got: size,
-                        limit,
-                    });
-                }
-                hash.update(&chunk);
+            while let Some(chunk) = next().await? {
                 writer
                     .wait_for_capacity(PARTS_IN_FLIGHT)
                     .await
@@ -185,6 +229,7 @@ impl Objects {
             Ok(())
         }
         .await;
+        drop(next);
         match outcome {
             Ok(()) => {
                 writer.finish().await.map_err(store_err)?;
@@ -243,6 +288,68 @@ impl Objects {
                 source,
             }),
         }
+    }
+
+    /// A presigned URL allowing `access` to `key` for `expires_in`, when the
+    /// store makes them (S3); `None` for the local store.
+    pub async fn presigned_url(
+        &self,
+        access: crate::signed::Access,
+        key: &str,
+        expires_in: std::time::Duration,
+    ) -> Result<Option<String>, ObjectsError> {
+        use object_store::signer::Signer;
+        let Some(s3) = &self.presigner else {
+            return Ok(None);
+        };
+        let method = match access {
+            crate::signed::Access::Get => http::Method::GET,
+            crate::signed::Access::Put => http::Method::PUT,
+        };
+        let url = s3
+            .signed_url(method, &self.path(key), expires_in)
+            .await
+            .map_err(|source| ObjectsError::Store {
+                key: key.to_owned(),
+                source,
+            })?;
+        Ok(Some(url.to_string()))
+    }
+
+    /// Moves `from` to `to`, replacing what is there (S3: a copy inside the
+    /// store, no bytes through this process).
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), ObjectsError> {
+        self.store
+            .rename(&self.path(from), &self.path(to))
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => ObjectsError::NotFound(from.to_owned()),
+                source => ObjectsError::Store {
+                    key: from.to_owned(),
+                    source,
+                },
+            })
+    }
+
+    /// Deletes every object under `prefix/` (none is fine).
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), ObjectsError> {
+        let store_err = |source| ObjectsError::Store {
+            key: prefix.to_owned(),
+            source,
+        };
+        let listed = self
+            .store
+            .list(Some(&self.path(prefix)))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        let mut deleted = self.store.delete_stream(listed);
+        while let Some(done) = deleted.next().await {
+            match done {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => return Err(store_err(source)),
+            }
+        }
+        Ok(())
     }
 
     /// Deletes `key` (absent is fine).

@@ -1,7 +1,7 @@
 //! URLs the gateway serves itself for the local store (S3 has presigned URLs):
 //! each is signed with HMAC-SHA256 under a key every gateway derives from the
-//! deployment's shared secret, and binds the method, the object, the size (for
-//! an upload) and the expiry. A change to any of them, or a signature made
+//! deployment's shared secret, and binds the method, the object, the size and digest
+//! (for an upload) and the expiry. A change to any of them, or a signature made
 //! with another key, is refused; so is a URL past its expiry.
 
 use base64::Engine;
@@ -28,12 +28,14 @@ impl Access {
 }
 
 /// One signed permission: `access` to object `key` (of exactly `size` bytes,
-/// for a `Put`) until `expires_at` (seconds since the epoch).
+/// and of SHA-256 `sha256` when given, for a `Put`) until `expires_at`
+/// (seconds since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub access: Access,
     pub key: String,
     pub size: Option<u64>,
+    pub sha256: Option<String>,
     pub expires_at: i64,
 }
 
@@ -82,6 +84,7 @@ impl UrlSigner {
                 .map(|s| s.to_string())
                 .unwrap_or_default()
                 .as_bytes(),
+            grant.sha256.as_deref().unwrap_or_default().as_bytes(),
             grant.expires_at.to_string().as_bytes(),
         ] {
             mac.update(field);
@@ -120,6 +123,7 @@ mod tests {
             access: Access::Put,
             key: "uploads/up_1/0".into(),
             size: Some(1024),
+            sha256: Some("ab".repeat(32)),
             expires_at: 2_000,
         }
     }
@@ -159,6 +163,14 @@ mod tests {
             },
             Grant {
                 size: None,
+                ..grant()
+            },
+            Grant {
+                sha256: Some("cd".repeat(32)),
+                ..grant()
+            },
+            Grant {
+                sha256: None,
                 ..grant()
             },
             Grant {

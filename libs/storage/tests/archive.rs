@@ -228,6 +228,7 @@ fn an_archive_that_expands_past_the_limits_is_stopped() {
         max_file_bytes: 1 << 20,
         max_total_bytes: 2 << 20,
         max_files: 10,
+        ..Limits::default()
     };
     let err = unpack(bomb.as_slice(), &tmp.path().join("d"), &limits).unwrap_err();
     assert!(

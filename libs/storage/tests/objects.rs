@@ -2,84 +2,28 @@
 //! (moto, started here on loopback; `scripts/test.sh` installs it): the same
 //! calls, byte for byte.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use vm0_storage::{Objects, ObjectsError};
 
-/// A moto S3 server, killed on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use vm0_storage::testing::Moto;
 
 fn moto(bucket: &str) -> Moto {
-    let port = free_port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 -m moto.server (scripts/test.sh installs moto[server] from PyPI)");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let moto = Moto { child, endpoint };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // Creating the bucket is also the readiness check.
-        let made = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", moto.endpoint)])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if made {
-            return moto;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not start in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Moto::start(bucket)
 }
 
 fn s3(moto: &Moto, url: &str) -> Objects {
     let dir = std::env::temp_dir();
-    Objects::open_with(
-        Some(url),
-        &dir,
-        &[
-            ("aws_endpoint", moto.endpoint.as_str()),
-            ("aws_allow_http", "true"),
-            ("aws_region", "us-east-1"),
-            ("aws_access_key_id", "testing"),
-            ("aws_secret_access_key", "testing"),
-        ],
-    )
-    .expect("open s3")
+    let config = moto.s3_config();
+    let pairs: Vec<(&str, &str)> = config
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Objects::open_with(Some(url), &dir, &pairs).expect("open s3")
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -163,6 +107,106 @@ async fn round_trips(objects: &Objects) {
     ));
     let stream = objects.get_stream("v/big.tar.gz").await.expect("get");
     assert!(stream.boxed().next().await.is_some());
+
+    // Rename replaces; a prefix goes at once.
+    objects
+        .put("w/a", Bytes::from_static(b"a"))
+        .await
+        .expect("put");
+    objects
+        .put("w/b", Bytes::from_static(b"b"))
+        .await
+        .expect("put");
+    objects.rename("w/a", "w/b").await.expect("rename");
+    assert_eq!(read_all(objects, "w/b").await, b"a");
+    assert_eq!(objects.size("w/a").await.expect("head"), None);
+    assert!(matches!(
+        objects.rename("w/absent", "w/c").await,
+        Err(ObjectsError::NotFound(_))
+    ));
+    objects
+        .put("w/deep/c", Bytes::from_static(b"c"))
+        .await
+        .expect("put");
+    objects.delete_prefix("w").await.expect("delete prefix");
+    assert_eq!(objects.size("w/b").await.expect("head"), None);
+    assert_eq!(objects.size("w/deep/c").await.expect("head"), None);
+    assert!(objects.size("v/big.tar.gz").await.expect("head").is_some());
+}
+
+/// An archive assembled from stored objects unpacks to exactly them; a
+/// missing object or a wrong size fails it and leaves no archive.
+async fn assembles_archives(objects: &Objects) {
+    use vm0_storage::{Limits, Part, archive_objects};
+    let big = pattern(3 << 20);
+    objects
+        .put("up/1", Bytes::from(big.clone()))
+        .await
+        .expect("put");
+    objects
+        .put("up/2", Bytes::from_static(b"hello"))
+        .await
+        .expect("put");
+    let parts = vec![
+        Part {
+            path: "a/big.bin".into(),
+            size: big.len() as u64,
+            key: Some("up/1".into()),
+        },
+        Part {
+            path: "a/empty".into(),
+            size: 0,
+            key: None,
+        },
+        Part {
+            path: "b.txt".into(),
+            size: 5,
+            key: Some("up/2".into()),
+        },
+    ];
+    let digests = archive_objects(objects, parts.clone(), "out/v.tar.gz")
+        .await
+        .expect("archive");
+    assert_eq!(
+        digests,
+        vec![
+            hex::encode(Sha256::digest(&big)),
+            hex::encode(Sha256::digest(b"")),
+            hex::encode(Sha256::digest(b"hello")),
+        ]
+    );
+    let archive = read_all(objects, "out/v.tar.gz").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dest = dir.path().join("x");
+    let manifest = vm0_storage::unpack(&archive[..], &dest, &Limits::default()).expect("unpack");
+    assert_eq!(manifest.files().len(), 3);
+    assert!(std::fs::read(dest.join("a/big.bin")).expect("read") == big);
+    assert_eq!(std::fs::read(dest.join("b.txt")).expect("read"), b"hello");
+
+    let mut short = parts.clone();
+    short[2].size = 6;
+    let err = archive_objects(objects, short, "out/w.tar.gz")
+        .await
+        .expect_err("short");
+    assert!(err.to_string().contains("b.txt"), "{err}");
+    let mut long = parts.clone();
+    long[0].size -= 1;
+    archive_objects(objects, long, "out/w.tar.gz")
+        .await
+        .expect_err("long");
+    let mut missing = parts;
+    missing[2].key = Some("up/none".into());
+    let err = archive_objects(objects, missing, "out/w.tar.gz")
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(
+            err,
+            vm0_storage::AssembleError::Objects(ObjectsError::NotFound(_))
+        ),
+        "{err}"
+    );
+    assert_eq!(objects.size("out/w.tar.gz").await.expect("head"), None);
 }
 
 #[tokio::test]
@@ -171,6 +215,15 @@ async fn the_local_store_round_trips() {
     let objects = Objects::open(None, &dir.path().join("objects")).expect("open");
     assert!(objects.describe.starts_with("local:"));
     round_trips(&objects).await;
+    assembles_archives(&objects).await;
+    assert_eq!(
+        objects
+            .presigned_url(vm0_storage::Access::Get, "v/empty", Duration::from_secs(60))
+            .await
+            .expect("presign"),
+        None,
+        "the local store has no presigned URLs: the gateway signs its own"
+    );
     // What a key names stays under the store's directory.
     assert!(dir.path().join("objects/v/big.tar.gz").is_file());
 }
@@ -181,6 +234,26 @@ async fn the_s3_store_round_trips() {
     let objects = s3(&moto, "s3://vm0-test/deploy/a");
     assert_eq!(objects.describe, "s3://vm0-test/deploy/a");
     round_trips(&objects).await;
+    assembles_archives(&objects).await;
+    // A presigned URL reads the object without credentials.
+    let url = objects
+        .presigned_url(
+            vm0_storage::Access::Get,
+            "v/big.tar.gz",
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("presign")
+        .expect("S3 presigns");
+    let fetched = Command::new("curl")
+        .args(["-sf", &url])
+        .output()
+        .expect("curl");
+    assert!(fetched.status.success(), "{url}");
+    assert!(
+        fetched.stdout == pattern(20 << 20),
+        "presigned GET is byte for byte"
+    );
     // Keys live under the URL's prefix.
     let listed = Command::new("curl")
         .args([

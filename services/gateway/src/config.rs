@@ -53,9 +53,88 @@ pub struct GatewayConfig {
     pub records_retention: Option<Duration>,
     /// How often retention looks for runs due (10 minutes).
     pub retention_interval: Duration,
+    /// Volumes', artifacts' and checkpoints' bytes.
+    pub storage: StorageConfig,
     /// Dispatch: everything that needs NATS. `None` serves the API from the store
     /// alone (runs stay pending).
     pub dispatch: Option<DispatchConfig>,
+}
+
+/// Where stored files live and what a version may hold.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// `VM0_OBJECT_STORE_URL`: `s3://bucket[/prefix]` (with the `AWS_*`
+    /// variables); unset, a directory under the data dir (`<data dir>/objects`).
+    pub object_store_url: Option<String>,
+    /// S3 settings over the `AWS_*` variables (`object_store`'s keys, e.g.
+    /// `aws_endpoint`): for embedding and tests; none from the environment.
+    pub object_store_options: Vec<(String, String)>,
+    /// `VM0_PUBLIC_URL`: the URL clients reach this gateway at, for the signed
+    /// URLs it serves itself (local store); unset, the request's `Host`.
+    pub public_url: Option<String>,
+    /// `VM0_SIGNED_URL_TTL_SECS`, default 3600: how long a signed URL, and an
+    /// upload session, lasts.
+    pub url_ttl: Duration,
+    /// `VM0_STORAGE_MAX_FILE_BYTES` (5 GiB), `VM0_STORAGE_MAX_VERSION_BYTES`
+    /// (20 GiB), `VM0_STORAGE_MAX_FILES` (100000), `VM0_STORAGE_MAX_PATH_BYTES`
+    /// (4096).
+    pub limits: vm0_storage::Limits,
+}
+
+impl StorageConfig {
+    fn from_env() -> Result<StorageConfig> {
+        let d = StorageConfig::default();
+        let limits = vm0_storage::Limits {
+            max_file_bytes: parse_or("VM0_STORAGE_MAX_FILE_BYTES", d.limits.max_file_bytes)?,
+            max_total_bytes: parse_or("VM0_STORAGE_MAX_VERSION_BYTES", d.limits.max_total_bytes)?,
+            max_files: parse_or("VM0_STORAGE_MAX_FILES", d.limits.max_files)?,
+            max_path_bytes: parse_or("VM0_STORAGE_MAX_PATH_BYTES", d.limits.max_path_bytes)?,
+        };
+        anyhow::ensure!(
+            (1..=vm0_storage::paths::MAX_PATH_BYTES).contains(&limits.max_path_bytes),
+            "VM0_STORAGE_MAX_PATH_BYTES must be from 1 to {}",
+            vm0_storage::paths::MAX_PATH_BYTES
+        );
+        anyhow::ensure!(
+            limits.max_files >= 1,
+            "VM0_STORAGE_MAX_FILES must be at least 1"
+        );
+        let ttl: u64 = parse_or("VM0_SIGNED_URL_TTL_SECS", 3600)?;
+        anyhow::ensure!(
+            (10..=7 * 86_400).contains(&ttl),
+            "VM0_SIGNED_URL_TTL_SECS must be from 10 to 604800 (S3's longest)"
+        );
+        let public_url = std::env::var("VM0_PUBLIC_URL")
+            .ok()
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &public_url {
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "VM0_PUBLIC_URL must start with http:// or https://"
+            );
+        }
+        Ok(StorageConfig {
+            object_store_url: std::env::var("VM0_OBJECT_STORE_URL")
+                .ok()
+                .filter(|u| !u.is_empty()),
+            object_store_options: Vec::new(),
+            public_url,
+            url_ttl: Duration::from_secs(ttl),
+            limits,
+        })
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            object_store_url: None,
+            object_store_options: Vec::new(),
+            public_url: None,
+            url_ttl: Duration::from_secs(3600),
+            limits: vm0_storage::Limits::default(),
+        }
+    }
 }
 
 /// The control plane's TLS identity (PEM), from `VM0_GRPC_TLS_CERT` and
@@ -287,6 +366,7 @@ impl GatewayConfig {
             token_max_days,
             auth_failures_per_minute: parse_or("VM0_AUTH_FAILURES_PER_MINUTE", 30)?,
             trusted_proxies,
+            storage: StorageConfig::from_env()?,
             dispatch: DispatchConfig::from_env()?,
         })
     }
@@ -314,6 +394,7 @@ impl GatewayConfig {
             token_max_days: None,
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),
+            storage: StorageConfig::default(),
             dispatch: None,
         }
     }

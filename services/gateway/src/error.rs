@@ -42,7 +42,7 @@ impl ApiError {
         self
     }
 
-    fn with_param(mut self, param: impl Into<String>) -> Self {
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
         self.body.param = Some(param.into());
         self
     }
@@ -183,6 +183,17 @@ impl ApiError {
             StatusCode::FORBIDDEN,
             ErrorType::PermissionError,
             ErrorCode::InsufficientPermissions,
+            message,
+        )
+    }
+
+    /// 409: the request conflicts with the resource's state (an upload with
+    /// files still missing).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorType::ConflictError,
+            ErrorCode::InvalidState,
             message,
         )
     }

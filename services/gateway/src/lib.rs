@@ -32,6 +32,8 @@ pub mod retention;
 pub mod routes;
 /// Run secrets sealed at rest.
 pub mod secrets;
+/// Volumes' and artifacts' bytes: object keys, signed URLs, commits.
+pub mod storage;
 /// Worker credentials: who may talk to the control plane.
 pub mod worker_auth;
 
@@ -41,7 +43,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::serve::ListenerExt;
 use secrets::SecretBox;
 use tokio::net::TcpListener;
@@ -52,7 +54,8 @@ use vm0_db::Store;
 
 pub use config::GatewayConfig;
 use error::ApiError;
-use routes::{agents, events, health, runs, telemetry, tokens};
+use routes::storage::{artifacts, volumes};
+use routes::{agents, events, health, objects, runs, telemetry, tokens};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -70,6 +73,7 @@ pub struct AppState {
     pub secrets: SecretBox,
     /// Event streams open on this gateway, per organization.
     pub event_streams: Arc<routes::events::OrgStreams>,
+    pub storage: Arc<storage::StorageService>,
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
@@ -84,6 +88,9 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let err = std::io::Error::other("handler panicked");
     ApiError::internal(&err).into_response()
 }
+
+/// Largest body of `POST /:id/upload` (the list of a version's files).
+const UPLOAD_BODY_BYTES: usize = 32 << 20;
 
 /// The whole HTTP API as a router (no socket: tests may drive it directly).
 pub fn app(state: AppState) -> Router {
@@ -106,6 +113,38 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/runs/{id}/metrics", get(telemetry::metrics))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{id}", delete(tokens::revoke))
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/v1/volumes/{id}",
+            get(volumes::get).delete(volumes::delete),
+        )
+        .route("/v1/volumes/{id}/versions", get(volumes::versions))
+        .route("/v1/volumes/{id}/download", get(volumes::download))
+        .route(
+            "/v1/artifacts",
+            get(artifacts::list).post(artifacts::create),
+        )
+        .route(
+            "/v1/artifacts/{id}",
+            get(artifacts::get).delete(artifacts::delete),
+        )
+        .route("/v1/artifacts/{id}/versions", get(artifacts::versions))
+        .route("/v1/artifacts/{id}/download", get(artifacts::download))
+        .merge(
+            // An upload lists every file: up to 100,000 of them.
+            Router::new()
+                .route("/v1/volumes/{id}/upload", post(volumes::upload))
+                .route("/v1/volumes/{id}/commit", post(volumes::commit))
+                .route("/v1/artifacts/{id}/upload", post(artifacts::upload))
+                .route("/v1/artifacts/{id}/commit", post(artifacts::commit))
+                .layer(DefaultBodyLimit::max(body_limit.max(UPLOAD_BODY_BYTES))),
+        )
+        .merge(
+            // A file's bytes stream to the store, bounded by the signed size.
+            Router::new()
+                .route("/v1/objects/{*key}", put(objects::put).get(objects::get))
+                .layer(DefaultBodyLimit::disable()),
+        )
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -133,6 +172,7 @@ pub async fn open_store(config: &GatewayConfig) -> anyhow::Result<Store> {
 pub struct Gateway {
     pub config: GatewayConfig,
     pub store: Store,
+    pub objects: vm0_storage::Objects,
     pub bus: Option<Bus>,
     pub secrets: SecretBox,
 }
@@ -145,6 +185,18 @@ impl Gateway {
         use anyhow::Context;
         let store = open_store(&config).await?;
         secrets.check_against(&store).await?;
+        let options: Vec<(&str, &str)> = config
+            .storage
+            .object_store_options
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let objects = vm0_storage::Objects::open_with(
+            config.storage.object_store_url.as_deref(),
+            &config.data_dir.join("objects"),
+            &options,
+        )
+        .context("opening the object store (VM0_OBJECT_STORE_URL)")?;
         let bus = match &config.dispatch {
             Some(d) => {
                 let bus = Bus::connect(&d.nats, vm0_bus::Role::Gateway, "vm0-gateway").await?;
@@ -158,6 +210,7 @@ impl Gateway {
         Ok(Gateway {
             config,
             store,
+            objects,
             bus,
             secrets,
         })
@@ -172,6 +225,13 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let dispatch = self.config.dispatch.clone().map(Arc::new);
+        let storage_service = Arc::new(storage::StorageService {
+            objects: self.objects.clone(),
+            signer: self.secrets.url_signer(),
+            limits: self.config.storage.limits,
+            url_ttl: self.config.storage.url_ttl,
+            public_url: self.config.storage.public_url.clone(),
+        });
         let state = AppState {
             store: self.store.clone(),
             tokens: Arc::new(auth::TokenCache::new(self.config.auth_cache_ttl)),
@@ -183,6 +243,7 @@ impl Gateway {
             bus: self.bus.clone(),
             secrets: self.secrets.clone(),
             event_streams: Arc::new(routes::events::OrgStreams::default()),
+            storage: storage_service,
         };
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(keep) = state.config.records_retention {

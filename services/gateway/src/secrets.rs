@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 struct SealingKey {
     id: String,
     cipher: ChaCha20Poly1305,
+    /// Signs the URLs the gateway serves for the local object store.
+    url_signer: vm0_storage::UrlSigner,
 }
 
 impl SealingKey {
@@ -40,6 +42,7 @@ impl SealingKey {
         SealingKey {
             id: hex::encode(&h.finalize()[..8]),
             cipher: ChaCha20Poly1305::new(&Key::from(key)),
+            url_signer: vm0_storage::UrlSigner::derive(&key),
         }
     }
 }
@@ -109,6 +112,12 @@ impl SecretBox {
     pub fn with_old_keys(mut self, keys: &[[u8; 32]]) -> SecretBox {
         self.old = keys.iter().map(|k| SealingKey::new(*k)).collect();
         self
+    }
+
+    /// The signer of object URLs, under a key derived from the current one (a
+    /// rotation invalidates URLs signed before it, which last an hour).
+    pub fn url_signer(&self) -> vm0_storage::UrlSigner {
+        self.current.url_signer.clone()
     }
 
     /// The sealing key's public id.

@@ -14,6 +14,7 @@ pub mod run_metric;
 pub mod secrets_key;
 pub mod session;
 pub mod storage;
+pub mod storage_upload;
 pub mod storage_version;
 pub mod worker;
 pub mod worker_credential;

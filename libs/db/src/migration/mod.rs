@@ -9,6 +9,7 @@ mod m0002_dispatch;
 mod m0003_trust;
 mod m0004_claims;
 mod m0005_retention;
+mod m0006_storage;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_trust::Migration),
             Box::new(m0004_claims::Migration),
             Box::new(m0005_retention::Migration),
+            Box::new(m0006_storage::Migration),
         ]
     }
 }

@@ -10,6 +10,7 @@ mod dispatch;
 mod retention;
 mod run_batch;
 mod runs;
+mod storage;
 mod telemetry;
 mod tokens;
 mod trust;
@@ -29,6 +30,7 @@ pub use telemetry::{LogFilter, MetricAggregate, NewLog, NewMetric};
 
 pub use agents::UpdateOutcome;
 pub use dispatch::{ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun};
+pub use storage::{Committed, StorageKind};
 
 use crate::migration::Migrator;
 

@@ -6,7 +6,7 @@ use vm0_api_types::ids::{IdKind, new_id};
 use vm0_api_types::runs::{LogLevel, LogType, RunEventType, RunStatus};
 
 use super::{KeysetAfter, SortOrder, Store, StoreError, keyset};
-use crate::entity::{checkpoint, run, run_event, run_log, session, storage, storage_version};
+use crate::entity::{checkpoint, run, run_event, run_log, session};
 
 /// Everything needed to insert a run; resolved and validated by the caller.
 #[derive(Debug, Clone)]
@@ -284,32 +284,6 @@ impl Store {
     ) -> Result<Option<checkpoint::Model>, StoreError> {
         Ok(checkpoint::Entity::find_by_id(id.to_owned())
             .filter(checkpoint::Column::OrgId.eq(org_id))
-            .one(self.conn())
-            .await?)
-    }
-
-    /// A volume or artifact of `org_id` by name (`kind` is `volume` or `artifact`).
-    pub async fn find_storage(
-        &self,
-        org_id: &str,
-        kind: &str,
-        name: &str,
-    ) -> Result<Option<storage::Model>, StoreError> {
-        Ok(storage::Entity::find()
-            .filter(storage::Column::OrgId.eq(org_id))
-            .filter(storage::Column::Kind.eq(kind))
-            .filter(storage::Column::Name.eq(name))
-            .one(self.conn())
-            .await?)
-    }
-
-    pub async fn get_storage_version(
-        &self,
-        storage_id: &str,
-        version_id: &str,
-    ) -> Result<Option<storage_version::Model>, StoreError> {
-        Ok(storage_version::Entity::find_by_id(version_id.to_owned())
-            .filter(storage_version::Column::StorageId.eq(storage_id))
             .one(self.conn())
             .await?)
     }

@@ -3,7 +3,9 @@
 pub mod agents;
 pub mod events;
 pub mod health;
+pub mod objects;
 pub mod runs;
+pub mod storage;
 pub mod telemetry;
 pub mod tokens;
 

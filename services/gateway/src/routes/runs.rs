@@ -16,6 +16,8 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, QueryParams, path_id};
+use crate::storage::resolve_version as resolve_storage_version;
+use vm0_db::StorageKind;
 
 /// List runs, newest first
 #[utoipa::path(get, path = "/v1/runs", tag = "runs",
@@ -193,7 +195,8 @@ async fn resolve_version(
     })
 }
 
-/// Volume name → exact version id; `latest` resolves now, so the run is reproducible.
+/// Volume name → exact version id; `latest` resolves now, so the run is
+/// reproducible, and a prefix becomes the full id.
 async fn resolve_volumes(
     state: &AppState,
     org: &str,
@@ -204,7 +207,7 @@ async fn resolve_volumes(
         let param = format!("volumes.{name}");
         let volume = state
             .store
-            .find_storage(org, "volume", name)
+            .find_storage(org, StorageKind::Volume, name)
             .await?
             .ok_or_else(|| ApiError::not_found("volume", name, Some(&param)))?;
         let version = if spec == "latest" {
@@ -212,11 +215,8 @@ async fn resolve_volumes(
                 ApiError::invalid_state(format!("Volume '{name}' has no versions yet"))
             })?
         } else {
-            state
-                .store
-                .get_storage_version(&volume.id, spec)
+            resolve_storage_version(&state.store, StorageKind::Volume, &volume, spec, &param)
                 .await?
-                .ok_or_else(|| ApiError::not_found("volume version", spec, Some(&param)))?
                 .id
         };
         out.insert(name.clone(), version);
@@ -234,7 +234,10 @@ async fn resolve_artifact(
     let Some(name) = &req.artifact_name else {
         return Ok(None);
     };
-    let artifact = state.store.find_storage(org, "artifact", name).await?;
+    let artifact = state
+        .store
+        .find_storage(org, StorageKind::Artifact, name)
+        .await?;
     match (req.artifact_version.as_deref(), artifact) {
         (None | Some("latest"), None) => Ok(None),
         (None | Some("latest"), Some(a)) => Ok(a.current_version_id),
@@ -243,12 +246,15 @@ async fn resolve_artifact(
                 "No such artifact: '{name}' (version '{v}' was requested)"
             ))),
         (Some(v), Some(a)) => Ok(Some(
-            state
-                .store
-                .get_storage_version(&a.id, v)
-                .await?
-                .ok_or_else(|| ApiError::not_found("artifact version", v, Some("artifactVersion")))?
-                .id,
+            resolve_storage_version(
+                &state.store,
+                StorageKind::Artifact,
+                &a,
+                v,
+                "artifactVersion",
+            )
+            .await?
+            .id,
         )),
     }
 }

@@ -10,5 +10,6 @@ mod events;
 mod http;
 mod pagination;
 mod runs;
+mod storage;
 mod tenancy;
 mod token_trust;
