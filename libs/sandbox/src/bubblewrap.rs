@@ -306,6 +306,21 @@ impl Bubblewrap {
         // Reachable by the command too (`vm0-guest-agent probe`); bwrap would make
         // the directory root's own.
         cmd.args(["--perms", "0755", "--dir", "/run"]);
+        for tree in spec.trees_in.iter().filter(|t| bound_read_only(t)) {
+            if let Some(dir) = &tree.unpacked {
+                // bwrap would make missing parents 0700: the run user could not
+                // reach the tree.
+                let parents: Vec<_> = std::path::Path::new(&tree.dest)
+                    .ancestors()
+                    .skip(1)
+                    .filter(|p| p.parent().is_some())
+                    .collect();
+                for parent in parents.into_iter().rev() {
+                    cmd.args(["--perms", "0755", "--dir"]).arg(parent);
+                }
+                cmd.arg("--ro-bind").arg(dir).arg(&tree.dest);
+            }
+        }
         cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
         let fds = self.seccomp_fds()?;
         for fd in crate::spawn::numbers(&fds) {
@@ -495,6 +510,11 @@ impl RunLimits {
 /// Owns the sandbox until it is gone: waits for the agent, hands it the input
 /// files and the command, relays until the command ended, kills what is left,
 /// removes the scratch directory, then sends `Exited`.
+/// A read-only tree the worker has unpacked: bound, not copied.
+fn bound_read_only(tree: &crate::TreeIn) -> bool {
+    tree.read_only && tree.unpacked.is_some()
+}
+
 async fn supervise(
     child: Child,
     mut link: GuestLink,
@@ -528,6 +548,13 @@ async fn supervise(
         );
         let _ = events.send(SandboxEvent::Log(line)).await;
         send_files(&mut link, &spec.files).await?;
+        // Read-only trees the worker unpacked are bound (see `command`).
+        let copied: Vec<&crate::TreeIn> = spec
+            .trees_in
+            .iter()
+            .filter(|t| !bound_read_only(t))
+            .collect();
+        crate::trees::send_trees(&mut link, &copied, &events).await?;
         // The host samples (see the module doc): the agent does not.
         let start = start_message(&spec, Duration::ZERO);
         frame::write(&mut link.tx, &start)
@@ -545,6 +572,9 @@ async fn supervise(
                 last_sample,
             ));
             let mut exit = relay("bwrap", &mut vm, None, &mut kill, &events).await;
+            if exit != LOST {
+                crate::trees::take_trees(&mut vm.link, &spec.trees_out, &events).await;
+            }
             // The last sample, taken now, is every run's, however short.
             let _ = sampled.send(());
             if tokio::time::timeout(Duration::from_secs(2), sampler)

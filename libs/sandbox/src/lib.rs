@@ -32,6 +32,8 @@ pub mod select;
 pub mod slot_user;
 /// Spawning the processes around a run (bwrap, VMMs).
 mod spawn;
+/// Directory trees in and out through the guest agent.
+mod trees;
 /// A VMM's jail: its uid, mount namespace and files.
 pub mod vmm_jail;
 
@@ -75,6 +77,51 @@ pub struct SandboxSpec {
     /// what the command runs as in bubblewrap, and the VMM of a microVM. `None`:
     /// the worker's own user (a worker that is not root).
     pub slot_user: Option<slot_user::SlotUser>,
+    /// Directory trees placed in the sandbox before the command starts.
+    pub trees_in: Vec<TreeIn>,
+    /// Directory trees taken out after the command ended (each reported by a
+    /// [`SandboxEvent::TreeSaved`] before `Exited`).
+    pub trees_out: Vec<TreeOut>,
+}
+
+/// A tree the command finds in its sandbox: a version's `.tar.gz` on the host,
+/// unpacked at `dest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeIn {
+    /// Absolute path in the sandbox.
+    pub dest: String,
+    /// The archive on the host.
+    pub archive: PathBuf,
+    /// The same tree already unpacked on the host (checked), when the worker
+    /// has it: bubblewrap binds it read-only instead of copying.
+    pub unpacked: Option<PathBuf>,
+    /// The command may not change it (a volume).
+    pub read_only: bool,
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+/// A tree taken out of the sandbox as a `.tar.gz` written on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeOut {
+    /// Absolute path in the sandbox.
+    pub src: String,
+    /// Where the archive is written on the host (the worker checks it: it
+    /// comes from inside the sandbox).
+    pub archive: PathBuf,
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+/// What taking a tree out gave: the archive's size, and the guest's own count
+/// of it (to be checked) with what it left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeTaken {
+    pub archive_bytes: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub skipped: Vec<String>,
+    pub took: std::time::Duration,
 }
 
 /// How long each phase of a microVM's boot took.
@@ -138,6 +185,11 @@ pub enum SandboxEvent {
     Log(String),
     /// A microVM's guest agent is ready (sent once, before any output).
     Booted(BootTimings),
+    /// A tree of `trees_out` after the command ended: its archive, or why not.
+    TreeSaved {
+        src: String,
+        result: Result<TreeTaken, String>,
+    },
     /// The last event: the command ended and everything was cleaned up.
     Exited(ExitReport),
 }

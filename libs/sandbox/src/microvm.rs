@@ -531,6 +531,8 @@ pub async fn probe<V: Vmm>(
         sample_interval: Duration::ZERO,
         as_root: false,
         slot_user: user,
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     };
     let files = VmFiles::in_dir(scratch_dir);
     let req = VmRequest {
@@ -643,7 +645,12 @@ async fn supervise<V: Vmm>(
     );
     let _ = events.send(SandboxEvent::Log(line)).await;
     let _ = events.send(SandboxEvent::Booted(timings)).await;
-    if let Err(why) = send_files(&mut vm.link, &spec.files).await {
+    let trees: Vec<&crate::TreeIn> = spec.trees_in.iter().collect();
+    let placed = match send_files(&mut vm.link, &spec.files).await {
+        Ok(()) => crate::trees::send_trees(&mut vm.link, &trees, events).await,
+        Err(why) => Err(why),
+    };
+    if let Err(why) = placed {
         let _ = events.send(SandboxEvent::Log(why)).await;
         vmm.stop(&mut vm, files).await;
         return LOST;
@@ -656,6 +663,9 @@ async fn supervise<V: Vmm>(
         return LOST;
     }
     let exit = relay(vmm.name(), &mut vm, Some(&files.console), &mut kill, events).await;
+    if exit != LOST {
+        crate::trees::take_trees(&mut vm.link, &spec.trees_out, events).await;
+    }
     vmm.stop(&mut vm, files).await;
     exit
 }
@@ -797,7 +807,9 @@ async fn forward(
         guest_message::Kind::Ready(_)
         | guest_message::Kind::Pong(_)
         | guest_message::Kind::FileWritten(_)
-        | guest_message::Kind::FileData(_) => {}
+        | guest_message::Kind::FileData(_)
+        | guest_message::Kind::TreeUnpacked(_)
+        | guest_message::Kind::TreeData(_) => {}
     }
     None
 }

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+mod support;
+
+use support::tree_archive;
 use vm0_sandbox::bubblewrap::Bubblewrap;
 use vm0_sandbox::sample::{pids_matching, processes_matching};
 use vm0_sandbox::{ExitReport, GuestFile, Sandbox, SandboxEvent, SandboxSpec};
@@ -33,6 +36,8 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         sample_interval: Duration::from_millis(100),
         as_root: false,
         slot_user: None,
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     }
 }
 
@@ -64,7 +69,7 @@ async fn run_on(bwrap: &Bubblewrap, spec: SandboxSpec, kill_after: Option<Durati
                 SandboxEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 SandboxEvent::Sample(_) => samples += 1,
                 SandboxEvent::Log(l) => logs.push(l),
-                SandboxEvent::Booted(_) => {}
+                SandboxEvent::Booted(_) | SandboxEvent::TreeSaved { .. } => {}
                 SandboxEvent::Exited(exit) => {
                     return Outcome {
                         stdout: String::from_utf8_lossy(&stdout).into(),
@@ -615,4 +620,102 @@ async fn runs_of_different_slots_are_different_host_users() {
             "{uid} is a host user"
         );
     }
+}
+
+/// Trees in (a writable /work from an archive, a read-only volume bound from
+/// the host) and out (/work after the command, links kept, a FIFO skipped).
+#[tokio::test]
+async fn trees_go_in_and_come_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (work, _) = tree_archive(
+        dir.path(),
+        "work",
+        &[
+            ("hello.txt", "hello\n"),
+            ("sub/x.bin", "xx"),
+            ("ln", "@hello.txt"),
+        ],
+    );
+    let (vol, vol_dir) = tree_archive(dir.path(), "vol", &[("data.txt", "volume data\n")]);
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /work/hello.txt /volumes/v/data.txt; touch /volumes/v/new 2>/dev/null && echo wrote-volume; readlink /work/ln; echo out > /work/result.txt; rm /work/sub/x.bin; mkfifo /work/fifo; ls -ld /work/sub | cut -c1-10",
+        ],
+    );
+    s.trees_in = vec![
+        vm0_sandbox::TreeIn {
+            dest: "/work".into(),
+            archive: work,
+            unpacked: None,
+            read_only: false,
+            max_bytes: 1 << 20,
+            max_files: 100,
+        },
+        vm0_sandbox::TreeIn {
+            dest: "/volumes/v".into(),
+            archive: vol,
+            unpacked: Some(vol_dir),
+            read_only: true,
+            max_bytes: 1 << 20,
+            max_files: 100,
+        },
+    ];
+    let out_archive = dir.path().join("out.tar.gz");
+    s.trees_out = vec![vm0_sandbox::TreeOut {
+        src: "/work".into(),
+        archive: out_archive.clone(),
+        max_bytes: 1 << 20,
+        max_files: 100,
+    }];
+    let bwrap = Bubblewrap::detect(&guest_agent())
+        .await
+        .expect("bubblewrap");
+    let mut sb = bwrap.start(s).await.expect("start");
+    let (mut stdout, mut saved, mut logs) = (Vec::new(), Vec::new(), Vec::new());
+    let exit = loop {
+        match sb.next_event().await.expect("events") {
+            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => stdout.extend_from_slice(&b),
+            SandboxEvent::TreeSaved { src, result } => saved.push((src, result)),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::Exited(exit) => break exit,
+            _ => {}
+        }
+    };
+    let stdout = String::from_utf8_lossy(&stdout);
+    assert_eq!(exit.code, Some(0), "{stdout} {logs:?}");
+    assert_eq!(
+        stdout, "hello\nvolume data\nhello.txt\ndrwxr-xr-x\n",
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter().any(|l| l.starts_with("/work: 3 files")),
+        "{logs:?}"
+    );
+    assert_eq!(saved.len(), 1);
+    let taken = saved[0].1.as_ref().expect("saved");
+    assert_eq!(taken.files, 3, "{taken:?}");
+    assert!(
+        taken.skipped.iter().any(|s| s.contains("fifo")),
+        "{taken:?}"
+    );
+    let back = dir.path().join("back");
+    let manifest = vm0_storage::unpack(
+        std::fs::File::open(&out_archive).expect("open"),
+        &back,
+        &vm0_storage::Limits::default(),
+    )
+    .expect("unpack");
+    let paths: Vec<&str> = manifest.files().iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["hello.txt", "ln", "result.txt"]);
+    assert_eq!(
+        std::fs::read_link(back.join("ln")).expect("link"),
+        std::path::Path::new("hello.txt")
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("result.txt")).expect("read"),
+        "out\n"
+    );
 }

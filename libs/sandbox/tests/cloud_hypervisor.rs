@@ -33,6 +33,8 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         sample_interval: Duration::from_millis(500),
         as_root: false,
         slot_user: None,
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     }
 }
 

@@ -2,6 +2,8 @@
 //! stock kernel). Needs the static guest agent: `scripts/test.sh` builds it and
 //! sets `VM0_GUEST_AGENT`.
 
+mod support;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -94,6 +96,8 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         sample_interval: Duration::from_millis(500),
         as_root: false,
         slot_user: slot_user(),
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     }
 }
 
@@ -113,6 +117,7 @@ async fn run(spec: SandboxSpec, kill_on: Option<&str>) -> (String, Vec<String>, 
                 SandboxEvent::Sample(_) => samples += 1,
                 SandboxEvent::Log(l) => logs.push(l),
                 SandboxEvent::Booted(t) => logs.push(format!("booted: {t:?}")),
+                SandboxEvent::TreeSaved { .. } => {}
                 SandboxEvent::Exited(x) => return (String::from_utf8_lossy(&out).into(), logs, x, samples),
             },
         }
@@ -480,4 +485,85 @@ fn disk_use(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// Trees through the guest agent of a VM: a writable /work from an archive, a
+/// volume unpacked read-only (root's, and mounted read-only), /work out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_go_in_and_come_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (work, _) = support::tree_archive(
+        dir.path(),
+        "work",
+        &[("hello.txt", "hello\n"), ("ln", "@hello.txt")],
+    );
+    let (vol, _) = support::tree_archive(dir.path(), "vol", &[("d/data.txt", "volume data\n")]);
+    let mut s = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /work/hello.txt /volumes/v/d/data.txt; touch /volumes/v/new 2>/dev/null && echo wrote-volume; \
+             (echo x >> /volumes/v/d/data.txt) 2>/dev/null && echo changed-volume; echo out > /work/result.txt",
+        ],
+    );
+    // An archive goes into an empty directory: no input files in /work.
+    s.files.clear();
+    s.trees_in = vec![
+        vm0_sandbox::TreeIn {
+            dest: "/work".into(),
+            archive: work,
+            unpacked: None,
+            read_only: false,
+            max_bytes: 1 << 20,
+            max_files: 100,
+        },
+        vm0_sandbox::TreeIn {
+            dest: "/volumes/v".into(),
+            archive: vol,
+            unpacked: None,
+            read_only: true,
+            max_bytes: 1 << 20,
+            max_files: 100,
+        },
+    ];
+    let out_archive = dir.path().join("out.tar.gz");
+    s.trees_out = vec![vm0_sandbox::TreeOut {
+        src: "/work".into(),
+        archive: out_archive.clone(),
+        max_bytes: 1 << 20,
+        max_files: 100,
+    }];
+    let mut sb = qemu().start(s).await.expect("start");
+    let (mut out, mut logs, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+    let exit = loop {
+        match sb.next_event().await.expect("events") {
+            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => out.extend_from_slice(&b),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::TreeSaved { src, result } => saved.push((src, result)),
+            SandboxEvent::Exited(x) => break x,
+            _ => {}
+        }
+    };
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(exit.code, Some(0), "{out} {logs:?}");
+    assert_eq!(
+        out, "hello\nvolume data\n",
+        "the volume is read-only; {logs:?}"
+    );
+    assert!(
+        logs.iter().any(|l| l.starts_with("/volumes/v: 1 files")),
+        "{logs:?}"
+    );
+    let taken = saved[0].1.as_ref().expect("saved");
+    assert_eq!(taken.files, 3, "{taken:?}");
+    let back = dir.path().join("back");
+    let manifest = vm0_storage::unpack(
+        std::fs::File::open(&out_archive).expect("open"),
+        &back,
+        &vm0_storage::Limits::default(),
+    )
+    .expect("unpack");
+    let paths: Vec<&str> = manifest.files().iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["hello.txt", "ln", "result.txt"]);
 }

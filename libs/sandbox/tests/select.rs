@@ -67,6 +67,8 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         sample_interval: Duration::from_secs(1),
         as_root: false,
         slot_user: slot_user(),
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     };
     let mut run = sandbox.start(spec).await.expect("start");
     let mut out = Vec::new();

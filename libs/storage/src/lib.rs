@@ -8,17 +8,24 @@
 //! can point outside the version's own place.
 
 pub mod archive;
+#[cfg(feature = "store")]
 pub mod assemble;
 pub mod manifest;
+#[cfg(feature = "store")]
 pub mod objects;
 pub mod paths;
+#[cfg(feature = "store")]
 pub mod signed;
 /// A real S3-compatible server (moto) for tests.
+#[cfg(feature = "store")]
 pub mod testing;
 
 pub use archive::{ArchiveError, ArchiveWriter, Packed, pack_dir, unpack};
+#[cfg(feature = "store")]
 pub use assemble::{AssembleError, Part, archive_objects};
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};
+#[cfg(feature = "store")]
 pub use objects::{Objects, ObjectsError, Stored};
 pub use paths::PathError;
+#[cfg(feature = "store")]
 pub use signed::{Access, Grant, SignatureError, UrlSigner};

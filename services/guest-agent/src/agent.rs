@@ -16,7 +16,7 @@ use vm0_proto::guest::{
 };
 
 use crate::sample::{Sampler, oom_kills};
-use crate::{files, run_user};
+use crate::{files, run_user, trees};
 
 /// Pid of the command being run (0: none), so that PID 1's orphan reaper leaves it
 /// to tokio.
@@ -121,12 +121,13 @@ where
     .await;
 
     // Before Start: inputs and pings.
+    let mut unpacking = None;
     let start = loop {
         match host_rx.recv().await {
             Some(HostMessage {
                 kind: Some(host_message::Kind::Start(s)),
             }) => break Some(s),
-            Some(m) => idle(m, &out_tx, "Start").await,
+            Some(m) => idle(m, &mut unpacking, &out_tx, "Start").await,
             None => break None,
         }
     };
@@ -135,7 +136,13 @@ where
         let _ = out_tx.send(msg(guest_message::Kind::Exited(exited))).await;
         // After Exited: outputs and pings, until the host closes the stream.
         while let Some(m) = host_rx.recv().await {
-            idle(m, &out_tx, "nothing more than files and pings after Exited").await;
+            idle(
+                m,
+                &mut unpacking,
+                &out_tx,
+                "nothing more than files and pings after Exited",
+            )
+            .await;
         }
     }
     // The reader holds a sender too: stop it so the writer ends once all is out.
@@ -147,7 +154,12 @@ where
 
 /// A message while no command runs: files and pings are served, anything else
 /// is refused saying what was `expected`.
-async fn idle(m: HostMessage, out: &mpsc::Sender<GuestMessage>, expected: &str) {
+async fn idle(
+    m: HostMessage,
+    unpacking: &mut Option<trees::Unpacking>,
+    out: &mpsc::Sender<GuestMessage>,
+    expected: &str,
+) {
     match m.kind {
         Some(host_message::Kind::Ping(p)) => {
             let _ = out
@@ -156,6 +168,8 @@ async fn idle(m: HostMessage, out: &mpsc::Sender<GuestMessage>, expected: &str) 
         }
         Some(host_message::Kind::WriteFile(w)) => files::handle_write(w, out).await,
         Some(host_message::Kind::ReadFile(r)) => files::handle_read(r, out).await,
+        Some(host_message::Kind::UnpackTree(u)) => trees::handle_unpack(u, unpacking, out).await,
+        Some(host_message::Kind::PackTree(p)) => trees::handle_pack(p, out).await,
         _ => {
             let message = format!("expected {expected}");
             let _ = out

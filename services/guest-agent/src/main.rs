@@ -16,6 +16,7 @@ mod init;
 mod probe;
 mod run_user;
 mod sample;
+mod trees;
 
 use agent::BootTimes;
 use init::{Booted, Channel};

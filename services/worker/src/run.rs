@@ -380,6 +380,8 @@ fn sandbox_spec<S>(
         sample_interval: ctx.config.sample_interval,
         as_root: spec.as_root,
         slot_user,
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     }
 }
 
