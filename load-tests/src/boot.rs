@@ -114,6 +114,8 @@ async fn one_run<V: Vmm>(
         sample_interval: Duration::ZERO,
         as_root: false,
         slot_user,
+        trees_in: Vec::new(),
+        trees_out: Vec::new(),
     };
     let started = Instant::now();
     let mut run = sandbox.start(spec).await?;
@@ -129,7 +131,7 @@ async fn one_run<V: Vmm>(
                 anyhow::ensure!(exit.code == Some(0), "run failed: {exit:?}: {logs:#?}");
                 break;
             }
-            SandboxEvent::Sample(_) => {}
+            SandboxEvent::Sample(_) | SandboxEvent::TreeSaved { .. } => {}
         }
     }
     let total = started.elapsed();

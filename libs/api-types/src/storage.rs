@@ -70,6 +70,10 @@ pub struct UploadFile {
     #[serde(default)]
     #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: Option<String>,
+    /// Makes the entry a symbolic link to this target (relative, never
+    /// followed); `size` must then be the target's length. Nothing is PUT.
+    #[serde(default)]
+    pub link: Option<String>,
 }
 
 /// `POST /:id/upload`: the files of the next version.
@@ -86,9 +90,9 @@ pub struct UploadRequest {
 #[serde(rename_all = "camelCase")]
 pub struct UploadTarget {
     pub path: String,
-    /// A signed URL: `PUT` exactly `size` bytes to it, before `expiresAt`. Empty
-    /// files need no PUT.
-    pub upload_url: String,
+    /// A signed URL: `PUT` exactly `size` bytes to it, before `expiresAt`.
+    /// `null` for empty files and links, which need no PUT.
+    pub upload_url: Option<String>,
 }
 
 /// The answer to `POST /:id/upload`.

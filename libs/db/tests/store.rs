@@ -196,6 +196,7 @@ async fn complete_stays_last_while_a_worker_keeps_sending(db: Db) {
             last_worker_seq: 0,
             log: "forced".into(),
             now: now(),
+            artifact_version: None,
         })
         .await
         .expect("finish");

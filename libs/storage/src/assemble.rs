@@ -18,12 +18,14 @@ const CHUNK_BYTES: usize = 1 << 20;
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// One file of the archive: its path in the version, its size, and where its
-/// bytes are (`None` for an empty file, which has no object).
-#[derive(Debug, Clone)]
+/// bytes are (`None` for an empty file, which has no object), or the target of
+/// a symbolic link.
+#[derive(Debug, Clone, Default)]
 pub struct Part {
     pub path: String,
     pub size: u64,
     pub key: Option<String>,
+    pub link: Option<String>,
 }
 
 /// Why the archive could not be made.
@@ -87,6 +89,7 @@ const FETCH_AHEAD: usize = 16;
 
 /// A part's bytes as the archiver gets them.
 enum Source {
+    Link(String),
     Empty,
     Whole(Bytes),
     Stream(std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, ObjectsError>> + Send>>),
@@ -112,14 +115,17 @@ pub async fn archive_objects(
                 .map(|part| {
                     let objects = objects.clone();
                     async move {
-                        let source = match &part.key {
-                            None => Source::Empty,
-                            Some(key) if part.size <= SMALL_FILE_BYTES => {
+                        let source = match (&part.link, &part.key) {
+                            (Some(target), _) => Source::Link(target.clone()),
+                            (None, None) => Source::Empty,
+                            (None, Some(key)) if part.size <= SMALL_FILE_BYTES => {
                                 let chunks: Vec<Bytes> =
                                     objects.get_stream(key).await?.try_collect().await?;
                                 Source::Whole(Bytes::from(chunks.concat()))
                             }
-                            Some(key) => Source::Stream(Box::pin(objects.get_stream(key).await?)),
+                            (None, Some(key)) => {
+                                Source::Stream(Box::pin(objects.get_stream(key).await?))
+                            }
                         };
                         Ok((part, source))
                     }
@@ -146,6 +152,10 @@ pub async fn archive_objects(
                 source,
             };
             let digest = match source {
+                Source::Link(target) => out.add_link(&part.path, &target).map(|()| {
+                    use sha2::Digest;
+                    hex::encode(sha2::Sha256::digest(target.as_bytes()))
+                }),
                 Source::Empty => out.add_file(&part.path, part.size, 0o644, std::io::empty()),
                 Source::Whole(bytes) => out.add_file(&part.path, part.size, 0o644, &bytes[..]),
                 Source::Stream(stream) => {

@@ -203,7 +203,6 @@ impl Objects {
                 .put(&self.path(key), payload)
                 .await
                 .map_err(store_err)?;
-            drop(next);
             return Ok(Stored {
                 size,
                 sha256: hex::encode(hash.finalize()),
@@ -229,7 +228,6 @@ impl Objects {
             Ok(())
         }
         .await;
-        drop(next);
         match outcome {
             Ok(()) => {
                 writer.finish().await.map_err(store_err)?;

@@ -152,16 +152,25 @@ async fn assembles_archives(objects: &Objects) {
             path: "a/big.bin".into(),
             size: big.len() as u64,
             key: Some("up/1".into()),
+            link: None,
         },
         Part {
             path: "a/empty".into(),
             size: 0,
             key: None,
+            link: None,
+        },
+        Part {
+            path: "a/link".into(),
+            size: 7,
+            key: None,
+            link: Some("big.bin".into()),
         },
         Part {
             path: "b.txt".into(),
             size: 5,
             key: Some("up/2".into()),
+            link: None,
         },
     ];
     let digests = archive_objects(objects, parts.clone(), "out/v.tar.gz")
@@ -172,6 +181,7 @@ async fn assembles_archives(objects: &Objects) {
         vec![
             hex::encode(Sha256::digest(&big)),
             hex::encode(Sha256::digest(b"")),
+            hex::encode(Sha256::digest(b"big.bin")),
             hex::encode(Sha256::digest(b"hello")),
         ]
     );
@@ -179,12 +189,16 @@ async fn assembles_archives(objects: &Objects) {
     let dir = tempfile::tempdir().expect("dir");
     let dest = dir.path().join("x");
     let manifest = vm0_storage::unpack(&archive[..], &dest, &Limits::default()).expect("unpack");
-    assert_eq!(manifest.files().len(), 3);
+    assert_eq!(manifest.files().len(), 4);
+    assert_eq!(
+        std::fs::read_link(dest.join("a/link")).expect("link"),
+        std::path::Path::new("big.bin")
+    );
     assert!(std::fs::read(dest.join("a/big.bin")).expect("read") == big);
     assert_eq!(std::fs::read(dest.join("b.txt")).expect("read"), b"hello");
 
     let mut short = parts.clone();
-    short[2].size = 6;
+    short[3].size = 6;
     let err = archive_objects(objects, short, "out/w.tar.gz")
         .await
         .expect_err("short");
@@ -195,7 +209,7 @@ async fn assembles_archives(objects: &Objects) {
         .await
         .expect_err("long");
     let mut missing = parts;
-    missing[2].key = Some("up/none".into());
+    missing[3].key = Some("up/none".into());
     let err = archive_objects(objects, missing, "out/w.tar.gz")
         .await
         .expect_err("missing");

@@ -16,7 +16,7 @@ use vm0_api_types::agents::AgentConfig;
 use vm0_api_types::ids::{IdKind, is_id};
 use vm0_api_types::runs::RunStatus;
 use vm0_bus::Bus;
-use vm0_db::{ClaimOutcome, FinishOutcome, FinishRun, NewLog, Store, convert};
+use vm0_db::{ClaimOutcome, FinishOutcome, FinishRun, NewLog, StorageKind, Store, convert};
 use vm0_proto::worker::control_plane_server::{ControlPlane, ControlPlaneServer};
 use vm0_proto::worker::{self as pb, ClaimOutcome as PbClaim, FinalStatus};
 
@@ -24,6 +24,7 @@ use crate::config::DispatchConfig;
 use crate::dispatch::publish_events;
 use crate::error::ErrorChain;
 use crate::secrets::SecretBox;
+use crate::storage::{Announced, StorageService};
 use crate::worker_auth::{WorkerAuth, identity};
 
 /// Agent versions cached at most.
@@ -36,6 +37,7 @@ pub struct ControlPlaneService {
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
     auth: WorkerAuth,
+    storage: Arc<StorageService>,
 }
 
 /// The service; each call authenticates its worker.
@@ -44,6 +46,7 @@ pub fn server(
     bus: Bus,
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
+    storage: Arc<StorageService>,
 ) -> ControlPlaneServer<ControlPlaneService> {
     ControlPlaneServer::new(ControlPlaneService {
         auth: WorkerAuth::new(store.clone()),
@@ -52,6 +55,7 @@ pub fn server(
         bus,
         secrets,
         config,
+        storage,
     })
 }
 
@@ -205,7 +209,126 @@ impl ControlPlaneService {
             image: config.image.unwrap_or_default(),
             next_event_seq: 0,
             as_root: config.user == vm0_api_types::agents::RunAs::Root,
+            artifact_name: run.artifact_name.clone().unwrap_or_default(),
+            max_tree_bytes: self.storage.limits.max_total_bytes,
+            max_tree_files: self.storage.limits.max_files as u64,
+            ..Default::default()
         })
+    }
+
+    /// One version to fetch, with a signed URL of its archive; `None` when
+    /// the storage or version is gone.
+    async fn tree_version(
+        &self,
+        org_id: &str,
+        kind: StorageKind,
+        name: &str,
+        version_id: &str,
+    ) -> Result<Option<pb::TreeVersion>, Status> {
+        let Some(storage) = self
+            .store
+            .find_storage(org_id, kind, name)
+            .await
+            .map_err(|e| internal(&e))?
+        else {
+            return Ok(None);
+        };
+        let Some(version) = self
+            .store
+            .find_storage_versions(&storage.id, version_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .into_iter()
+            .find(|v| v.id == version_id)
+        else {
+            return Ok(None);
+        };
+        let url = self
+            .storage
+            .signed_url(
+                vm0_storage::Access::Get,
+                &crate::storage::keys::archive(&storage.id, &version.id),
+                None,
+                None,
+                self.storage.expiry(),
+                &self.storage.base(None),
+            )
+            .await
+            .map_err(|e| Status::unavailable(e.body.message))?;
+        Ok(Some(pb::TreeVersion {
+            name: name.to_owned(),
+            version_id: version.id,
+            archive_url: url,
+            size: u64::try_from(version.size).unwrap_or(0),
+            file_count: u64::try_from(version.file_count).unwrap_or(0),
+        }))
+    }
+
+    /// Adds the run's volumes and artifact version to `spec`; Err says why the
+    /// run cannot run (a volume deleted since it was created).
+    async fn with_trees(
+        &self,
+        run: &vm0_db::entity::run::Model,
+        mut spec: pb::RunSpec,
+    ) -> Result<Result<pb::RunSpec, String>, Status> {
+        let volumes: BTreeMap<String, String> =
+            serde_json::from_str(&run.volumes).unwrap_or_default();
+        for (name, version) in volumes {
+            match self
+                .tree_version(&run.org_id, StorageKind::Volume, &name, &version)
+                .await?
+            {
+                Some(tree) => spec.volumes.push(tree),
+                None => {
+                    return Ok(Err(format!(
+                        "volume '{name}' version {version} was deleted before the run started"
+                    )));
+                }
+            }
+        }
+        if let (Some(name), Some(version)) = (&run.artifact_name, &run.artifact_version) {
+            match self
+                .tree_version(&run.org_id, StorageKind::Artifact, name, version)
+                .await?
+            {
+                Some(tree) => spec.artifact = Some(tree),
+                None => {
+                    return Ok(Err(format!(
+                        "artifact '{name}' version {version} was deleted before the run started"
+                    )));
+                }
+            }
+        }
+        Ok(Ok(spec))
+    }
+
+    /// Commits the upload a worker made of the run's `/work` as the next
+    /// version of its artifact; Err is the run's error.
+    async fn commit_output(
+        &self,
+        run: &vm0_db::entity::run::Model,
+        upload_id: &str,
+    ) -> Result<vm0_db::Committed, String> {
+        let name = run.artifact_name.clone().unwrap_or_default();
+        let fail = |why: String| format!("saving /work as artifact '{name}' failed: {why}");
+        let upload = self
+            .store
+            .get_upload(upload_id)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .filter(|u| u.org_id == run.org_id)
+            .ok_or_else(|| fail(format!("upload {upload_id} is not this run's")))?;
+        let storage = self
+            .store
+            .find_storage(&run.org_id, StorageKind::Artifact, &name)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .filter(|s| s.id == upload.storage_id)
+            .ok_or_else(|| fail(format!("upload {upload_id} is not this artifact's")))?;
+        self.storage
+            .commit(&self.store, &storage, &upload, None)
+            .await
+            .map_err(|e| fail(e.body.message))
     }
 
     async fn reject(
@@ -363,7 +486,11 @@ impl ControlPlane for ControlPlaneService {
             if let Some(why) = too_large(&config.resources, &worker) {
                 return self.reject(&r.run_id, why).await;
             }
-            match self.spec(&run, config) {
+            let spec = match self.spec(&run, config) {
+                Ok(spec) => spec,
+                Err(why) => return self.reject(&r.run_id, why).await,
+            };
+            match self.with_trees(&run, spec).await? {
                 Ok(spec) => prepared = Some(spec),
                 Err(why) => return self.reject(&r.run_id, why).await,
             }
@@ -386,7 +513,11 @@ impl ControlPlane for ControlPlaneService {
                             .ok_or_else(|| {
                                 Status::failed_precondition("the run's agent version is gone")
                             })?;
-                        self.spec(&c.run, config)
+                        let spec = self
+                            .spec(&c.run, config)
+                            .map_err(Status::failed_precondition)?;
+                        self.with_trees(&c.run, spec)
+                            .await?
                             .map_err(Status::failed_precondition)?
                     }
                 };
@@ -453,8 +584,57 @@ impl ControlPlane for ControlPlaneService {
         let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
         check_run_id(&r.run_id)?;
-        let status = final_status(r.status)?;
-        let error = (!r.error.is_empty()).then(|| r.error.chars().take(4096).collect::<String>());
+        let mut status = final_status(r.status)?;
+        let mut error =
+            (!r.error.is_empty()).then(|| r.error.chars().take(4096).collect::<String>());
+        let mut artifact_version = None;
+        if !r.artifact_upload_id.is_empty() {
+            // Only the run's current holder commits its outputs.
+            let run = self
+                .store
+                .get_run_by_id(&r.run_id)
+                .await
+                .map_err(|e| internal(&e))?
+                .filter(|run| {
+                    run.status == RunStatus::Running.as_str()
+                        && run.worker_id.as_deref() == Some(worker_id.as_str())
+                        && i64::from(run.attempt) == i64::from(r.attempt)
+                });
+            if let Some(run) = run {
+                match self.commit_output(&run, &r.artifact_upload_id).await {
+                    Ok(c) => {
+                        let line = NewLog {
+                            key: None,
+                            ts: Timestamp::now().micros(),
+                            log_type: vm0_api_types::runs::LogType::System,
+                            level: vm0_api_types::runs::LogLevel::Info,
+                            message: format!(
+                                "/work saved as artifact '{}' version {} ({} files, {} bytes{})",
+                                c.storage.name,
+                                c.version.id,
+                                c.version.file_count,
+                                c.version.size,
+                                if c.created {
+                                    ""
+                                } else {
+                                    "; the same content as before"
+                                }
+                            ),
+                            metadata: serde_json::json!({"artifactVersion": c.version.id}),
+                        };
+                        self.store
+                            .append_logs(&r.run_id, &[line])
+                            .await
+                            .map_err(|e| internal(&e))?;
+                        artifact_version = Some(c.version.id);
+                    }
+                    Err(why) => {
+                        status = RunStatus::Failed;
+                        error = Some(why);
+                    }
+                }
+            }
+        }
         let log = match (&error, r.exit_code) {
             (Some(e), _) => format!("run {status}: {e}"),
             (None, Some(code)) => format!("run {status} (exit code {code})"),
@@ -471,6 +651,7 @@ impl ControlPlane for ControlPlaneService {
             last_worker_seq: r.last_event_seq,
             log,
             now: Timestamp::now().micros(),
+            artifact_version,
         };
         let accepted = match self
             .store
@@ -486,5 +667,83 @@ impl ControlPlane for ControlPlaneService {
         };
         tracing::debug!(run_id = %r.run_id, %worker_id, %status, accepted, "finish");
         Ok(Response::new(pb::FinishResponse { accepted }))
+    }
+
+    async fn begin_output(
+        &self,
+        req: Request<pb::BeginOutputRequest>,
+    ) -> Result<Response<pb::BeginOutputResponse>, Status> {
+        let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
+        let r = req.into_inner();
+        check_run_id(&r.run_id)?;
+        let run = self
+            .store
+            .get_run_by_id(&r.run_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .filter(|run| {
+                run.status == RunStatus::Running.as_str()
+                    && run.worker_id.as_deref() == Some(worker_id.as_str())
+                    && i64::from(run.attempt) == i64::from(r.attempt)
+            })
+            .ok_or_else(|| Status::failed_precondition("the run is not this worker's attempt"))?;
+        let name = run
+            .artifact_name
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the run has no artifactName"))?;
+        let storage = match self
+            .store
+            .find_storage(&run.org_id, StorageKind::Artifact, &name)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            Some(s) => s,
+            None => match self
+                .store
+                .create_storage(
+                    &run.org_id,
+                    StorageKind::Artifact,
+                    &name,
+                    Timestamp::now().micros(),
+                )
+                .await
+            {
+                Ok(s) => s,
+                // Made meanwhile by another run.
+                Err(vm0_db::StoreError::NameTaken(_)) => self
+                    .store
+                    .find_storage(&run.org_id, StorageKind::Artifact, &name)
+                    .await
+                    .map_err(|e| internal(&e))?
+                    .ok_or_else(|| Status::unavailable("the artifact was deleted meanwhile"))?,
+                Err(e) => return Err(internal(&e)),
+            },
+        };
+        let files = r
+            .files
+            .into_iter()
+            .map(|f| Announced {
+                path: f.path,
+                size: f.size,
+                sha256: (!f.sha256.is_empty()).then_some(f.sha256),
+                link: (!f.link.is_empty()).then_some(f.link),
+            })
+            .collect();
+        let (upload, urls) = self
+            .storage
+            .begin_upload(
+                &self.store,
+                &storage,
+                files,
+                Some(format!("/work of run {}", run.id)),
+                &run.id,
+                &self.storage.base(None),
+            )
+            .await
+            .map_err(|e| Status::invalid_argument(e.body.message))?;
+        Ok(Response::new(pb::BeginOutputResponse {
+            upload_id: upload.id,
+            upload_urls: urls.into_iter().map(Option::unwrap_or_default).collect(),
+        }))
     }
 }

@@ -231,6 +231,7 @@ impl Gateway {
             limits: self.config.storage.limits,
             url_ttl: self.config.storage.url_ttl,
             public_url: self.config.storage.public_url.clone(),
+            listen_addr: http.local_addr()?,
         });
         let state = AppState {
             store: self.store.clone(),
@@ -291,7 +292,13 @@ impl Gateway {
                     ),
                     None => {}
                 }
-                let svc = control_plane::server(self.store.clone(), bus, self.secrets, dispatch);
+                let svc = control_plane::server(
+                    self.store.clone(),
+                    bus,
+                    self.secrets,
+                    dispatch,
+                    state.storage.clone(),
+                );
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
                     let incoming =

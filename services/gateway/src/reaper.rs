@@ -122,6 +122,7 @@ async fn reap_running(
         last_worker_seq: 0,
         log: String::new(),
         now,
+        artifact_version: None,
     };
     if silent.contains(&worker) {
         let log = format!(

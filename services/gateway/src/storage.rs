@@ -85,8 +85,10 @@ pub struct StorageService {
     /// How long a signed URL (and an upload session) lasts.
     pub url_ttl: Duration,
     /// `VM0_PUBLIC_URL`: the base of the gateway's own signed URLs; without it,
-    /// the `Host` the request came to.
+    /// the `Host` the request came to, or (for workers) the address the API
+    /// listens on.
     pub public_url: Option<String>,
+    pub listen_addr: std::net::SocketAddr,
 }
 
 /// A file an upload announced (stored as JSON in `storage_uploads.files`).
@@ -96,6 +98,16 @@ pub struct Announced {
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// A symbolic link's target: no bytes to upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl Announced {
+    /// Whether a PUT brings its bytes (links and empty files have none).
+    pub fn needs_upload(&self) -> bool {
+        self.link.is_none() && self.size > 0
+    }
 }
 
 pub fn objects_error(e: ObjectsError) -> ApiError {
@@ -123,22 +135,24 @@ pub fn manifest_error(e: &ManifestError) -> ApiError {
 }
 
 impl StorageService {
-    /// The base of URLs this gateway serves, as the client reached it.
-    fn base(&self, headers: &HeaderMap, fallback: std::net::SocketAddr) -> String {
+    /// The base of URLs this gateway serves: as the client reached it (its
+    /// `Host`), or for a worker (`None`) where the API listens.
+    pub fn base(&self, headers: Option<&HeaderMap>) -> String {
         if let Some(url) = &self.public_url {
             return url.trim_end_matches('/').to_owned();
         }
         match headers
-            .get(axum::http::header::HOST)
+            .and_then(|h| h.get(axum::http::header::HOST))
             .and_then(|h| h.to_str().ok())
         {
             Some(host) if !host.is_empty() => format!("http://{host}"),
-            _ => format!("http://{fallback}"),
+            _ => format!("http://{}", self.listen_addr),
         }
     }
 
-    /// A signed URL allowing `access` to `key` (of exactly `size` bytes for a
-    /// PUT) until `expires_at` (seconds).
+    /// A signed URL allowing `access` to `key` (of exactly `size` bytes, and
+    /// digest `sha256` when known, for a PUT) until `expires_at` (seconds);
+    /// `base` is where this gateway is reached ([`StorageService::base`]).
     pub async fn signed_url(
         &self,
         access: Access,
@@ -146,8 +160,7 @@ impl StorageService {
         size: Option<u64>,
         sha256: Option<&str>,
         expires_at: i64,
-        headers: &HeaderMap,
-        fallback: std::net::SocketAddr,
+        base: &str,
     ) -> ApiResult<String> {
         let left = (expires_at - Timestamp::now().micros() / 1_000_000).max(1) as u64;
         if let Some(url) = self
@@ -166,10 +179,7 @@ impl StorageService {
             expires_at,
         };
         let signature = self.signer.sign(&grant);
-        let mut url = format!(
-            "{}/v1/objects/{key}?expires={expires_at}",
-            self.base(headers, fallback)
-        );
+        let mut url = format!("{base}/v1/objects/{key}?expires={expires_at}");
         if let Some(size) = size {
             url.push_str(&format!("&size={size}"));
         }
@@ -178,6 +188,68 @@ impl StorageService {
         }
         url.push_str(&format!("&signature={signature}"));
         Ok(url)
+    }
+
+    /// Opens an upload session of `files` for `storage`: checked as a version
+    /// would be first (paths, duplicates, a file that is also a directory,
+    /// digests, links, limits). Returns the session and, per file, where to PUT
+    /// its bytes (`None` when it has none to send).
+    pub async fn begin_upload(
+        &self,
+        store: &Store,
+        storage: &storage::Model,
+        files: Vec<Announced>,
+        message: Option<String>,
+        created_by: &str,
+        base: &str,
+    ) -> ApiResult<(storage_upload::Model, Vec<Option<String>>)> {
+        let placeholder = "0".repeat(64);
+        let entries = files
+            .iter()
+            .map(|f| match &f.link {
+                Some(target) => FileEntry::symlink(f.path.clone(), target),
+                None => FileEntry {
+                    path: f.path.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone().unwrap_or_else(|| placeholder.clone()),
+                    link: None,
+                },
+            })
+            .collect();
+        Manifest::new(entries, &self.limits).map_err(|e| manifest_error(&e))?;
+        let now = Timestamp::now().micros();
+        let expires_at = self.expiry();
+        let upload = store
+            .create_upload(storage_upload::Model {
+                id: vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Upload),
+                org_id: storage.org_id.clone(),
+                storage_id: storage.id.clone(),
+                files: serde_json::to_string(&files).map_err(|e| ApiError::internal(&e))?,
+                message,
+                created_by: created_by.to_owned(),
+                expires_at: expires_at * 1_000_000,
+                created_at: now,
+            })
+            .await?;
+        let mut urls = Vec::with_capacity(files.len());
+        for (i, f) in files.iter().enumerate() {
+            urls.push(if f.needs_upload() {
+                Some(
+                    self.signed_url(
+                        Access::Put,
+                        &keys::staged(&storage.id, &upload.id, i),
+                        Some(f.size),
+                        f.sha256.as_deref(),
+                        expires_at,
+                        base,
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            });
+        }
+        Ok((upload, urls))
     }
 
     /// When URLs made now expire (seconds since the epoch).
@@ -210,7 +282,7 @@ impl StorageService {
         let wanted: Vec<(usize, String)> = announced
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.size > 0)
+            .filter(|(_, f)| f.needs_upload())
             .map(|(i, _)| (i, keys::staged(&storage.id, &upload.id, i)))
             .collect();
         let found: Result<Vec<(usize, Option<u64>)>, ObjectsError> = futures::stream::iter(wanted)
@@ -264,10 +336,16 @@ impl StorageService {
         order.sort_by(|a, b| announced[*a].path.cmp(&announced[*b].path));
         let parts = order
             .iter()
-            .map(|&i| Part {
-                path: announced[i].path.clone(),
-                size: announced[i].size,
-                key: (announced[i].size > 0).then(|| keys::staged(&storage.id, &upload.id, i)),
+            .map(|&i| {
+                let f = &announced[i];
+                Part {
+                    path: f.path.clone(),
+                    size: f.link.as_ref().map_or(f.size, |t| t.len() as u64),
+                    key: f
+                        .needs_upload()
+                        .then(|| keys::staged(&storage.id, &upload.id, i)),
+                    link: f.link.clone(),
+                }
             })
             .collect();
         let assembling = keys::assembling(&storage.id, &upload.id);
@@ -302,14 +380,20 @@ impl StorageService {
                     ),
                 ));
             }
-            files.push(StoredFile {
-                entry: FileEntry {
-                    path: f.path.clone(),
-                    size: f.size,
-                    sha256: digest,
-                    link: None,
+            files.push(match &f.link {
+                Some(target) => StoredFile {
+                    entry: FileEntry::symlink(f.path.clone(), target),
+                    index: None,
                 },
-                index: Some(i),
+                None => StoredFile {
+                    entry: FileEntry {
+                        path: f.path.clone(),
+                        size: f.size,
+                        sha256: digest,
+                        link: None,
+                    },
+                    index: Some(i),
+                },
             });
         }
         let manifest = Manifest::new(

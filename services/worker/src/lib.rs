@@ -19,6 +19,7 @@ pub mod mask;
 pub mod run;
 /// Slots and their host uids.
 pub mod slots;
+pub mod transfer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,8 @@ pub struct WorkerCtx<S> {
     pub admission: admission::Admission,
     /// Cancelled when running runs must stop (drain timeout passed).
     pub stop_runs: CancellationToken,
+    /// Volumes and artifacts in, `/work` out.
+    pub transfers: transfer::Transfers,
 }
 
 impl<S> WorkerCtx<S> {
@@ -116,7 +119,10 @@ pub async fn run<S: Sandbox>(
         &format!("vm0-worker {}", config.worker_id),
     )
     .await?;
+    let transfers =
+        transfer::Transfers::new(&config.data_dir.join("worker").join(config.scratch_name()));
     let ctx = Arc::new(WorkerCtx {
+        transfers,
         slots,
         admission: admission::Admission::new(config.vcpus, config.memory_mb),
         config,

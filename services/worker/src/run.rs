@@ -341,6 +341,7 @@ fn sandbox_spec<S>(
     ctx: &WorkerCtx<S>,
     spec: &pb::RunSpec,
     slot_user: Option<SlotUser>,
+    trees_in: Vec<vm0_sandbox::TreeIn>,
 ) -> SandboxSpec {
     let mut env: Vec<(String, String)> = spec
         .env
@@ -380,8 +381,8 @@ fn sandbox_spec<S>(
         sample_interval: ctx.config.sample_interval,
         as_root: spec.as_root,
         slot_user,
-        trees_in: Vec::new(),
-        trees_out: Vec::new(),
+        trees_in,
+        trees_out: ctx.transfers.outputs(spec),
     }
 }
 
@@ -416,26 +417,64 @@ async fn run_claimed<S: Sandbox>(
         );
         t.system_log(LogLevel::Info, &line).await;
     }
-    let started_sandbox = ctx
-        .sandbox
-        .start(sandbox_spec(ctx, &spec, slot_user))
-        .instrument(tracing::info_span!("sandbox.start"))
-        .await;
-    let (status, exit_code, error) = match started_sandbox {
-        Ok(sandbox) => {
-            let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
-            let (exit, stop) = supervise(&mut t, sandbox, &cancel, &ctx.stop_runs, timeout)
-                .instrument(tracing::info_span!("sandbox.run"))
-                .await;
-            outcome(exit, stop, spec.timeout_seconds)
-        }
-        Err(e) => {
-            let message = format!(
-                "the sandbox failed to start: {}",
-                vm0_telemetry::ErrorChain(&e)
-            );
+    let mut artifact_upload_id = String::new();
+    let (status, exit_code, error) = match ctx.transfers.inputs(&spec).await {
+        Err(why) => {
+            let message = format!("the run's files could not be fetched: {why}");
             t.system_log(LogLevel::Error, &message).await;
             (FinalStatus::Failed, None, message)
+        }
+        Ok((trees_in, lines)) => {
+            for line in lines {
+                t.system_log(LogLevel::Info, &line).await;
+            }
+            let started_sandbox = ctx
+                .sandbox
+                .start(sandbox_spec(ctx, &spec, slot_user, trees_in))
+                .instrument(tracing::info_span!("sandbox.start"))
+                .await;
+            match started_sandbox {
+                Ok(sandbox) => {
+                    let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
+                    let mut saved = Vec::new();
+                    let (exit, stop) = supervise(
+                        &mut t,
+                        sandbox,
+                        &cancel,
+                        &ctx.stop_runs,
+                        timeout,
+                        &mut saved,
+                    )
+                    .instrument(tracing::info_span!("sandbox.run"))
+                    .await;
+                    let (status, code, error) = outcome(exit, stop, spec.timeout_seconds);
+                    // What the command left is kept however it ended by itself;
+                    // not after a cancel or a sandbox that was lost.
+                    let ended = stop.is_none() && (exit.code.is_some() || exit.signal.is_some());
+                    if !spec.artifact_name.is_empty() && ended {
+                        match save_work(ctx, &mut t, &spec, attempt, saved).await {
+                            Ok(id) => {
+                                artifact_upload_id = id;
+                                (status, code, error)
+                            }
+                            Err(why) => {
+                                t.system_log(LogLevel::Error, &why).await;
+                                (FinalStatus::Failed, code, why)
+                            }
+                        }
+                    } else {
+                        (status, code, error)
+                    }
+                }
+                Err(e) => {
+                    let message = format!(
+                        "the sandbox failed to start: {}",
+                        vm0_telemetry::ErrorChain(&e)
+                    );
+                    t.system_log(LogLevel::Error, &message).await;
+                    (FinalStatus::Failed, None, message)
+                }
+            }
         }
     };
     if t.output.dropped > 0 {
@@ -466,6 +505,7 @@ async fn run_claimed<S: Sandbox>(
         error,
         execution_time_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
         last_event_seq: t.next_seq - 1,
+        artifact_upload_id,
     };
     let done = retry("finish", || {
         let mut client = ctx.control.clone();
@@ -483,11 +523,51 @@ async fn run_claimed<S: Sandbox>(
             tracing::warn!(%run_id, error = %e, "finish failed; the control plane's reaper will end the run")
         }
     }
+    ctx.transfers.done(&run_id).await;
     // Heartbeats name the run until its end is reported (its telemetry may take
     // a while to be stored): until then it is this worker's.
     if let Ok(mut running) = ctx.running.lock() {
         running.remove(&run_id);
     }
+}
+
+/// Checks and uploads what the run left in `/work` (the sandbox's
+/// `TreeSaved`); returns the upload's id, or the run's error.
+async fn save_work<S>(
+    ctx: &WorkerCtx<S>,
+    t: &mut RunTelemetry<'_, S>,
+    spec: &pb::RunSpec,
+    attempt: u32,
+    saved: Vec<(String, Result<vm0_sandbox::TreeTaken, String>)>,
+) -> Result<String, String> {
+    let fail = |why: String| {
+        format!(
+            "saving /work as artifact '{}' failed: {why}",
+            spec.artifact_name
+        )
+    };
+    let taken = saved
+        .into_iter()
+        .find(|(src, _)| src == "/work")
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| Err("the sandbox did not give it back".into()))
+        .map_err(fail)?;
+    for skipped in &taken.skipped {
+        t.system_log(LogLevel::Warn, &format!("/work/{skipped}"))
+            .await;
+    }
+    let archive = ctx.transfers.run_dir(&spec.run_id).join("work.tar.gz");
+    let (upload_id, line) = ctx
+        .transfers
+        .save_output(&ctx.control, &ctx.config.worker_id, spec, attempt, &archive)
+        .await
+        .map_err(fail)?;
+    let line = format!(
+        "{line} (taken out of the sandbox in {} ms)",
+        taken.took.as_millis()
+    );
+    t.system_log(LogLevel::Info, &line).await;
+    Ok(upload_id)
 }
 
 /// Streams the sandbox's events until it exits, stopping it on cancel, timeout or
@@ -498,6 +578,7 @@ async fn supervise<S>(
     cancel: &CancellationToken,
     shutdown: &CancellationToken,
     timeout: Duration,
+    saved: &mut Vec<(String, Result<vm0_sandbox::TreeTaken, String>)>,
 ) -> (ExitReport, Option<Stop>) {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -511,6 +592,7 @@ async fn supervise<S>(
                 Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
                 // The backend's "sandbox started" log line carries the timings.
                 Some(SandboxEvent::Booted(_)) => {}
+                Some(SandboxEvent::TreeSaved { src, result }) => saved.push((src, result)),
                 Some(SandboxEvent::Exited(exit)) => {
                     for (stream, rest) in t.masker.flush() {
                         t.output(stream, rest).await;

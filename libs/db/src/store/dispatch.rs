@@ -58,6 +58,8 @@ pub struct FinishRun {
     /// A system log line saying why.
     pub log: String,
     pub now: i64,
+    /// The artifact version the run left (its `/work`, committed), if any.
+    pub artifact_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +319,7 @@ impl Store {
                 last_worker_seq: 0,
                 log: error.to_owned(),
                 now,
+                artifact_version: None,
             },
         )
         .await
@@ -395,7 +398,11 @@ impl Store {
             .last_event_seq
             .max(f.last_worker_seq)
             .max(stored_max);
-        let res = run::Entity::update_many()
+        let mut update = run::Entity::update_many();
+        if let Some(version) = &f.artifact_version {
+            update = update.col_expr(run::Column::ArtifactVersion, Expr::value(version.clone()));
+        }
+        let res = update
             .col_expr(run::Column::Status, Expr::value(f.status.as_str()))
             .col_expr(run::Column::ExitCode, Expr::value(f.exit_code))
             .col_expr(run::Column::Error, Expr::value(f.error.clone()))
@@ -558,6 +565,7 @@ impl Store {
                         "worker {worker_id} heartbeats without this run: it does not run it any more (restarted?)"
                     ),
                     now,
+                    artifact_version: None,
                 })
                 .await?,
             );

@@ -12,16 +12,16 @@ use vm0_api_types::storage::{
     CommitRequest, CreateStorageRequest, DownloadFile, DownloadListing, Storage, StorageVersion,
     UploadRequest, UploadSession, UploadTarget,
 };
-use vm0_db::entity::{storage, storage_upload};
+use vm0_db::entity::storage;
 use vm0_db::{StorageKind, convert};
-use vm0_storage::{Access, FileEntry, Manifest};
+use vm0_storage::Access;
 
 use super::{PageRequest, cursor};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{QueryParams, path_id};
-use crate::storage::{Announced, keys, manifest_error, resolve_version};
+use crate::storage::{Announced, keys, resolve_version};
 
 /// Longest version message, in bytes.
 const MAX_MESSAGE_BYTES: usize = 1000;
@@ -182,70 +182,43 @@ pub async fn upload(
 ) -> ApiResult<(StatusCode, Json<UploadSession>)> {
     let row = load(kind, &state, &caller, &id).await?;
     check_message(&req.message)?;
-    let service = &state.storage;
-    // The checks of a version, before anything is stored: paths, duplicates,
-    // a file that is also a directory, digests, limits.
-    let placeholder = "0".repeat(64);
-    let entries = req
-        .files
-        .iter()
-        .map(|f| FileEntry {
-            path: f.path.clone(),
-            size: f.size,
-            sha256: f.sha256.clone().unwrap_or_else(|| placeholder.clone()),
-            link: None,
-        })
-        .collect();
-    Manifest::new(entries, &service.limits).map_err(|e| manifest_error(&e))?;
-    let announced: Vec<Announced> = req
+    let files: Vec<Announced> = req
         .files
         .iter()
         .map(|f| Announced {
             path: f.path.clone(),
             size: f.size,
             sha256: f.sha256.clone(),
+            link: f.link.clone(),
         })
         .collect();
-    let now = Timestamp::now().micros();
-    let expires_at = service.expiry();
-    let upload = state
-        .store
-        .create_upload(storage_upload::Model {
-            id: vm0_api_types::ids::new_id(vm0_api_types::ids::IdKind::Upload),
-            org_id: caller.org_id.clone(),
-            storage_id: row.id.clone(),
-            files: serde_json::to_string(&announced).map_err(|e| ApiError::internal(&e))?,
-            message: req.message.clone(),
-            created_by: caller.token_id.clone(),
-            expires_at: expires_at * 1_000_000,
-            created_at: now,
-        })
+    let base = state.storage.base(Some(&headers));
+    let (upload, urls) = state
+        .storage
+        .begin_upload(
+            &state.store,
+            &row,
+            files,
+            req.message.clone(),
+            &caller.token_id,
+            &base,
+        )
         .await?;
-    let mut files = Vec::with_capacity(announced.len());
-    for (i, f) in announced.iter().enumerate() {
-        let key = keys::staged(&row.id, &upload.id, i);
-        let upload_url = service
-            .signed_url(
-                Access::Put,
-                &key,
-                Some(f.size),
-                f.sha256.as_deref(),
-                expires_at,
-                &headers,
-                state.config.http_addr,
-            )
-            .await?;
-        files.push(UploadTarget {
+    let files = req
+        .files
+        .iter()
+        .zip(urls)
+        .map(|(f, url)| UploadTarget {
             path: f.path.clone(),
-            upload_url,
-        });
-    }
+            upload_url: url,
+        })
+        .collect();
     Ok((
         StatusCode::CREATED,
         Json(UploadSession {
             upload_session_id: upload.id,
             files,
-            expires_at: Timestamp(expires_at * 1_000_000),
+            expires_at: Timestamp(upload.expires_at),
         }),
     ))
 }
@@ -323,6 +296,7 @@ pub async fn download(
     };
     let service = &state.storage;
     let expires_at = service.expiry();
+    let base = service.base(Some(&headers));
     let archive_url = service
         .signed_url(
             Access::Get,
@@ -330,8 +304,7 @@ pub async fn download(
             None,
             None,
             expires_at,
-            &headers,
-            state.config.http_addr,
+            &base,
         )
         .await?;
     match q.get("format") {
@@ -352,8 +325,7 @@ pub async fn download(
                                 None,
                                 None,
                                 expires_at,
-                                &headers,
-                                state.config.http_addr,
+                                &base,
                             )
                             .await?,
                     ),

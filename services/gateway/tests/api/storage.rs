@@ -774,7 +774,7 @@ async fn a_one_gigabyte_file_streams_through() {
         use futures::StreamExt;
         let mut chunks = std::pin::pin!(noise(SIZE));
         while let Some(c) = chunks.next().await {
-            want.update(&c.expect("chunk"));
+            want.update(c.expect("chunk"));
         }
     }
     let want = hex::encode(want.finalize());

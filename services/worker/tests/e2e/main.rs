@@ -11,5 +11,6 @@ mod microvm;
 mod persister;
 mod reliability;
 mod retention;
+mod storage;
 mod traces;
 mod trust;
