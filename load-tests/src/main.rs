@@ -8,6 +8,8 @@
 //!   SSE client, p50/p99.
 //! - `throughput`: N runs of a trivial agent as fast as they can be created;
 //!   completed runs per second.
+//! - `storage` (not in `all`): volumes and artifacts, see `storage.rs`; `--s3`
+//!   puts them on a moto S3 server started here.
 //!
 //! Traffic stays on 127.0.0.1.
 
@@ -23,6 +25,7 @@ use vm0_gateway::config::DispatchConfig;
 use vm0_gateway::{Gateway, GatewayConfig};
 
 mod stats;
+mod storage;
 use stats::summary;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -30,6 +33,7 @@ enum Scenario {
     Dispatch,
     FirstOutput,
     Throughput,
+    Storage,
     All,
 }
 
@@ -64,6 +68,13 @@ struct Args {
     /// The control plane without TLS (to measure what TLS costs; loopback only).
     #[arg(long)]
     plain_grpc: bool,
+    /// Size of the files of `storage`, in MiB.
+    #[arg(long, default_value_t = 100)]
+    mib: usize,
+    /// Volumes and artifacts on a moto S3 server (started here) instead of the
+    /// local store.
+    #[arg(long)]
+    s3: bool,
 }
 
 struct Bench {
@@ -243,6 +254,13 @@ async fn main() -> Result<()> {
         dispatch_config.grpc_tls = Some(vm0_gateway::config::GrpcTls::local(&tls_dir)?);
     }
     config.dispatch = Some(dispatch_config);
+    let moto = args
+        .s3
+        .then(|| vm0_storage::testing::Moto::start("vm0-bench"));
+    if let Some(m) = &moto {
+        config.storage.object_store_url = Some(format!("s3://{}/bench", m.bucket));
+        config.storage.object_store_options = m.s3_config();
+    }
     let gateway = Gateway::open(config, vm0_gateway::secrets::SecretBox::random()).await?;
     let store = gateway.store.clone();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -332,6 +350,14 @@ async fn main() -> Result<()> {
     }
     if matches!(s, Scenario::Throughput | Scenario::All) {
         throughput(&b, &org.id, args.runs).await?;
+    }
+    if s == Scenario::Storage {
+        let store = if moto.is_some() {
+            "S3 (moto on loopback)"
+        } else {
+            "local directory"
+        };
+        storage::storage(&b, &org.id, args.mib, dir.path(), store).await?;
     }
     worker_stop.cancel();
     for w in workers {

@@ -19,6 +19,8 @@ pub enum IdKind {
     Artifact,
     StorageVersion,
     Upload,
+    /// The storage of a session's state directory (not part of the public API).
+    SessionState,
     Request,
     /// A worker's credential (not part of the public API).
     WorkerCredential,
@@ -38,6 +40,7 @@ impl IdKind {
             IdKind::Artifact => "art",
             IdKind::StorageVersion => "sv",
             IdKind::Upload => "upl",
+            IdKind::SessionState => "sst",
             IdKind::Request => "req",
             IdKind::WorkerCredential => "wcr",
         }
@@ -57,6 +60,7 @@ impl IdKind {
             IdKind::Artifact => "artifact",
             IdKind::StorageVersion => "version",
             IdKind::Upload => "upload session",
+            IdKind::SessionState => "session state",
             IdKind::Request => "request",
             IdKind::WorkerCredential => "worker credential",
         }

@@ -148,7 +148,7 @@ pub fn storage_version(kind: crate::StorageKind, v: &storage_version::Model) -> 
     let owner = Some(v.storage_id.clone());
     let (volume_id, artifact_id) = match kind {
         crate::StorageKind::Volume => (owner, None),
-        crate::StorageKind::Artifact => (None, owner),
+        crate::StorageKind::Artifact | crate::StorageKind::State => (None, owner),
     };
     StorageVersion {
         id: v.id.clone(),

@@ -48,6 +48,7 @@ async fn pending_run(
             secrets_sealed: None,
             timeout_seconds: 600,
             now: now(),
+            resumed_from: None,
         })
         .await
         .expect("run");

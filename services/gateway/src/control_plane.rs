@@ -286,6 +286,27 @@ impl ControlPlaneService {
                 }
             }
         }
+        if let Some(chk) = &run.resumed_from {
+            let state = self
+                .store
+                .get_checkpoint(&run.org_id, chk)
+                .await
+                .map_err(|e| internal(&e))?
+                .and_then(|c| c.state_key);
+            if let Some(version) = state {
+                match self
+                    .tree_version(&run.org_id, StorageKind::State, &run.session_id, &version)
+                    .await?
+                {
+                    Some(tree) => spec.state = Some(tree),
+                    None => {
+                        return Ok(Err(format!(
+                            "the state of checkpoint {chk} was deleted before the run started"
+                        )));
+                    }
+                }
+            }
+        }
         if let (Some(name), Some(version)) = (&run.artifact_name, &run.artifact_version) {
             match self
                 .tree_version(&run.org_id, StorageKind::Artifact, name, version)
@@ -302,33 +323,124 @@ impl ControlPlaneService {
         Ok(Ok(spec))
     }
 
-    /// Commits the upload a worker made of the run's `/work` as the next
-    /// version of its artifact; Err is the run's error.
+    /// The storage a run's tree goes to: its artifact (`work`), or its
+    /// session's state (`state`); created on first use.
+    async fn output_storage(
+        &self,
+        run: &vm0_db::entity::run::Model,
+        tree: &str,
+    ) -> Result<vm0_db::entity::storage::Model, Status> {
+        let (kind, name) = match tree {
+            "" | "work" => (
+                StorageKind::Artifact,
+                run.artifact_name
+                    .clone()
+                    .ok_or_else(|| Status::failed_precondition("the run has no artifactName"))?,
+            ),
+            "state" => (StorageKind::State, run.session_id.clone()),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "tree {other:?} is neither \"work\" nor \"state\""
+                )));
+            }
+        };
+        if let Some(s) = self
+            .store
+            .find_storage(&run.org_id, kind, &name)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            return Ok(s);
+        }
+        match self
+            .store
+            .create_storage(&run.org_id, kind, &name, Timestamp::now().micros())
+            .await
+        {
+            Ok(s) => Ok(s),
+            // Made meanwhile by another run.
+            Err(vm0_db::StoreError::NameTaken(_)) => self
+                .store
+                .find_storage(&run.org_id, kind, &name)
+                .await
+                .map_err(|e| internal(&e))?
+                .ok_or_else(|| Status::unavailable("the storage was deleted meanwhile")),
+            Err(e) => Err(internal(&e)),
+        }
+    }
+
+    /// Commits an upload a worker made of one of the run's trees; Err is the
+    /// run's error.
     async fn commit_output(
         &self,
         run: &vm0_db::entity::run::Model,
+        tree: &str,
         upload_id: &str,
     ) -> Result<vm0_db::Committed, String> {
-        let name = run.artifact_name.clone().unwrap_or_default();
-        let fail = |why: String| format!("saving /work as artifact '{name}' failed: {why}");
+        let what = match tree {
+            "state" => "the state directory".to_owned(),
+            _ => format!(
+                "/work as artifact '{}'",
+                run.artifact_name.clone().unwrap_or_default()
+            ),
+        };
+        let fail = |why: String| format!("saving {what} failed: {why}");
+        let storage = self
+            .output_storage(run, tree)
+            .await
+            .map_err(|s| fail(s.message().to_owned()))?;
         let upload = self
             .store
             .get_upload(upload_id)
             .await
             .map_err(|e| fail(e.to_string()))?
-            .filter(|u| u.org_id == run.org_id)
+            .filter(|u| u.org_id == run.org_id && u.storage_id == storage.id)
             .ok_or_else(|| fail(format!("upload {upload_id} is not this run's")))?;
-        let storage = self
-            .store
-            .find_storage(&run.org_id, StorageKind::Artifact, &name)
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .filter(|s| s.id == upload.storage_id)
-            .ok_or_else(|| fail(format!("upload {upload_id} is not this artifact's")))?;
         self.storage
             .commit(&self.store, &storage, &upload, None)
             .await
             .map_err(|e| fail(e.body.message))
+    }
+
+    /// The checkpoint of a completed run: its agent version, state, volumes,
+    /// artifact version and variables.
+    async fn checkpoint(
+        &self,
+        run: &vm0_db::entity::run::Model,
+        state: Option<String>,
+        artifact_version: Option<String>,
+    ) -> Result<vm0_db::entity::checkpoint::Model, Status> {
+        self.store
+            .record_checkpoint(vm0_db::entity::checkpoint::Model {
+                id: vm0_api_types::ids::new_id(IdKind::Checkpoint),
+                org_id: run.org_id.clone(),
+                run_id: run.id.clone(),
+                session_id: run.session_id.clone(),
+                agent_version_id: run.agent_version_id.clone(),
+                state_key: state,
+                volumes: run.volumes.clone(),
+                artifact_name: run.artifact_name.clone(),
+                artifact_version: artifact_version.or_else(|| run.artifact_version.clone()),
+                created_at: Timestamp::now().micros(),
+                variables: run.variables.clone(),
+            })
+            .await
+            .map_err(|e| internal(&e))
+    }
+
+    async fn saved_line(&self, run_id: &str, message: String, version: &str) -> Result<(), Status> {
+        let line = NewLog {
+            key: None,
+            ts: Timestamp::now().micros(),
+            log_type: vm0_api_types::runs::LogType::System,
+            level: vm0_api_types::runs::LogLevel::Info,
+            message,
+            metadata: serde_json::json!({"version": version}),
+        };
+        self.store
+            .append_logs(run_id, &[line])
+            .await
+            .map_err(|e| internal(&e))
     }
 
     async fn reject(
@@ -588,10 +700,10 @@ impl ControlPlane for ControlPlaneService {
         let mut error =
             (!r.error.is_empty()).then(|| r.error.chars().take(4096).collect::<String>());
         let mut artifact_version = None;
-        if !r.artifact_upload_id.is_empty() {
-            // Only the run's current holder commits its outputs.
-            let run = self
-                .store
+        let has_outputs = !r.artifact_upload_id.is_empty() || !r.state_upload_id.is_empty();
+        // Only the run's current holder commits its outputs.
+        let holder = if has_outputs {
+            self.store
                 .get_run_by_id(&r.run_id)
                 .await
                 .map_err(|e| internal(&e))?
@@ -599,39 +711,55 @@ impl ControlPlane for ControlPlaneService {
                     run.status == RunStatus::Running.as_str()
                         && run.worker_id.as_deref() == Some(worker_id.as_str())
                         && i64::from(run.attempt) == i64::from(r.attempt)
-                });
-            if let Some(run) = run {
-                match self.commit_output(&run, &r.artifact_upload_id).await {
-                    Ok(c) => {
-                        let line = NewLog {
-                            key: None,
-                            ts: Timestamp::now().micros(),
-                            log_type: vm0_api_types::runs::LogType::System,
-                            level: vm0_api_types::runs::LogLevel::Info,
-                            message: format!(
-                                "/work saved as artifact '{}' version {} ({} files, {} bytes{})",
-                                c.storage.name,
-                                c.version.id,
-                                c.version.file_count,
-                                c.version.size,
-                                if c.created {
-                                    ""
-                                } else {
-                                    "; the same content as before"
-                                }
-                            ),
-                            metadata: serde_json::json!({"artifactVersion": c.version.id}),
-                        };
-                        self.store
-                            .append_logs(&r.run_id, &[line])
-                            .await
-                            .map_err(|e| internal(&e))?;
-                        artifact_version = Some(c.version.id);
-                    }
-                    Err(why) => {
-                        status = RunStatus::Failed;
-                        error = Some(why);
-                    }
+                })
+        } else {
+            None
+        };
+        if let Some(run) = &holder
+            && !r.artifact_upload_id.is_empty()
+        {
+            match self.commit_output(run, "work", &r.artifact_upload_id).await {
+                Ok(c) => {
+                    let message = format!(
+                        "/work saved as artifact '{}' version {} ({} files, {} bytes{})",
+                        c.storage.name,
+                        c.version.id,
+                        c.version.file_count,
+                        c.version.size,
+                        if c.created {
+                            ""
+                        } else {
+                            "; the same content as before"
+                        }
+                    );
+                    self.saved_line(&r.run_id, message, &c.version.id).await?;
+                    artifact_version = Some(c.version.id);
+                }
+                Err(why) => {
+                    status = RunStatus::Failed;
+                    error = Some(why);
+                }
+            }
+        }
+        // A completed run leaves a checkpoint (with its state, when it has one).
+        if let Some(run) = &holder
+            && status == RunStatus::Completed
+            && !r.state_upload_id.is_empty()
+        {
+            match self.commit_output(run, "state", &r.state_upload_id).await {
+                Ok(c) => {
+                    let chk = self
+                        .checkpoint(run, Some(c.version.id.clone()), artifact_version.clone())
+                        .await?;
+                    let message = format!(
+                        "checkpoint {} saved: the state directory is version {} ({} files, {} bytes)",
+                        chk.id, c.version.id, c.version.file_count, c.version.size
+                    );
+                    self.saved_line(&r.run_id, message, &c.version.id).await?;
+                }
+                Err(why) => {
+                    status = RunStatus::Failed;
+                    error = Some(why);
                 }
             }
         }
@@ -687,38 +815,7 @@ impl ControlPlane for ControlPlaneService {
                     && i64::from(run.attempt) == i64::from(r.attempt)
             })
             .ok_or_else(|| Status::failed_precondition("the run is not this worker's attempt"))?;
-        let name = run
-            .artifact_name
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("the run has no artifactName"))?;
-        let storage = match self
-            .store
-            .find_storage(&run.org_id, StorageKind::Artifact, &name)
-            .await
-            .map_err(|e| internal(&e))?
-        {
-            Some(s) => s,
-            None => match self
-                .store
-                .create_storage(
-                    &run.org_id,
-                    StorageKind::Artifact,
-                    &name,
-                    Timestamp::now().micros(),
-                )
-                .await
-            {
-                Ok(s) => s,
-                // Made meanwhile by another run.
-                Err(vm0_db::StoreError::NameTaken(_)) => self
-                    .store
-                    .find_storage(&run.org_id, StorageKind::Artifact, &name)
-                    .await
-                    .map_err(|e| internal(&e))?
-                    .ok_or_else(|| Status::unavailable("the artifact was deleted meanwhile"))?,
-                Err(e) => return Err(internal(&e)),
-            },
-        };
+        let storage = self.output_storage(&run, &r.tree).await?;
         let files = r
             .files
             .into_iter()
@@ -735,7 +832,10 @@ impl ControlPlane for ControlPlaneService {
                 &self.store,
                 &storage,
                 files,
-                Some(format!("/work of run {}", run.id)),
+                Some(match r.tree.as_str() {
+                    "state" => format!("the state directory of run {}", run.id),
+                    _ => format!("/work of run {}", run.id),
+                }),
                 &run.id,
                 &self.storage.base(None),
             )

@@ -247,6 +247,12 @@ impl Gateway {
             storage: storage_service,
         };
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(storage::sweep_uploads(
+            self.store.clone(),
+            state.storage.clone(),
+            state.config.retention_interval,
+            shutdown.clone(),
+        ));
         if let Some(keep) = state.config.records_retention {
             tasks.spawn(retention::run(
                 self.store.clone(),

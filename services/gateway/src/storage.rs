@@ -520,3 +520,59 @@ pub async fn resolve_version(
         )),
     }
 }
+
+/// How long past its expiry an upload session's files stay: a commit that
+/// began before the expiry is long done by then.
+const EXPIRED_UPLOAD_GRACE: Duration = Duration::from_secs(3600);
+/// Sessions swept per query.
+const SWEEP_PAGE: u64 = 100;
+
+/// Every gateway, now and then: upload sessions never committed, expired, go
+/// with the files they received.
+pub async fn sweep_uploads(
+    store: Store,
+    service: std::sync::Arc<StorageService>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match sweep_pass(&store, &service, &shutdown).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(uploads = n, "expired upload sessions deleted"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "upload sweep failed")
+            }
+        }
+    }
+}
+
+/// Deletes every upload session expired (past the grace) and its files;
+/// returns how many.
+pub async fn sweep_pass(
+    store: &Store,
+    service: &StorageService,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<usize, vm0_db::StoreError> {
+    let grace = i64::try_from(EXPIRED_UPLOAD_GRACE.as_micros()).unwrap_or(i64::MAX);
+    let cutoff = Timestamp::now().micros().saturating_sub(grace);
+    let mut total = 0;
+    while !shutdown.is_cancelled() {
+        let expired = store.take_expired_uploads(cutoff, SWEEP_PAGE).await?;
+        for upload in &expired {
+            let dir = keys::upload_dir(&upload.storage_id, &upload.id);
+            if let Err(e) = service.objects.delete_prefix(&dir).await {
+                tracing::warn!(error = %crate::error::ErrorChain(&e), %dir, "an expired upload's files were not deleted");
+            }
+        }
+        total += expired.len();
+        if (expired.len() as u64) < SWEEP_PAGE {
+            break;
+        }
+    }
+    Ok(total)
+}

@@ -354,6 +354,7 @@ fn sandbox_spec<S>(
     }
     env.push(("VM0_PROMPT_FILE".into(), PROMPT_FILE.into()));
     env.push(("VM0_RUN_ID".into(), spec.run_id.clone()));
+    env.push(("VM0_STATE_DIR".into(), crate::transfer::STATE_DIR.into()));
     SandboxSpec {
         run_id: spec.run_id.clone(),
         argv: spec.argv.clone(),
@@ -418,6 +419,7 @@ async fn run_claimed<S: Sandbox>(
         t.system_log(LogLevel::Info, &line).await;
     }
     let mut artifact_upload_id = String::new();
+    let mut state_upload_id = String::new();
     let (status, exit_code, error) = match ctx.transfers.inputs(&spec).await {
         Err(why) => {
             let message = format!("the run's files could not be fetched: {why}");
@@ -451,20 +453,44 @@ async fn run_claimed<S: Sandbox>(
                     // What the command left is kept however it ended by itself;
                     // not after a cancel or a sandbox that was lost.
                     let ended = stop.is_none() && (exit.code.is_some() || exit.signal.is_some());
+                    let mut ending = (status, code, error);
+                    let save = |tree: &'static str, saved: &[(String, Result<vm0_sandbox::TreeTaken, String>)]| {
+                        let taken = saved
+                            .iter()
+                            .find(|(src, _)| *src == tree_src(tree))
+                            .map(|(_, r)| r.clone());
+                        save_tree(ctx, &spec, attempt, tree, taken)
+                    };
                     if !spec.artifact_name.is_empty() && ended {
-                        match save_work(ctx, &mut t, &spec, attempt, saved).await {
-                            Ok(id) => {
+                        match save("work", &saved).await {
+                            Ok((id, lines)) => {
+                                for (level, line) in lines {
+                                    t.system_log(level, &line).await;
+                                }
                                 artifact_upload_id = id;
-                                (status, code, error)
                             }
                             Err(why) => {
                                 t.system_log(LogLevel::Error, &why).await;
-                                (FinalStatus::Failed, code, why)
+                                ending = (FinalStatus::Failed, code, why);
                             }
                         }
-                    } else {
-                        (status, code, error)
                     }
+                    // A completed run's state makes its checkpoint.
+                    if ending.0 == FinalStatus::Completed {
+                        match save("state", &saved).await {
+                            Ok((id, lines)) => {
+                                for (level, line) in lines {
+                                    t.system_log(level, &line).await;
+                                }
+                                state_upload_id = id;
+                            }
+                            Err(why) => {
+                                t.system_log(LogLevel::Error, &why).await;
+                                ending = (FinalStatus::Failed, code, why);
+                            }
+                        }
+                    }
+                    ending
                 }
                 Err(e) => {
                     let message = format!(
@@ -506,6 +532,7 @@ async fn run_claimed<S: Sandbox>(
         execution_time_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
         last_event_seq: t.next_seq - 1,
         artifact_upload_id,
+        state_upload_id,
     };
     let done = retry("finish", || {
         let mut client = ctx.control.clone();
@@ -531,43 +558,53 @@ async fn run_claimed<S: Sandbox>(
     }
 }
 
-/// Checks and uploads what the run left in `/work` (the sandbox's
-/// `TreeSaved`); returns the upload's id, or the run's error.
-async fn save_work<S>(
+/// Where a tree of the run is in the sandbox.
+fn tree_src(tree: &str) -> &'static str {
+    match tree {
+        "state" => crate::transfer::STATE_DIR,
+        _ => "/work",
+    }
+}
+
+/// Checks and uploads one tree the sandbox gave back (its `TreeSaved`):
+/// `work` for the artifact, `state` for the checkpoint. Returns the upload's
+/// id and the log lines to write, or the run's error.
+async fn save_tree<S>(
     ctx: &WorkerCtx<S>,
-    t: &mut RunTelemetry<'_, S>,
     spec: &pb::RunSpec,
     attempt: u32,
-    saved: Vec<(String, Result<vm0_sandbox::TreeTaken, String>)>,
-) -> Result<String, String> {
-    let fail = |why: String| {
-        format!(
+    tree: &'static str,
+    taken: Option<Result<vm0_sandbox::TreeTaken, String>>,
+) -> Result<(String, Vec<(LogLevel, String)>), String> {
+    let src = tree_src(tree);
+    let fail = |why: String| match tree {
+        "state" => format!("saving the state directory {src} failed: {why}"),
+        _ => format!(
             "saving /work as artifact '{}' failed: {why}",
             spec.artifact_name
-        )
+        ),
     };
-    let taken = saved
-        .into_iter()
-        .find(|(src, _)| src == "/work")
-        .map(|(_, r)| r)
+    let taken = taken
         .unwrap_or_else(|| Err("the sandbox did not give it back".into()))
         .map_err(fail)?;
-    for skipped in &taken.skipped {
-        t.system_log(LogLevel::Warn, &format!("/work/{skipped}"))
-            .await;
-    }
-    let archive = ctx.transfers.run_dir(&spec.run_id).join("work.tar.gz");
+    let mut lines: Vec<(LogLevel, String)> = taken
+        .skipped
+        .iter()
+        .map(|skipped| (LogLevel::Warn, format!("{src}/{skipped}")))
+        .collect();
     let (upload_id, line) = ctx
         .transfers
-        .save_output(&ctx.control, &ctx.config.worker_id, spec, attempt, &archive)
+        .save_output(&ctx.control, &ctx.config.worker_id, spec, attempt, tree)
         .await
         .map_err(fail)?;
-    let line = format!(
-        "{line} (taken out of the sandbox in {} ms)",
-        taken.took.as_millis()
-    );
-    t.system_log(LogLevel::Info, &line).await;
-    Ok(upload_id)
+    lines.push((
+        LogLevel::Info,
+        format!(
+            "{line} (taken out of the sandbox in {} ms)",
+            taken.took.as_millis()
+        ),
+    ));
+    Ok((upload_id, lines))
 }
 
 /// Streams the sandbox's events until it exits, stopping it on cancel, timeout or

@@ -13,6 +13,10 @@ use vm0_proto::worker as pb;
 use vm0_sandbox::{TreeIn, TreeOut};
 use vm0_storage::{Limits, Manifest, VersionId};
 
+/// The session's state directory in every sandbox (`VM0_STATE_DIR`): saved
+/// with a completed run's checkpoint, given back to the next run of the session.
+pub const STATE_DIR: &str = "/state";
+
 /// PUTs in flight for one run's outputs.
 const PUTS_IN_FLIGHT: usize = 8;
 
@@ -214,6 +218,34 @@ impl Transfers {
                 max_files: limits.max_files as u64,
             });
         }
+        // The session's state: the checkpoint's, or an empty directory.
+        let state = match &spec.state {
+            Some(state) => {
+                let (cached, line) = self
+                    .version(state, &limits)
+                    .await
+                    .map_err(|e| format!("the session's state: {e}"))?;
+                lines.push(format!("state {line}"));
+                cached.archive
+            }
+            None => {
+                let empty = dir.join("empty-state.tar.gz");
+                let file = std::fs::File::create(&empty)
+                    .map_err(|e| format!("{}: {e}", empty.display()))?;
+                vm0_storage::ArchiveWriter::new(file)
+                    .finish()
+                    .map_err(|e| format!("{}: {e}", empty.display()))?;
+                empty
+            }
+        };
+        trees.push(TreeIn {
+            dest: STATE_DIR.into(),
+            archive: state,
+            unpacked: None,
+            read_only: false,
+            max_bytes: limits.max_total_bytes,
+            max_files: limits.max_files as u64,
+        });
         if let Some(artifact) = &spec.artifact {
             let (cached, line) = self
                 .version(artifact, &limits)
@@ -232,18 +264,21 @@ impl Transfers {
         Ok((trees, lines))
     }
 
-    /// What the run leaves: `/work`, when it has an artifact.
+    /// What the run leaves: `/work` when it has an artifact, and the state
+    /// directory (a completed run's checkpoint).
     pub fn outputs(&self, spec: &pb::RunSpec) -> Vec<TreeOut> {
-        if spec.artifact_name.is_empty() {
-            return Vec::new();
-        }
         let limits = limits(spec);
-        vec![TreeOut {
-            src: "/work".into(),
-            archive: self.run_dir(&spec.run_id).join("work.tar.gz"),
+        let out = |src: &str, name: &str| TreeOut {
+            src: src.into(),
+            archive: self.run_dir(&spec.run_id).join(format!("{name}.tar.gz")),
             max_bytes: limits.max_total_bytes,
             max_files: limits.max_files as u64,
-        }]
+        };
+        let mut trees = vec![out(STATE_DIR, "state")];
+        if !spec.artifact_name.is_empty() {
+            trees.push(out("/work", "work"));
+        }
+        trees
     }
 
     /// Checks the archive the sandbox gave (it comes from inside: unpacked here
@@ -255,11 +290,13 @@ impl Transfers {
         worker_id: &str,
         spec: &pb::RunSpec,
         attempt: u32,
-        archive: &Path,
+        tree: &str,
     ) -> Result<(String, String), String> {
         let started = Instant::now();
         let limits = limits(spec);
-        let dest = self.run_dir(&spec.run_id).join("work");
+        let archive = self.run_dir(&spec.run_id).join(format!("{tree}.tar.gz"));
+        let archive = archive.as_path();
+        let dest = self.run_dir(&spec.run_id).join(tree);
         let manifest = {
             let (archive, dest) = (archive.to_owned(), dest.clone());
             tokio::task::spawn_blocking(move || -> Result<Manifest, String> {
@@ -285,6 +322,7 @@ impl Transfers {
             worker_id: worker_id.to_owned(),
             attempt,
             files,
+            tree: tree.to_owned(),
         };
         let begun = crate::control::retry("begin output", || {
             let mut client = control.clone();
@@ -332,7 +370,8 @@ impl Transfers {
             .into_iter()
             .collect::<Result<Vec<()>, String>>()?;
         let line = format!(
-            "/work: {} files, {} checked and uploaded in {} ms",
+            "{}: {} files, {} checked and uploaded in {} ms",
+            if tree == "state" { STATE_DIR } else { "/work" },
             manifest.files().len(),
             mib(manifest.total_bytes()),
             started.elapsed().as_millis()

@@ -9,13 +9,15 @@ pub struct Model {
     pub run_id: String,
     pub session_id: String,
     pub agent_version_id: String,
-    /// Object-store key of the saved state directory, if any.
+    /// The version of the session's state (`VM0_STATE_DIR`) the run left.
     pub state_key: Option<String>,
     /// JSON object volume name → version id.
     pub volumes: String,
     pub artifact_name: Option<String>,
     pub artifact_version: Option<String>,
     pub created_at: i64,
+    /// JSON object of the run's variables (not secret), reused by a resume.
+    pub variables: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

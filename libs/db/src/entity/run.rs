@@ -44,6 +44,9 @@ pub struct Model {
     pub claim_token: Option<String>,
     /// When the run's events, logs and metrics were deleted by retention.
     pub records_purged_at: Option<i64>,
+    /// The checkpoint whose state the run starts from (a continued session's
+    /// latest, or the one resumed).
+    pub resumed_from: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

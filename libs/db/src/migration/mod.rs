@@ -10,6 +10,7 @@ mod m0003_trust;
 mod m0004_claims;
 mod m0005_retention;
 mod m0006_storage;
+mod m0007_checkpoints;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_claims::Migration),
             Box::new(m0005_retention::Migration),
             Box::new(m0006_storage::Migration),
+            Box::new(m0007_checkpoints::Migration),
         ]
     }
 }

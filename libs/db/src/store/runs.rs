@@ -33,6 +33,8 @@ pub struct NewRun {
     pub secrets_sealed: Option<String>,
     pub timeout_seconds: i64,
     pub now: i64,
+    /// The checkpoint whose state the run starts from.
+    pub resumed_from: Option<String>,
 }
 
 /// Filters of `GET /v1/runs`.
@@ -121,6 +123,7 @@ impl Store {
             timeout_seconds: new.timeout_seconds,
             claim_token: None,
             records_purged_at: None,
+            resumed_from: new.resumed_from,
         };
         let (done, outcome) = tokio::sync::oneshot::channel();
         let pending = super::run_batch::PendingRun {
@@ -275,6 +278,47 @@ impl Store {
             .filter(session::Column::OrgId.eq(org_id))
             .one(self.conn())
             .await?)
+    }
+
+    /// The latest checkpoint of a session, if it has one.
+    pub async fn latest_checkpoint(
+        &self,
+        session: &session::Model,
+    ) -> Result<Option<checkpoint::Model>, StoreError> {
+        match &session.latest_checkpoint_id {
+            Some(id) => self.get_checkpoint(&session.org_id, id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Records the checkpoint a completed run left: it becomes its session's
+    /// latest and the run's `checkpointId`.
+    pub async fn record_checkpoint(
+        &self,
+        checkpoint: checkpoint::Model,
+    ) -> Result<checkpoint::Model, StoreError> {
+        use sea_orm::ActiveModelTrait;
+        use sea_orm::sea_query::Expr;
+        let txn = self.begin_write().await?;
+        let row = checkpoint::ActiveModel::from(checkpoint)
+            .insert(&*txn)
+            .await?;
+        session::Entity::update_many()
+            .col_expr(
+                session::Column::LatestCheckpointId,
+                Expr::value(row.id.clone()),
+            )
+            .col_expr(session::Column::UpdatedAt, Expr::value(row.created_at))
+            .filter(session::Column::Id.eq(row.session_id.clone()))
+            .exec(&*txn)
+            .await?;
+        run::Entity::update_many()
+            .col_expr(run::Column::CheckpointId, Expr::value(row.id.clone()))
+            .filter(run::Column::Id.eq(row.run_id.clone()))
+            .exec(&*txn)
+            .await?;
+        txn.commit().await?;
+        Ok(row)
     }
 
     pub async fn get_checkpoint(

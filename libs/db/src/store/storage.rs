@@ -11,10 +11,13 @@ use super::{KeysetAfter, SortOrder, Store, StoreError, keyset, unique_or};
 use crate::entity::{storage, storage_upload, storage_version};
 
 /// Volumes hold a run's inputs, artifacts its outputs; they share one shape.
+/// A session's state directory is a storage too (named by the session's id,
+/// not listed in the API): its versions are what checkpoints point at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageKind {
     Volume,
     Artifact,
+    State,
 }
 
 impl StorageKind {
@@ -22,6 +25,7 @@ impl StorageKind {
         match self {
             StorageKind::Volume => "volume",
             StorageKind::Artifact => "artifact",
+            StorageKind::State => "state",
         }
     }
 
@@ -29,6 +33,7 @@ impl StorageKind {
         match self {
             StorageKind::Volume => IdKind::Volume,
             StorageKind::Artifact => IdKind::Artifact,
+            StorageKind::State => IdKind::SessionState,
         }
     }
 }

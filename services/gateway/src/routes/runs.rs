@@ -8,7 +8,7 @@ use vm0_api_types::cursor::Page;
 use vm0_api_types::ids::{IdKind, check_id};
 use vm0_api_types::runs::{CreateRunRequest, Run, RunStatus};
 use vm0_api_types::{ErrorEnvelope, FieldError, Timestamp};
-use vm0_db::entity::{agent, agent_version};
+use vm0_db::entity::{agent, agent_version, checkpoint};
 use vm0_db::{CancelOutcome, NewRun, RunFilter, convert};
 
 use super::{PageRequest, cursor};
@@ -82,10 +82,14 @@ struct Target {
     session_id: Option<String>,
     /// Variables inherited from the session or checkpoint when the request has none.
     inherited_variables: Option<String>,
+    /// The checkpoint the run starts from, and whether exactly (`checkpointId`)
+    /// or as a session's latest (`sessionId`: on the latest of everything).
+    resumed: Option<(checkpoint::Model, bool)>,
 }
 
 async fn resolve_target(state: &AppState, org: &str, req: &CreateRunRequest) -> ApiResult<Target> {
     let store = &state.store;
+    let mut resumed = None;
     let (agent, session_id, pinned_version, inherited_variables) = if let Some(name) = &req.agent {
         validate_agent_name(name, "agent")?;
         let agent = store
@@ -112,6 +116,7 @@ async fn resolve_target(state: &AppState, org: &str, req: &CreateRunRequest) -> 
             .ok_or_else(|| {
                 ApiError::invalid_state(format!("The agent of session '{id}' has been deleted"))
             })?;
+        resumed = store.latest_checkpoint(&session).await?.map(|c| (c, false));
         (agent, Some(session.id), None, Some(session.variables))
     } else if let Some(id) = &req.checkpoint_id {
         check_id(IdKind::Checkpoint, "checkpointId", id)?;
@@ -127,12 +132,14 @@ async fn resolve_target(state: &AppState, org: &str, req: &CreateRunRequest) -> 
         let agent = store.get_agent(org, &agent_id).await?.ok_or_else(|| {
             ApiError::invalid_state(format!("The agent of checkpoint '{id}' has been deleted"))
         })?;
-        (
+        let pinned = (
             agent,
-            Some(chk.session_id),
-            Some(chk.agent_version_id),
-            session.map(|s| s.variables),
-        )
+            Some(chk.session_id.clone()),
+            Some(chk.agent_version_id.clone()),
+            Some(chk.variables.clone()),
+        );
+        resumed = Some((chk, true));
+        pinned
     } else {
         // `validate` guarantees one of the four.
         return Err(FieldError::missing(
@@ -154,6 +161,7 @@ async fn resolve_target(state: &AppState, org: &str, req: &CreateRunRequest) -> 
         version,
         session_id,
         inherited_variables,
+        resumed,
     })
 }
 
@@ -271,13 +279,42 @@ pub async fn create(
     req.validate()?;
     let org = caller.org_id.as_str();
     let target = resolve_target(&state, org, &req).await?;
-    let volumes = resolve_volumes(
-        &state,
-        org,
-        req.volumes.as_ref().unwrap_or(&BTreeMap::new()),
-    )
-    .await?;
-    let artifact_version = resolve_artifact(&state, org, &req).await?;
+    // What the run mounts: as asked; else a resumed checkpoint's exact
+    // versions, or a continued session's names on their latest versions.
+    let checkpoint = target.resumed.as_ref();
+    let volumes = match (&req.volumes, checkpoint) {
+        (Some(asked), _) => resolve_volumes(&state, org, asked).await?,
+        (None, Some((chk, exact))) => {
+            let kept: BTreeMap<String, String> =
+                serde_json::from_str(&chk.volumes).map_err(|e| ApiError::internal(&e))?;
+            if *exact {
+                kept
+            } else {
+                let latest = kept.into_keys().map(|n| (n, "latest".to_owned())).collect();
+                resolve_volumes(&state, org, &latest).await?
+            }
+        }
+        (None, None) => BTreeMap::new(),
+    };
+    let (artifact_name, artifact_version) = match (&req.artifact_name, checkpoint) {
+        (None, Some((chk, exact))) if chk.artifact_name.is_some() => {
+            let name = chk.artifact_name.clone();
+            if *exact {
+                (name, chk.artifact_version.clone())
+            } else {
+                let latest = CreateRunRequest {
+                    artifact_name: name.clone(),
+                    artifact_version: None,
+                    ..req.clone()
+                };
+                (name, resolve_artifact(&state, org, &latest).await?)
+            }
+        }
+        _ => (
+            req.artifact_name.clone(),
+            resolve_artifact(&state, org, &req).await?,
+        ),
+    };
     let variables = match (&req.variables, target.inherited_variables) {
         (Some(v), _) => serde_json::to_string(v).map_err(|e| ApiError::internal(&e))?,
         (None, Some(inherited)) => inherited,
@@ -308,11 +345,12 @@ pub async fn create(
         variables,
         secret_names: serde_json::to_string(&secret_names).map_err(|e| ApiError::internal(&e))?,
         volumes: serde_json::to_string(&volumes).map_err(|e| ApiError::internal(&e))?,
-        artifact_name: req.artifact_name.clone(),
+        artifact_name,
         artifact_version,
         secrets_sealed,
         timeout_seconds: i64::try_from(config.timeout_seconds).unwrap_or(i64::MAX),
         now: Timestamp::now().micros(),
+        resumed_from: target.resumed.map(|(c, _)| c.id),
     };
     let run = state.store.create_run(new).await?;
     tracing::info!(run_id = %run.id, agent_id = %run.agent_id, "run created");

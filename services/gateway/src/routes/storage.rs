@@ -30,6 +30,7 @@ fn scope(kind: StorageKind) -> &'static str {
     match kind {
         StorageKind::Volume => "volumes",
         StorageKind::Artifact => "artifacts",
+        StorageKind::State => "states",
     }
 }
 

@@ -46,6 +46,8 @@ pub struct TestGateway {
     pub store: Store,
     /// The gateway's database (fault injection writes to it directly).
     pub database_url: String,
+    /// Its data directory (the local object store is `objects/` in it).
+    pub data_dir: std::path::PathBuf,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -82,6 +84,7 @@ impl TestGateway {
             token: String::new(),
             store,
             database_url,
+            data_dir: dir.path().to_owned(),
             shutdown,
             _dir: dir,
         };

@@ -895,3 +895,48 @@ impl std::io::Write for HashWriter<'_> {
         Ok(())
     }
 }
+
+/// An upload never committed goes, with the files it received, an hour after
+/// it expired (every gateway sweeps at its retention interval).
+#[tokio::test]
+async fn expired_uploads_are_swept() {
+    let gw = TestGateway::start_with(Db::Sqlite, |c| {
+        c.retention_interval = Duration::from_millis(200);
+    })
+    .await;
+    let id = create(&gw, "volumes", "v").await;
+    let (_, session) = gw
+        .post(
+            &format!("/v1/volumes/{id}/upload"),
+            json!({"files": [{"path": "f", "size": 3}]}),
+        )
+        .await;
+    let sid = session["uploadSessionId"].as_str().expect("id").to_owned();
+    let url = session["files"][0]["uploadUrl"].as_str().expect("url");
+    let resp = bare_client()
+        .put(url)
+        .body("abc")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let staged = gw
+        .data_dir
+        .join(format!("objects/storages/{id}/uploads/{sid}/0"));
+    assert!(staged.is_file(), "{}", staged.display());
+    // Expired two hours ago.
+    let two_hours_ago = vm0_api_types::Timestamp::now().micros() - 7_200_000_000;
+    vm0_db::testing::execute(
+        &gw.database_url,
+        &format!("UPDATE storage_uploads SET expires_at = {two_hours_ago} WHERE id = '{sid}'"),
+    )
+    .await
+    .expect("update");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while staged.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!staged.exists(), "the expired upload's file was deleted");
+    let (status, _) = commit(&gw, "volumes", &id, &sid).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "and the session");
+}

@@ -238,8 +238,6 @@ async fn on_bubblewrap(db: Db) {
     volumes_and_artifacts(&stack, Duration::from_secs(60)).await;
 }
 
-vm0_db::on_both_databases!(on_bubblewrap);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_qemu() {
     let stack = Stack::start(
@@ -252,3 +250,88 @@ async fn on_qemu() {
     .await;
     volumes_and_artifacts(&stack, Duration::from_secs(180)).await;
 }
+
+/// Sessions: every completed run leaves a checkpoint with its state directory
+/// (`VM0_STATE_DIR`); a session continues from its latest, a checkpoint
+/// resumes exactly itself. Variables are kept, secrets are not.
+async fn sessions_and_checkpoints(db: Db) {
+    let stack = Stack::start(db, StackOptions::default()).await;
+    stack
+        .create_agent(
+            "diary",
+            json!({"command": ["sh", "-c", "cat \"$VM0_STATE_DIR/diary\" 2>/dev/null; echo \"$VM0_PROMPT\" >> \"$VM0_STATE_DIR/diary\"; echo \"v=$V s=${S:-none}\""]}),
+        )
+        .await;
+    let timeout = Duration::from_secs(60);
+    let id = stack
+        .create_run(0, json!({"agent": "diary", "prompt": "one", "variables": {"V": "kept"}, "secrets": {"S": "hidden"}}))
+        .await;
+    let first = stack.wait_finished(&id, timeout).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert_eq!(stack.output(&id).await, "v=kept s=***\n");
+    let session = first["sessionId"].as_str().expect("session").to_owned();
+    let chk1 = first["checkpointId"]
+        .as_str()
+        .expect("a checkpoint")
+        .to_owned();
+    assert!(chk1.starts_with("chk_"));
+    assert!(system_log(&stack.logs(&id).await).contains(&format!("checkpoint {chk1} saved")));
+
+    let id = stack
+        .create_run(0, json!({"sessionId": session, "prompt": "two"}))
+        .await;
+    let second = stack.wait_finished(&id, timeout).await;
+    assert_eq!(second["sessionId"], session.as_str());
+    assert_eq!(
+        stack.output(&id).await,
+        "one\nv=kept s=none\n",
+        "the state, the variables; not the secret"
+    );
+    let id = stack
+        .create_run(
+            0,
+            json!({"sessionId": session, "prompt": "three", "secrets": {"S": "again"}}),
+        )
+        .await;
+    let third = stack.wait_finished(&id, timeout).await;
+    assert_eq!(
+        stack.output(&id).await,
+        "one\ntwo\nv=kept s=***\n",
+        "{third}"
+    );
+    assert_ne!(third["checkpointId"], second["checkpointId"]);
+
+    // The first checkpoint, exactly: what the first run left, not what came after.
+    let id = stack
+        .create_run(0, json!({"checkpointId": chk1, "prompt": "again"}))
+        .await;
+    let resumed = stack.wait_finished(&id, timeout).await;
+    assert_eq!(resumed["status"], "completed", "{resumed}");
+    assert_eq!(stack.output(&id).await, "one\nv=kept s=none\n");
+    assert_eq!(resumed["sessionId"], session.as_str());
+
+    // Unknown, malformed, and another organization's: 404 (or 400 for a bad id).
+    for body in [
+        json!({"sessionId": "sess_000000000000000000000000", "prompt": "x"}),
+        json!({"checkpointId": "chk_000000000000000000000000", "prompt": "x"}),
+    ] {
+        let (status, err) = stack.call(0, Method::POST, "/v1/runs", Some(body)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    }
+    let other = stack.mint_token("globex").await;
+    for body in [
+        json!({"sessionId": session, "prompt": "x"}),
+        json!({"checkpointId": chk1, "prompt": "x"}),
+    ] {
+        let resp = reqwest::Client::new()
+            .post(stack.url(0, "/v1/runs"))
+            .bearer_auth(&other)
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+}
+
+vm0_db::on_both_databases!(on_bubblewrap, sessions_and_checkpoints);
