@@ -73,6 +73,10 @@ pub struct WorkerConfig {
     /// line is stored twice, as an event and a log); past it, output is read
     /// and dropped, and the run's log says how much.
     pub output_max_bytes: u64,
+    /// `VM0_VERSION_CACHE_MAX_BYTES`, default 10 GiB: the volume and artifact
+    /// versions this worker keeps (least recently used go first; those runs
+    /// use now stay).
+    pub version_cache_max_bytes: u64,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -122,6 +126,7 @@ impl WorkerConfig {
             vmm_jail: JailSetting::On,
             vmm_limits: HostLimits::Auto,
             output_max_bytes: 64 * 1024 * 1024,
+            version_cache_max_bytes: 10 << 30,
         }
     }
 
@@ -166,6 +171,10 @@ impl WorkerConfig {
             vmm_jail: parse_or("VM0_VMM_JAIL", d.vmm_jail)?,
             vmm_limits: parse_or("VM0_VMM_LIMITS", d.vmm_limits)?,
             output_max_bytes: parse_or("VM0_RUN_OUTPUT_MAX_BYTES", d.output_max_bytes)?,
+            version_cache_max_bytes: parse_or(
+                "VM0_VERSION_CACHE_MAX_BYTES",
+                d.version_cache_max_bytes,
+            )?,
         };
         anyhow::ensure!(config.vcpus >= 1, "VM0_WORKER_VCPUS must be at least 1");
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");

@@ -119,8 +119,10 @@ pub async fn run<S: Sandbox>(
         &format!("vm0-worker {}", config.worker_id),
     )
     .await?;
-    let transfers =
-        transfer::Transfers::new(&config.data_dir.join("worker").join(config.scratch_name()));
+    let transfers = transfer::Transfers::new(
+        &config.data_dir.join("worker").join(config.scratch_name()),
+        config.version_cache_max_bytes,
+    );
     let ctx = Arc::new(WorkerCtx {
         transfers,
         slots,

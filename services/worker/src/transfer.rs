@@ -49,11 +49,15 @@ pub fn limits(spec: &pb::RunSpec) -> Limits {
 
 /// Where a worker keeps versions (`<version>/archive.tar.gz` and `tree/`) and
 /// each run's transfers.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Transfers {
     pub cache_dir: PathBuf,
     pub runs_dir: PathBuf,
     pub http: reqwest::Client,
+    /// Bytes of versions kept at most (archives and trees).
+    pub cache_max_bytes: u64,
+    /// Versions runs use now (run id → version ids): never evicted.
+    in_use: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// A version on this worker: its archive and the tree it unpacks to.
@@ -63,7 +67,7 @@ struct Cached {
 }
 
 impl Transfers {
-    pub fn new(worker_dir: &Path) -> Transfers {
+    pub fn new(worker_dir: &Path, cache_max_bytes: u64) -> Transfers {
         Transfers {
             cache_dir: worker_dir.join("versions"),
             runs_dir: worker_dir.join("transfers"),
@@ -71,6 +75,58 @@ impl Transfers {
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .build()
                 .unwrap_or_default(),
+            cache_max_bytes,
+            in_use: Default::default(),
+        }
+    }
+
+    fn using(&self, run_id: &str, version: &str) {
+        if let Ok(mut in_use) = self.in_use.lock() {
+            in_use
+                .entry(run_id.to_owned())
+                .or_default()
+                .push(version.to_owned());
+        }
+    }
+
+    /// Deletes the least recently used versions no run uses until the cache
+    /// holds at most `cache_max_bytes`.
+    fn evict(&self) {
+        let busy: std::collections::HashSet<String> = self
+            .in_use
+            .lock()
+            .map(|m| m.values().flatten().cloned().collect())
+            .unwrap_or_default();
+        let Ok(listing) = std::fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        let mut kept: Vec<(std::time::SystemTime, u64, PathBuf)> = listing
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| {
+                let used = e.metadata().and_then(|m| m.modified()).ok()?;
+                let size = std::fs::read_to_string(e.path().join("bytes"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((used, size, e.path()))
+            })
+            .collect();
+        let mut total: u64 = kept.iter().map(|k| k.1).sum();
+        kept.sort();
+        for (_, size, dir) in kept {
+            if total <= self.cache_max_bytes {
+                break;
+            }
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| busy.contains(&n)) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                total = total.saturating_sub(size);
+                tracing::info!(dir = %dir.display(), size, "version evicted from the cache");
+            }
         }
     }
 
@@ -81,6 +137,9 @@ impl Transfers {
 
     pub async fn done(&self, run_id: &str) {
         let _ = tokio::fs::remove_dir_all(self.run_dir(run_id)).await;
+        if let Ok(mut in_use) = self.in_use.lock() {
+            in_use.remove(run_id);
+        }
     }
 
     /// Downloads `url` to `to`, at most `limit` bytes.
@@ -119,6 +178,7 @@ impl Transfers {
     /// unpacks to must hash to its id. Returns it and a log line.
     async fn version(
         &self,
+        run_id: &str,
         tree: &pb::TreeVersion,
         limits: &Limits,
     ) -> Result<(Cached, String), String> {
@@ -129,7 +189,12 @@ impl Transfers {
             archive: dir.join("archive.tar.gz"),
             tree: dir.join("tree"),
         };
+        self.using(run_id, id.as_str());
         if tokio::fs::try_exists(&cached.tree).await.unwrap_or(false) {
+            // Used now: the last to go.
+            if let Ok(dir) = std::fs::File::open(&dir) {
+                let _ = dir.set_modified(std::time::SystemTime::now());
+            }
             let line = format!(
                 "version {} of '{}' ({} files, {}) from this worker's cache",
                 &id.as_str()[..12],
@@ -167,6 +232,10 @@ impl Transfers {
                     id
                 ));
             }
+            let bytes = fetched + manifest.total_bytes();
+            tokio::fs::write(tmp.join("bytes"), bytes.to_string())
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(format!(
                 "version {} of '{}' ({} files, {}; {} archive) fetched in {fetch_ms} ms, checked and unpacked in {} ms",
                 &id.as_str()[..12],
@@ -184,6 +253,7 @@ impl Transfers {
                 if tokio::fs::rename(&tmp, &dir).await.is_err() {
                     let _ = tokio::fs::remove_dir_all(&tmp).await;
                 }
+                self.evict();
                 Ok((cached, line))
             }
             Err(e) => {
@@ -205,7 +275,7 @@ impl Transfers {
         let mut lines = Vec::new();
         for volume in &spec.volumes {
             let (cached, line) = self
-                .version(volume, &limits)
+                .version(&spec.run_id, volume, &limits)
                 .await
                 .map_err(|e| format!("volume '{}': {e}", volume.name))?;
             lines.push(format!("volume {line}"));
@@ -222,7 +292,7 @@ impl Transfers {
         let state = match &spec.state {
             Some(state) => {
                 let (cached, line) = self
-                    .version(state, &limits)
+                    .version(&spec.run_id, state, &limits)
                     .await
                     .map_err(|e| format!("the session's state: {e}"))?;
                 lines.push(format!("state {line}"));
@@ -248,7 +318,7 @@ impl Transfers {
         });
         if let Some(artifact) = &spec.artifact {
             let (cached, line) = self
-                .version(artifact, &limits)
+                .version(&spec.run_id, artifact, &limits)
                 .await
                 .map_err(|e| format!("artifact '{}': {e}", artifact.name))?;
             lines.push(format!("artifact {line}"));

@@ -176,6 +176,8 @@ pub struct StackOptions {
     /// The gateways' records retention (`VM0_RUN_RECORDS_RETENTION_DAYS`),
     /// looked at every 200 ms; the gateway's default unless set.
     pub records_retention: Option<Duration>,
+    /// What a version may hold (the gateways' `VM0_STORAGE_MAX_*`).
+    pub storage_limits: Option<vm0_storage::Limits>,
 }
 
 impl Default for StackOptions {
@@ -193,6 +195,7 @@ impl Default for StackOptions {
             auth_cache_ttl: Duration::from_secs(5),
             worker_uid: None,
             records_retention: None,
+            storage_limits: None,
         }
     }
 }
@@ -250,6 +253,9 @@ impl Stack {
         if let Some(keep) = self.options.records_retention {
             config.records_retention = Some(keep);
             config.retention_interval = Duration::from_millis(200);
+        }
+        if let Some(limits) = self.options.storage_limits {
+            config.storage.limits = limits;
         }
         let mut dispatch = DispatchConfig::new(self.nats.options(Role::Gateway));
         dispatch.grpc_tls = Some(GrpcTls::local(&self.tls_dir()).expect("control plane TLS"));
@@ -455,6 +461,25 @@ impl Stack {
             .filter_map(|w| std::fs::read_dir(w.path().join("runs")).ok())
             .map(|runs| runs.count())
             .sum()
+    }
+
+    /// The versions cached by the workers (directory names: version ids), and
+    /// the transfer directories of runs left behind.
+    pub fn cached_versions(&self) -> (Vec<String>, usize) {
+        let root = self.dir.path().join("workers").join("worker");
+        let (mut versions, mut transfers) = (Vec::new(), 0);
+        for w in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            for v in std::fs::read_dir(w.path().join("versions"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                versions.push(v.file_name().to_string_lossy().into_owned());
+            }
+            transfers += std::fs::read_dir(w.path().join("transfers")).map_or(0, |d| d.count());
+        }
+        versions.sort();
+        (versions, transfers)
     }
 
     pub async fn mint_token(&self, org: &str) -> String {

@@ -335,3 +335,118 @@ async fn sessions_and_checkpoints(db: Db) {
 }
 
 vm0_db::on_both_databases!(on_bubblewrap, sessions_and_checkpoints);
+
+/// What cannot be saved fails the run, saying why, and leaves no version: a
+/// /work past the deployment's limits, and special files skipped with a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_past_the_limits_fail_the_run() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            storage_limits: Some(vm0_storage::Limits {
+                max_files: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .create_agent(
+            "many",
+            json!({"command": ["sh", "-c", "for i in 1 2 3 4 5; do echo $i > /work/f$i; done"]}),
+        )
+        .await;
+    stack
+        .create_agent(
+            "fifo",
+            json!({"command": ["sh", "-c", "mkfifo /work/pipe; echo x > /work/file"]}),
+        )
+        .await;
+    let id = stack
+        .create_run(
+            0,
+            json!({"agent": "many", "prompt": "p", "artifactName": "out"}),
+        )
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("saving /work as artifact 'out' failed:")
+            && error.contains("more than 3"),
+        "{error}"
+    );
+    assert_eq!(run["artifactVersion"], Value::Null);
+    let (_, list) = stack
+        .call(0, Method::GET, "/v1/artifacts?name=out", None)
+        .await;
+    assert!(
+        list["data"][0]["currentVersionId"].is_null(),
+        "no version: {list}"
+    );
+
+    let id = stack
+        .create_run(
+            0,
+            json!({"agent": "fifo", "prompt": "p", "artifactName": "out"}),
+        )
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let logs = stack.logs(&id).await;
+    assert!(
+        logs.iter().any(|l| l["level"] == "warn"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("/work/pipe"))),
+        "the FIFO was skipped with a line: {}",
+        system_log(&logs)
+    );
+    assert_eq!(
+        pull(&stack, "out").await.keys().collect::<Vec<_>>(),
+        ["file"]
+    );
+}
+
+/// The worker's cache of versions is bounded: past VM0_VERSION_CACHE_MAX_BYTES
+/// the least recently used version no run uses goes; nothing of a run's
+/// transfers outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_version_cache_is_bounded() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            // Room for one small version.
+            worker_env: vec![("VM0_VERSION_CACHE_MAX_BYTES", "1500".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = push(&stack, "volumes", "a", &[("f", &[b'a'; 1000])]).await;
+    let b = push(&stack, "volumes", "b", &[("f", &[b'b'; 1000])]).await;
+    stack
+        .create_agent(
+            "cat",
+            json!({"command": ["sh", "-c", "cat /volumes/*/f | wc -c"]}),
+        )
+        .await;
+    for volumes in [json!({"a": "latest"}), json!({"b": "latest"})] {
+        let id = stack
+            .create_run(
+                0,
+                json!({"agent": "cat", "prompt": "p", "volumes": volumes}),
+            )
+            .await;
+        let run = stack.wait_finished(&id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(stack.output(&id).await.trim(), "1000");
+    }
+    let (versions, transfers) = stack.cached_versions();
+    assert_eq!(
+        versions,
+        vec![b],
+        "a went, b (used last) stayed; not {a}"
+    );
+    assert_eq!(transfers, 0, "no run's transfers are left");
+}
