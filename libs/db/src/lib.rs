@@ -18,6 +18,6 @@ pub mod testing;
 
 pub use store::{
     Backend, CancelOutcome, ClaimOutcome, ClaimedRun, Committed, FinishOutcome, FinishRun,
-    KeysetAfter, LogFilter, NewLog, NewMetric, NewRun, RunFilter, SortOrder, StorageKind, Store,
-    StoreError, UpdateOutcome,
+    KeysetAfter, LogFilter, NewCheckpoint, NewLog, NewMetric, NewRun, RunFilter, SortOrder,
+    StorageKind, Store, StoreError, UpdateOutcome,
 };

@@ -198,6 +198,7 @@ async fn complete_stays_last_while_a_worker_keeps_sending(db: Db) {
             log: "forced".into(),
             now: now(),
             artifact_version: None,
+            checkpoint: None,
         })
         .await
         .expect("finish");

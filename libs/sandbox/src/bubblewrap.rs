@@ -306,6 +306,9 @@ impl Bubblewrap {
         // Reachable by the command too (`vm0-guest-agent probe`); bwrap would make
         // the directory root's own.
         cmd.args(["--perms", "0755", "--dir", "/run"]);
+        // The session's state directory (`VM0_STATE_DIR`): the agent gives it
+        // to the run user, or unpacks a checkpoint's state into it.
+        cmd.args(["--perms", "0755", "--dir", "/state"]);
         for tree in spec.trees_in.iter().filter(|t| bound_read_only(t)) {
             if let Some(dir) = &tree.unpacked {
                 // bwrap would make missing parents 0700: the run user could not

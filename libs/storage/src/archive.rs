@@ -74,7 +74,17 @@ pub struct ArchiveWriter<W: Write> {
 
 impl<W: Write> ArchiveWriter<W> {
     pub fn new(out: W) -> ArchiveWriter<W> {
-        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+        Self::with_compression(out, flate2::Compression::fast())
+    }
+
+    /// Gzip's stored blocks, not compressed: still a `.tar.gz`, for a stream
+    /// between processes where compressing costs more than it saves.
+    pub fn stored(out: W) -> ArchiveWriter<W> {
+        Self::with_compression(out, flate2::Compression::none())
+    }
+
+    fn with_compression(out: W, level: flate2::Compression) -> ArchiveWriter<W> {
+        let gz = flate2::write::GzEncoder::new(out, level);
         let mut tar = tar::Builder::new(gz);
         tar.follow_symlinks(false);
         ArchiveWriter { tar }
@@ -136,6 +146,24 @@ impl<W: Write> ArchiveWriter<W> {
 /// Writes the files and links under `root` to `out` as a `.tar.gz`, in path
 /// order; returns their manifest.
 pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed, ArchiveError> {
+    pack_into(root, ArchiveWriter::new(out), limits)
+}
+
+/// [`pack_dir`] without compression (gzip's stored blocks): what a sandbox
+/// sends the host, which checks it and compresses what it keeps once.
+pub fn pack_dir_stored<W: Write>(
+    root: &Path,
+    out: W,
+    limits: &Limits,
+) -> Result<Packed, ArchiveError> {
+    pack_into(root, ArchiveWriter::stored(out), limits)
+}
+
+fn pack_into<W: Write>(
+    root: &Path,
+    mut tar: ArchiveWriter<W>,
+    limits: &Limits,
+) -> Result<Packed, ArchiveError> {
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     walk(root, "", &mut found, &mut skipped)?;
@@ -147,7 +175,6 @@ pub fn pack_dir<W: Write>(root: &Path, out: W, limits: &Limits) -> Result<Packed
         }
         .into());
     }
-    let mut tar = ArchiveWriter::new(out);
     let mut entries = Vec::with_capacity(found.len());
     let mut total: u64 = 0;
     for rel in found {

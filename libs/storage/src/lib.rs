@@ -20,7 +20,7 @@ pub mod signed;
 #[cfg(feature = "store")]
 pub mod testing;
 
-pub use archive::{ArchiveError, ArchiveWriter, Packed, pack_dir, unpack};
+pub use archive::{ArchiveError, ArchiveWriter, Packed, pack_dir, pack_dir_stored, unpack};
 #[cfg(feature = "store")]
 pub use assemble::{AssembleError, Part, archive_objects};
 pub use manifest::{FileEntry, Limits, Manifest, ManifestError, VersionId, VersionPrefix};

@@ -402,32 +402,6 @@ impl ControlPlaneService {
             .map_err(|e| fail(e.body.message))
     }
 
-    /// The checkpoint of a completed run: its agent version, state, volumes,
-    /// artifact version and variables.
-    async fn checkpoint(
-        &self,
-        run: &vm0_db::entity::run::Model,
-        state: Option<String>,
-        artifact_version: Option<String>,
-    ) -> Result<vm0_db::entity::checkpoint::Model, Status> {
-        self.store
-            .record_checkpoint(vm0_db::entity::checkpoint::Model {
-                id: vm0_api_types::ids::new_id(IdKind::Checkpoint),
-                org_id: run.org_id.clone(),
-                run_id: run.id.clone(),
-                session_id: run.session_id.clone(),
-                agent_version_id: run.agent_version_id.clone(),
-                state_key: state,
-                volumes: run.volumes.clone(),
-                artifact_name: run.artifact_name.clone(),
-                artifact_version: artifact_version.or_else(|| run.artifact_version.clone()),
-                created_at: Timestamp::now().micros(),
-                variables: run.variables.clone(),
-            })
-            .await
-            .map_err(|e| internal(&e))
-    }
-
     async fn saved_line(&self, run_id: &str, message: String, version: &str) -> Result<(), Status> {
         let line = NewLog {
             key: None,
@@ -741,21 +715,21 @@ impl ControlPlane for ControlPlaneService {
                 }
             }
         }
-        // A completed run leaves a checkpoint (with its state, when it has one).
+        // A completed run leaves a checkpoint (with its state, when it had one),
+        // written with the run's end.
+        let mut state_version = None;
         if let Some(run) = &holder
             && status == RunStatus::Completed
             && !r.state_upload_id.is_empty()
         {
             match self.commit_output(run, "state", &r.state_upload_id).await {
                 Ok(c) => {
-                    let chk = self
-                        .checkpoint(run, Some(c.version.id.clone()), artifact_version.clone())
-                        .await?;
                     let message = format!(
-                        "checkpoint {} saved: the state directory is version {} ({} files, {} bytes)",
-                        chk.id, c.version.id, c.version.file_count, c.version.size
+                        "the state directory saved as version {} ({} files, {} bytes)",
+                        c.version.id, c.version.file_count, c.version.size
                     );
                     self.saved_line(&r.run_id, message, &c.version.id).await?;
+                    state_version = Some(c.version.id);
                 }
                 Err(why) => {
                     status = RunStatus::Failed;
@@ -763,11 +737,18 @@ impl ControlPlane for ControlPlaneService {
                 }
             }
         }
-        let log = match (&error, r.exit_code) {
+        let checkpoint = (status == RunStatus::Completed).then(|| vm0_db::NewCheckpoint {
+            id: vm0_api_types::ids::new_id(IdKind::Checkpoint),
+            state_version,
+        });
+        let mut log = match (&error, r.exit_code) {
             (Some(e), _) => format!("run {status}: {e}"),
             (None, Some(code)) => format!("run {status} (exit code {code})"),
             (None, None) => format!("run {status}"),
         };
+        if let Some(c) = &checkpoint {
+            log.push_str(&format!("; checkpoint {} saved", c.id));
+        }
         let finish = FinishRun {
             run_id: r.run_id.clone(),
             attempt: i32::try_from(r.attempt).unwrap_or(-1),
@@ -780,6 +761,7 @@ impl ControlPlane for ControlPlaneService {
             log,
             now: Timestamp::now().micros(),
             artifact_version,
+            checkpoint,
         };
         let accepted = match self
             .store

@@ -123,6 +123,7 @@ async fn reap_running(
         log: String::new(),
         now,
         artifact_version: None,
+        checkpoint: None,
     };
     if silent.contains(&worker) {
         let log = format!(

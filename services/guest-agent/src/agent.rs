@@ -288,6 +288,19 @@ async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // The session's state directory: given by the host (a checkpoint's), or
+    // made empty here, the run user's.
+    if let Some(dir) = start
+        .env
+        .get("VM0_STATE_DIR")
+        .filter(|d| d.starts_with('/'))
+    {
+        let dir = std::path::Path::new(dir);
+        let made = std::fs::create_dir_all(dir).and_then(|()| run_user::give_to_run_user(dir));
+        if let Err(e) = made {
+            return failed(format!("cannot make {}: {e}", dir.display())).await;
+        }
+    }
     if !start.working_dir.is_empty() {
         cmd.current_dir(&start.working_dir);
     }

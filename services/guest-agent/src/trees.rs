@@ -257,7 +257,8 @@ pub async fn handle_pack(p: PackTree, out: &mpsc::Sender<GuestMessage>) {
         out: out.clone(),
     };
     let packed =
-        tokio::task::spawn_blocking(move || vm0_storage::pack_dir(&src, sink, &limits)).await;
+        tokio::task::spawn_blocking(move || vm0_storage::pack_dir_stored(&src, sink, &limits))
+            .await;
     let answer = match packed {
         Ok(Ok(packed)) => msg(guest_message::Kind::TreeData(TreeData {
             src: p.src,

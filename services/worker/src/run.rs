@@ -587,6 +587,10 @@ async fn save_tree<S>(
     let taken = taken
         .unwrap_or_else(|| Err("the sandbox did not give it back".into()))
         .map_err(fail)?;
+    // An empty state is no state: the checkpoint has none (nothing to upload).
+    if tree == "state" && taken.files == 0 && taken.skipped.is_empty() {
+        return Ok((String::new(), Vec::new()));
+    }
     let mut lines: Vec<(LogLevel, String)> = taken
         .skipped
         .iter()

@@ -288,34 +288,23 @@ impl Transfers {
                 max_files: limits.max_files as u64,
             });
         }
-        // The session's state: the checkpoint's, or an empty directory.
-        let state = match &spec.state {
-            Some(state) => {
-                let (cached, line) = self
-                    .version(&spec.run_id, state, &limits)
-                    .await
-                    .map_err(|e| format!("the session's state: {e}"))?;
-                lines.push(format!("state {line}"));
-                cached.archive
-            }
-            None => {
-                let empty = dir.join("empty-state.tar.gz");
-                let file = std::fs::File::create(&empty)
-                    .map_err(|e| format!("{}: {e}", empty.display()))?;
-                vm0_storage::ArchiveWriter::new(file)
-                    .finish()
-                    .map_err(|e| format!("{}: {e}", empty.display()))?;
-                empty
-            }
-        };
-        trees.push(TreeIn {
-            dest: STATE_DIR.into(),
-            archive: state,
-            unpacked: None,
-            read_only: false,
-            max_bytes: limits.max_total_bytes,
-            max_files: limits.max_files as u64,
-        });
+        // The session's state, when the run resumes one (the guest agent makes
+        // an empty state directory otherwise).
+        if let Some(state) = &spec.state {
+            let (cached, line) = self
+                .version(&spec.run_id, state, &limits)
+                .await
+                .map_err(|e| format!("the session's state: {e}"))?;
+            lines.push(format!("state {line}"));
+            trees.push(TreeIn {
+                dest: STATE_DIR.into(),
+                archive: cached.archive,
+                unpacked: None,
+                read_only: false,
+                max_bytes: limits.max_total_bytes,
+                max_files: limits.max_files as u64,
+            });
+        }
         if let Some(artifact) = &spec.artifact {
             let (cached, line) = self
                 .version(&spec.run_id, artifact, &limits)

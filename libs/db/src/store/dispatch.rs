@@ -60,6 +60,18 @@ pub struct FinishRun {
     pub now: i64,
     /// The artifact version the run left (its `/work`, committed), if any.
     pub artifact_version: Option<String>,
+    /// The checkpoint a completed run leaves (written with its end, in the
+    /// same transaction; ignored for any other status).
+    pub checkpoint: Option<NewCheckpoint>,
+}
+
+/// A completed run's checkpoint: the rest (agent version, volumes, artifact,
+/// variables, session) is the run's own.
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint {
+    pub id: String,
+    /// The version of the session's state it saved, if the state was not empty.
+    pub state_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +332,7 @@ impl Store {
                 log: error.to_owned(),
                 now,
                 artifact_version: None,
+                checkpoint: None,
             },
         )
         .await
@@ -402,6 +415,13 @@ impl Store {
         if let Some(version) = &f.artifact_version {
             update = update.col_expr(run::Column::ArtifactVersion, Expr::value(version.clone()));
         }
+        let checkpoint = f
+            .checkpoint
+            .clone()
+            .filter(|_| f.status == RunStatus::Completed);
+        if let Some(c) = &checkpoint {
+            update = update.col_expr(run::Column::CheckpointId, Expr::value(c.id.clone()));
+        }
         let res = update
             .col_expr(run::Column::Status, Expr::value(f.status.as_str()))
             .col_expr(run::Column::ExitCode, Expr::value(f.exit_code))
@@ -424,6 +444,39 @@ impl Store {
             .await?;
         if res.rows_affected != 1 {
             return Ok(FinishOutcome::Stale);
+        }
+        if let Some(c) = checkpoint {
+            use sea_orm::ActiveModelTrait;
+            crate::entity::checkpoint::ActiveModel::from(crate::entity::checkpoint::Model {
+                id: c.id.clone(),
+                org_id: current.org_id.clone(),
+                run_id: current.id.clone(),
+                session_id: current.session_id.clone(),
+                agent_version_id: current.agent_version_id.clone(),
+                state_key: c.state_version,
+                volumes: current.volumes.clone(),
+                artifact_name: current.artifact_name.clone(),
+                artifact_version: f
+                    .artifact_version
+                    .clone()
+                    .or_else(|| current.artifact_version.clone()),
+                created_at: f.now,
+                variables: current.variables.clone(),
+            })
+            .insert(&*txn)
+            .await?;
+            crate::entity::session::Entity::update_many()
+                .col_expr(
+                    crate::entity::session::Column::LatestCheckpointId,
+                    Expr::value(c.id),
+                )
+                .col_expr(
+                    crate::entity::session::Column::UpdatedAt,
+                    Expr::value(f.now),
+                )
+                .filter(crate::entity::session::Column::Id.eq(current.session_id.clone()))
+                .exec(&*txn)
+                .await?;
         }
         let mut status_data = serde_json::json!({"status": f.status.as_str()});
         let mut complete = serde_json::json!({"status": f.status.as_str(), "executionTimeMs": f.execution_time_ms});
@@ -566,6 +619,7 @@ impl Store {
                     ),
                     now,
                     artifact_version: None,
+                    checkpoint: None,
                 })
                 .await?,
             );

@@ -29,7 +29,7 @@ pub use runs::{CancelOutcome, NewRun, RunFilter};
 pub use telemetry::{LogFilter, MetricAggregate, NewLog, NewMetric};
 
 pub use agents::UpdateOutcome;
-pub use dispatch::{ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun};
+pub use dispatch::{ClaimOutcome, ClaimedRun, FinishOutcome, FinishRun, NewCheckpoint};
 pub use storage::{Committed, StorageKind};
 
 use crate::migration::Migrator;

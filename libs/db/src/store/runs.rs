@@ -291,36 +291,6 @@ impl Store {
         }
     }
 
-    /// Records the checkpoint a completed run left: it becomes its session's
-    /// latest and the run's `checkpointId`.
-    pub async fn record_checkpoint(
-        &self,
-        checkpoint: checkpoint::Model,
-    ) -> Result<checkpoint::Model, StoreError> {
-        use sea_orm::ActiveModelTrait;
-        use sea_orm::sea_query::Expr;
-        let txn = self.begin_write().await?;
-        let row = checkpoint::ActiveModel::from(checkpoint)
-            .insert(&*txn)
-            .await?;
-        session::Entity::update_many()
-            .col_expr(
-                session::Column::LatestCheckpointId,
-                Expr::value(row.id.clone()),
-            )
-            .col_expr(session::Column::UpdatedAt, Expr::value(row.created_at))
-            .filter(session::Column::Id.eq(row.session_id.clone()))
-            .exec(&*txn)
-            .await?;
-        run::Entity::update_many()
-            .col_expr(run::Column::CheckpointId, Expr::value(row.id.clone()))
-            .filter(run::Column::Id.eq(row.run_id.clone()))
-            .exec(&*txn)
-            .await?;
-        txn.commit().await?;
-        Ok(row)
-    }
-
     pub async fn get_checkpoint(
         &self,
         org_id: &str,

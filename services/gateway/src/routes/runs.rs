@@ -476,6 +476,7 @@ async fn force_cancel(
         log: "run cancelled by user (the worker did not confirm in time)".into(),
         now,
         artifact_version: None,
+        checkpoint: None,
     };
     if let vm0_db::FinishOutcome::Finished { events, .. } = state.store.finish_run(finish).await?
         && let Some(bus) = &state.bus

@@ -443,10 +443,6 @@ async fn the_version_cache_is_bounded() {
         assert_eq!(stack.output(&id).await.trim(), "1000");
     }
     let (versions, transfers) = stack.cached_versions();
-    assert_eq!(
-        versions,
-        vec![b],
-        "a went, b (used last) stayed; not {a}"
-    );
+    assert_eq!(versions, vec![b], "a went, b (used last) stayed; not {a}");
     assert_eq!(transfers, 0, "no run's transfers are left");
 }
