@@ -673,18 +673,12 @@ async fn trees_go_in_and_come_out() {
     let bwrap = Bubblewrap::detect(&guest_agent())
         .await
         .expect("bubblewrap");
-    let mut sb = bwrap.start(s).await.expect("start");
-    let (mut stdout, mut saved, mut logs) = (Vec::new(), Vec::new(), Vec::new());
-    let exit = loop {
-        match sb.next_event().await.expect("events") {
-            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => stdout.extend_from_slice(&b),
-            SandboxEvent::TreeSaved { src, result } => saved.push((src, result)),
-            SandboxEvent::Log(l) => logs.push(l),
-            SandboxEvent::Exited(exit) => break exit,
-            _ => {}
-        }
-    };
-    let stdout = String::from_utf8_lossy(&stdout);
+    let support::Reported {
+        output: stdout,
+        logs,
+        saved,
+        exit,
+    } = support::collect(bwrap.start(s).await.expect("start")).await;
     assert_eq!(exit.code, Some(0), "{stdout} {logs:?}");
     assert_eq!(
         stdout, "hello\nvolume data\nhello.txt\ndrwxr-xr-x\n",

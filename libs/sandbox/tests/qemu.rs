@@ -534,18 +534,12 @@ async fn trees_go_in_and_come_out() {
         max_bytes: 1 << 20,
         max_files: 100,
     }];
-    let mut sb = qemu().start(s).await.expect("start");
-    let (mut out, mut logs, mut saved) = (Vec::new(), Vec::new(), Vec::new());
-    let exit = loop {
-        match sb.next_event().await.expect("events") {
-            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => out.extend_from_slice(&b),
-            SandboxEvent::Log(l) => logs.push(l),
-            SandboxEvent::TreeSaved { src, result } => saved.push((src, result)),
-            SandboxEvent::Exited(x) => break x,
-            _ => {}
-        }
-    };
-    let out = String::from_utf8_lossy(&out);
+    let support::Reported {
+        output: out,
+        logs,
+        saved,
+        exit,
+    } = support::collect(qemu().start(s).await.expect("start")).await;
     assert_eq!(exit.code, Some(0), "{out} {logs:?}");
     assert_eq!(
         out, "hello\nvolume data\n",

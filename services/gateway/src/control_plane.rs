@@ -402,6 +402,25 @@ impl ControlPlaneService {
             .map_err(|e| fail(e.body.message))
     }
 
+    /// The run, if `worker_id` holds it at `attempt` (it is running there).
+    async fn held_run(
+        &self,
+        run_id: &str,
+        worker_id: &str,
+        attempt: u32,
+    ) -> Result<Option<vm0_db::entity::run::Model>, Status> {
+        Ok(self
+            .store
+            .get_run_by_id(run_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .filter(|run| {
+                run.status == RunStatus::Running.as_str()
+                    && run.worker_id.as_deref() == Some(worker_id)
+                    && i64::from(run.attempt) == i64::from(attempt)
+            }))
+    }
+
     async fn saved_line(&self, run_id: &str, message: String, version: &str) -> Result<(), Status> {
         let line = NewLog {
             key: None,
@@ -634,16 +653,10 @@ impl ControlPlane for ControlPlaneService {
         let worker_id = self.caller(&req, &req.get_ref().worker_id).await?;
         let r = req.into_inner();
         check_run_id(&r.run_id)?;
-        let run = self
-            .store
-            .get_run_by_id(&r.run_id)
-            .await
-            .map_err(|e| internal(&e))?;
-        let current = run.is_some_and(|run| {
-            run.status == RunStatus::Running.as_str()
-                && run.worker_id.as_deref() == Some(worker_id.as_str())
-                && i64::from(run.attempt) == i64::from(r.attempt)
-        });
+        let current = self
+            .held_run(&r.run_id, &worker_id, r.attempt)
+            .await?
+            .is_some();
         if current && !r.message.is_empty() {
             let line = NewLog {
                 key: None,
@@ -677,15 +690,7 @@ impl ControlPlane for ControlPlaneService {
         let has_outputs = !r.artifact_upload_id.is_empty() || !r.state_upload_id.is_empty();
         // Only the run's current holder commits its outputs.
         let holder = if has_outputs {
-            self.store
-                .get_run_by_id(&r.run_id)
-                .await
-                .map_err(|e| internal(&e))?
-                .filter(|run| {
-                    run.status == RunStatus::Running.as_str()
-                        && run.worker_id.as_deref() == Some(worker_id.as_str())
-                        && i64::from(run.attempt) == i64::from(r.attempt)
-                })
+            self.held_run(&r.run_id, &worker_id, r.attempt).await?
         } else {
             None
         };
@@ -787,15 +792,8 @@ impl ControlPlane for ControlPlaneService {
         let r = req.into_inner();
         check_run_id(&r.run_id)?;
         let run = self
-            .store
-            .get_run_by_id(&r.run_id)
-            .await
-            .map_err(|e| internal(&e))?
-            .filter(|run| {
-                run.status == RunStatus::Running.as_str()
-                    && run.worker_id.as_deref() == Some(worker_id.as_str())
-                    && i64::from(run.attempt) == i64::from(r.attempt)
-            })
+            .held_run(&r.run_id, &worker_id, r.attempt)
+            .await?
             .ok_or_else(|| Status::failed_precondition("the run is not this worker's attempt"))?;
         let storage = self.output_storage(&run, &r.tree).await?;
         let files = r

@@ -22,3 +22,34 @@ pub fn tree_archive(
     vm0_storage::pack_dir(&src, out, &vm0_storage::Limits::default()).expect("pack");
     (archive, src)
 }
+
+/// What a sandbox reported: its output (both streams), log lines, the trees
+/// it gave back, and how it ended.
+pub struct Reported {
+    pub output: String,
+    pub logs: Vec<String>,
+    pub saved: Vec<(String, Result<vm0_sandbox::TreeTaken, String>)>,
+    pub exit: vm0_sandbox::ExitReport,
+}
+
+/// Reads a sandbox's events until `Exited`.
+pub async fn collect(mut sb: vm0_sandbox::RunningSandbox) -> Reported {
+    use vm0_sandbox::SandboxEvent;
+    let (mut output, mut logs, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        match sb.next_event().await.expect("events end with Exited") {
+            SandboxEvent::Stdout(b) | SandboxEvent::Stderr(b) => output.extend_from_slice(&b),
+            SandboxEvent::TreeSaved { src, result } => saved.push((src, result)),
+            SandboxEvent::Log(l) => logs.push(l),
+            SandboxEvent::Exited(exit) => {
+                return Reported {
+                    output: String::from_utf8_lossy(&output).into_owned(),
+                    logs,
+                    saved,
+                    exit,
+                };
+            }
+            _ => {}
+        }
+    }
+}

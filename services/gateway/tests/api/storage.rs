@@ -416,36 +416,22 @@ async fn hostile_uploads_are_refused() {
             .await,
         "message",
     );
-    let too_big = gw
-        .post(&path, json!({"files": [{"path": "a", "size": 1001}]}))
-        .await;
-    assert_error(
-        &too_big,
-        413,
-        "invalid_request_error",
-        "payload_too_large",
-        Some("files"),
-    );
-    let files: Vec<Value> = (0..3)
-        .map(|i| json!({"path": format!("f{i}"), "size": 900}))
-        .collect();
-    assert_error(
-        &gw.post(&path, json!({"files": files})).await,
-        413,
-        "invalid_request_error",
-        "payload_too_large",
-        Some("files"),
-    );
-    let files: Vec<Value> = (0..51)
-        .map(|i| json!({"path": format!("f{i}"), "size": 0}))
-        .collect();
-    assert_error(
-        &gw.post(&path, json!({"files": files})).await,
-        413,
-        "invalid_request_error",
-        "payload_too_large",
-        Some("files"),
-    );
+    // A file too large, files too large together, too many files.
+    let n_files = |n: usize, size: u64| -> Value {
+        let files: Vec<Value> = (0..n)
+            .map(|i| json!({"path": format!("f{i}"), "size": size}))
+            .collect();
+        json!({ "files": files })
+    };
+    for body in [n_files(1, 1001), n_files(3, 900), n_files(51, 0)] {
+        assert_error(
+            &gw.post(&path, body).await,
+            413,
+            "invalid_request_error",
+            "payload_too_large",
+            Some("files"),
+        );
+    }
     // Nothing was stored: no upload left a version, no session can commit.
     let (_, v) = gw.get(&format!("/v1/volumes/{id}")).await;
     assert_eq!(v["currentVersionId"], Value::Null);
