@@ -178,6 +178,9 @@ pub struct StackOptions {
     pub records_retention: Option<Duration>,
     /// What a version may hold (the gateways' `VM0_STORAGE_MAX_*`).
     pub storage_limits: Option<vm0_storage::Limits>,
+    /// Volumes and artifacts on a moto S3 server started for the stack (all
+    /// gateways share it) instead of each gateway's local store.
+    pub s3: bool,
 }
 
 impl Default for StackOptions {
@@ -196,6 +199,7 @@ impl Default for StackOptions {
             worker_uid: None,
             records_retention: None,
             storage_limits: None,
+            s3: false,
         }
     }
 }
@@ -211,6 +215,7 @@ pub struct Stack {
     database_url: String,
     secrets_key: [u8; 32],
     options: StackOptions,
+    s3: Option<vm0_storage::testing::Moto>,
 }
 
 impl Stack {
@@ -234,6 +239,9 @@ impl Stack {
             database_url,
             secrets_key: rand_key(),
             options: options.clone(),
+            s3: options
+                .s3
+                .then(|| vm0_storage::testing::Moto::start("vm0-e2e")),
             dir,
         };
         for _ in 0..options.gateways {
@@ -256,6 +264,10 @@ impl Stack {
         }
         if let Some(limits) = self.options.storage_limits {
             config.storage.limits = limits;
+        }
+        if let Some(moto) = &self.s3 {
+            config.storage.object_store_url = Some(format!("s3://{}/e2e", moto.bucket));
+            config.storage.object_store_options = moto.s3_config();
         }
         let mut dispatch = DispatchConfig::new(self.nats.options(Role::Gateway));
         dispatch.grpc_tls = Some(GrpcTls::local(&self.tls_dir()).expect("control plane TLS"));

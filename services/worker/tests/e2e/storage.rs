@@ -238,6 +238,20 @@ async fn on_bubblewrap(db: Db) {
     volumes_and_artifacts(&stack, Duration::from_secs(60)).await;
 }
 
+/// The same with S3: the worker fetches and uploads through presigned URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            s3: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    volumes_and_artifacts(&stack, Duration::from_secs(60)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_qemu() {
     let stack = Stack::start(
