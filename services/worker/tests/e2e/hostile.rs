@@ -40,7 +40,7 @@ async fn run_to_end(stack: &Stack, agent: &str, vars: Value, wait: Duration) -> 
 const PROBE: &str = r#"
 for f in /proc/[0-9]*/environ; do tr '\0' '\n' < "$f" 2>/dev/null; done > /tmp/environ
 echo "environ-lines $(wc -l < /tmp/environ)"
-grep -E 'VM0_|NATS|TOKEN|CANARY|KEY|PASSWORD' /tmp/environ | grep -v -E '^VM0_(PROMPT|PROMPT_FILE|RUN_ID)=' | sed 's/^/leak: /'
+grep -E 'VM0_|NATS|TOKEN|CANARY|KEY|PASSWORD' /tmp/environ | grep -v -E '^VM0_(PROMPT|PROMPT_FILE|RUN_ID|STATE_DIR)=' | sed 's/^/leak: /'
 unshare -U true 2>/dev/null && echo "unshare -U: allowed"
 unshare -m true 2>/dev/null && echo "unshare -m: allowed"
 mkdir -p /tmp/m && mount -t tmpfs none /tmp/m 2>/dev/null && echo "mount: allowed"

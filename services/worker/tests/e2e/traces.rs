@@ -72,7 +72,9 @@ async fn a_run_is_one_trace_from_the_request_to_the_worker() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let spans = loop {
         let spans = receiver.spans();
+        // `run` closes last: after `finish`, once the run's files are removed.
         if find(&spans, "vm0-worker", "finish").is_some()
+            && find(&spans, "vm0-worker", "run").is_some()
             && find(&spans, "vm0-gateway", "ControlPlane/Finish").is_some()
         {
             break spans;
