@@ -237,16 +237,17 @@ async fn resolve_volumes(
 async fn resolve_artifact(
     state: &AppState,
     org: &str,
-    req: &CreateRunRequest,
+    name: Option<&String>,
+    version: Option<&str>,
 ) -> ApiResult<Option<String>> {
-    let Some(name) = &req.artifact_name else {
+    let Some(name) = name else {
         return Ok(None);
     };
     let artifact = state
         .store
         .find_storage(org, StorageKind::Artifact, name)
         .await?;
-    match (req.artifact_version.as_deref(), artifact) {
+    match (version, artifact) {
         (None | Some("latest"), None) => Ok(None),
         (None | Some("latest"), Some(a)) => Ok(a.current_version_id),
         (Some(v), None) => Err(ApiError::not_found("artifact", name, Some("artifactName"))
@@ -302,17 +303,19 @@ pub async fn create(
             if *exact {
                 (name, chk.artifact_version.clone())
             } else {
-                let latest = CreateRunRequest {
-                    artifact_name: name.clone(),
-                    artifact_version: None,
-                    ..req.clone()
-                };
-                (name, resolve_artifact(&state, org, &latest).await?)
+                let latest = resolve_artifact(&state, org, name.as_ref(), None).await?;
+                (name, latest)
             }
         }
         _ => (
             req.artifact_name.clone(),
-            resolve_artifact(&state, org, &req).await?,
+            resolve_artifact(
+                &state,
+                org,
+                req.artifact_name.as_ref(),
+                req.artifact_version.as_deref(),
+            )
+            .await?,
         ),
     };
     let variables = match (&req.variables, target.inherited_variables) {

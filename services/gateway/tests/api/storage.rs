@@ -22,6 +22,17 @@ fn bare_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// PUTs `body` to a signed URL; the answer's status.
+async fn put_status(url: &str, body: impl Into<reqwest::Body>) -> StatusCode {
+    bare_client()
+        .put(url)
+        .body(body)
+        .send()
+        .await
+        .expect("put")
+        .status()
+}
+
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -496,40 +507,28 @@ async fn incomplete_and_wrong_uploads_are_refused() {
         "{err}"
     );
     // Wrong size, with an honest Content-Length: refused before reading.
-    let resp = client
-        .put(url(1))
-        .body(b"toolong".to_vec())
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let resp = client
-        .put(url(1))
-        .body(b"shrt".to_vec())
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        put_status(&url(1), b"toolong".to_vec()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        put_status(&url(1), b"shrt".to_vec()).await,
+        StatusCode::BAD_REQUEST
+    );
     // Without a Content-Length (chunked): more is cut off at the size, less is refused.
     let chunked = |data: &'static [u8]| {
         reqwest::Body::wrap_stream(futures::stream::iter(vec![Ok::<_, std::io::Error>(
             bytes::Bytes::from_static(data),
         )]))
     };
-    let resp = client
-        .put(url(1))
-        .body(chunked(b"much too long"))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let resp = client
-        .put(url(1))
-        .body(chunked(b"abc"))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        put_status(&url(1), chunked(b"much too long")).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        put_status(&url(1), chunked(b"abc")).await,
+        StatusCode::BAD_REQUEST
+    );
 
     let conflict = commit(&gw, "volumes", &id, &sid).await;
     assert_eq!(conflict.0, StatusCode::CONFLICT, "nothing refused was kept");
