@@ -750,9 +750,26 @@ async fn hash_body(resp: reqwest::Response) -> (u64, String) {
 /// with the process's peak memory a small fraction of it: nothing is ever
 /// whole in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_gigabyte_file_streams_through() {
+async fn a_one_gigabyte_file_streams_through_the_local_store() {
+    one_gigabyte(None).await;
+}
+
+/// The same on S3: the file goes to and comes from the S3 server by presigned
+/// URLs, and the gateway streams it through once, to build the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_gigabyte_file_streams_through_s3() {
+    let moto = Moto::start("vm0-big");
+    one_gigabyte(Some(&moto)).await;
+}
+
+async fn one_gigabyte(moto: Option<&Moto>) {
     const SIZE: u64 = 1 << 30;
-    let gw = TestGateway::start(Db::Sqlite).await;
+    let store = if moto.is_some() {
+        "S3"
+    } else {
+        "the local store"
+    };
+    let gw = start(Db::Sqlite, moto).await;
     let id = create(&gw, "volumes", "big").await;
     let mut want = Sha256::new();
     {
@@ -855,7 +872,7 @@ async fn a_one_gigabyte_file_streams_through() {
     assert_eq!(hash_body(resp).await, (SIZE, want));
     let peak = peak_rss();
     eprintln!(
-        "1 GiB: upload {uploaded:?}, commit {:?}, archive download {:?}, file download {:?}; peak RSS {} MiB (before {} MiB)",
+        "1 GiB on {store}: upload {uploaded:?}, commit {:?}, archive download {:?}, file download {:?}; peak RSS {} MiB (before {} MiB)",
         committed - uploaded,
         archived - committed,
         started.elapsed() - archived,
