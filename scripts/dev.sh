@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-ensure_packages curl:curl jq:jq nats-server:nats-server bwrap:bubblewrap
+ensure_packages curl:curl jq:jq nats-server:nats-server bwrap:bubblewrap \
+  /usr/sbin/nft:nftables /usr/bin/ip:iproute2 nsenter:util-linux
 # Every backend runs commands through the static guest agent.
 source scripts/guest-agent.sh
 build_guest_agent

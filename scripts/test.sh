@@ -8,7 +8,8 @@ source scripts/test-postgres.sh
 
 ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
   nats-server:nats-server bwrap:bubblewrap qemu-system-x86_64:qemu-system-x86 \
-  xz:xz-utils /usr/sbin/mkfs.ext4:e2fsprogs
+  xz:xz-utils /usr/sbin/mkfs.ext4:e2fsprogs /usr/sbin/nft:nftables /usr/bin/ip:iproute2 \
+  nsenter:util-linux
 # The guest images need a *static* busybox (Debian's plain busybox is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static-probe-absent:busybox-static
 

@@ -116,6 +116,7 @@ async fn one_run<V: Vmm>(
         slot_user,
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     };
     let started = Instant::now();
     let mut run = sandbox.start(spec).await?;

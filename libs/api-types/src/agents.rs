@@ -95,6 +95,81 @@ pub struct AgentConfig {
     /// Who runs the command: `agent` (default), or `root` on microVM workers.
     #[serde(default, skip_serializing_if = "RunAs::is_default")]
     pub user: RunAs,
+    /// What the run may reach on the network (default: `open`).
+    #[serde(default, skip_serializing_if = "NetworkConfig::is_default")]
+    pub network: NetworkConfig,
+}
+
+/// A run's network egress, enforced by the worker (never inside the sandbox).
+/// Whatever the policy, loopback, link-local (the cloud metadata address), the
+/// worker's own addresses, the control plane and NATS are refused, and private
+/// ranges unless the operator trusts them (`VM0_NETWORK_TRUSTED_CIDRS`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// `open` (default): everything but `deny`; `allowlist`: only `allow`,
+    /// less `deny`; `none`: nothing.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Host names (`api.anthropic.com`), subdomain wildcards (`*.github.com`),
+    /// addresses or CIDR ranges (`203.0.113.0/24`), each with an optional
+    /// `:port` (not ranges). At most 256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// The same forms; a match is refused in every mode. At most 256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Names the worker resolves to these IPv4 addresses for this run.
+    #[serde(
+        default,
+        alias = "extra_hosts",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub extra_hosts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Open,
+    Allowlist,
+    None,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Open => "open",
+            NetworkMode::Allowlist => "allowlist",
+            NetworkMode::None => "none",
+        }
+    }
+}
+
+impl NetworkConfig {
+    fn is_default(&self) -> bool {
+        *self == NetworkConfig::default()
+    }
+
+    /// The policy the worker enforces; the error names its field under
+    /// `config.network`.
+    pub fn policy(&self) -> Result<vm0_egress::policy::Policy, FieldError> {
+        vm0_egress::policy::Policy::parse(
+            self.mode.as_str(),
+            self.allow.iter().map(String::as_str),
+            self.deny.iter().map(String::as_str),
+            self.extra_hosts
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(|e| {
+            FieldError::invalid(
+                format!("config.network.{}", truncate_for_message(&e.param())),
+                e.to_string(),
+            )
+        })
+    }
 }
 
 /// The user a run's command runs as.
@@ -197,6 +272,7 @@ impl AgentConfig {
                 ));
             }
         }
+        self.network.policy()?;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@
 //! Memory and CPU limits are not enforced here (that needs cgroup delegation); the
 //! microVM backends enforce them.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -94,6 +95,8 @@ pub struct Bubblewrap {
     work_tmpfs: bool,
     /// The jail's seccomp programs, as bwrap reads them.
     seccomp: std::sync::Arc<[Vec<u8>; 2]>,
+    /// Joins a run's network namespace before bwrap starts.
+    nsenter: Option<PathBuf>,
 }
 
 /// bwrap arguments that show the host's system directories read-only (the
@@ -141,6 +144,8 @@ fn prepare_etc() -> std::io::Result<tempfile::TempDir> {
     }
     crate::run_user::add_to(dir.path())?;
     std::fs::write(dir.path().join("hostname"), "vm0-sandbox\n")?;
+    // Every lookup goes to the worker's resolver, whatever address this names.
+    std::fs::write(dir.path().join("resolv.conf"), "nameserver 10.0.2.3\n")?;
     std::fs::write(
         dir.path().join("hosts"),
         "127.0.0.1 localhost vm0-sandbox\n::1 localhost\n",
@@ -230,6 +235,7 @@ impl Bubblewrap {
             limits: std::sync::Arc::new(limits),
             work_tmpfs,
             seccomp: std::sync::Arc::new(seccomp),
+            nsenter: find_on_path("nsenter"),
         })
     }
 
@@ -262,13 +268,35 @@ impl Bubblewrap {
         spec: &SandboxSpec,
         work: &Path,
     ) -> std::io::Result<(Command, Vec<std::os::fd::OwnedFd>)> {
+        let mut fds = Vec::new();
         // No environment: bwrap's pid 1 keeps bwrap's own for the sandbox's life.
-        let mut cmd = crate::spawn::command(&self.program);
+        let mut cmd = match (&spec.network, &self.nsenter) {
+            // The run's namespace, joined by nsenter, which then execs bwrap
+            // (a pre_exec setns would make every spawn a fork).
+            (Some(netns), Some(nsenter)) => {
+                let fd = netns.try_clone()?;
+                let mut cmd = crate::spawn::command(nsenter);
+                cmd.arg(format!("--net=/proc/self/fd/{}", fd.as_raw_fd()))
+                    .arg("--")
+                    .arg(&self.program);
+                fds.push(fd);
+                cmd
+            }
+            (Some(_), None) => {
+                return Err(std::io::Error::other(
+                    "the run has a network but nsenter is not installed (util-linux)",
+                ));
+            }
+            (None, _) => {
+                let mut cmd = crate::spawn::command(&self.program);
+                cmd.arg("--unshare-net");
+                cmd
+            }
+        };
         cmd.args([
             "--die-with-parent",
             "--new-session",
             "--unshare-pid",
-            "--unshare-net",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -325,10 +353,11 @@ impl Bubblewrap {
             }
         }
         cmd.arg("--ro-bind").arg(&self.agent).arg(AGENT_PATH);
-        let fds = self.seccomp_fds()?;
-        for fd in crate::spawn::numbers(&fds) {
+        let seccomp = self.seccomp_fds()?;
+        for fd in crate::spawn::numbers(&seccomp) {
             cmd.args(["--add-seccomp-fd", &fd.to_string()]);
         }
+        fds.extend(seccomp);
         // The agent sets the command's environment from `Start`, and gives /work
         // to the run user.
         cmd.args(["--chdir", &cwd, "--clearenv", "--", AGENT_PATH, "--stdio"]);

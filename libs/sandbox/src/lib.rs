@@ -82,6 +82,10 @@ pub struct SandboxSpec {
     /// Directory trees taken out after the command ended (each reported by a
     /// [`SandboxEvent::TreeSaved`] before `Exited`).
     pub trees_out: Vec<TreeOut>,
+    /// The network namespace the sandbox joins (the worker's egress: its only
+    /// way out is the worker's proxy). `None`: a namespace of its own with
+    /// nothing in it.
+    pub network: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// A tree the command finds in its sandbox: a version's `.tar.gz` on the host,

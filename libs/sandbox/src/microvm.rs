@@ -533,6 +533,7 @@ pub async fn probe<V: Vmm>(
         slot_user: user,
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     };
     let files = VmFiles::in_dir(scratch_dir);
     let req = VmRequest {

@@ -138,7 +138,8 @@ pub fn cpu_and_memory(pids: &[u32]) -> (u64, i64) {
         })
 }
 
-/// Received and sent bytes over the interfaces of `pid`'s network namespace.
+/// Received and sent bytes over the interfaces of `pid`'s network namespace,
+/// loopback not counted (the sandbox talking to itself moves nothing).
 pub fn network(pid: u32) -> (i64, i64) {
     let Ok(raw) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
         return (0, 0);
@@ -146,7 +147,10 @@ pub fn network(pid: u32) -> (i64, i64) {
     raw.lines()
         .skip(2)
         .filter_map(|line| {
-            let (_, counters) = line.split_once(':')?;
+            let (name, counters) = line.split_once(':')?;
+            if name.trim() == "lo" {
+                return None;
+            }
             let f: Vec<i64> = counters
                 .split_whitespace()
                 .filter_map(|x| x.parse().ok())

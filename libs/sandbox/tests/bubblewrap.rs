@@ -38,6 +38,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         slot_user: None,
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn spec(scratch: &Path, argv: &[&str]) -> SandboxSpec {
         slot_user: None,
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     }
 }
 

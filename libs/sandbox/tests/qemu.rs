@@ -98,6 +98,7 @@ fn spec(dir: &std::path::Path, argv: &[&str]) -> SandboxSpec {
         slot_user: slot_user(),
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     }
 }
 

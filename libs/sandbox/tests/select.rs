@@ -69,6 +69,7 @@ async fn echo(sandbox: &AnySandbox, scratch: &std::path::Path) -> String {
         slot_user: slot_user(),
         trees_in: Vec::new(),
         trees_out: Vec::new(),
+        network: None,
     };
     let mut run = sandbox.start(spec).await.expect("start");
     let mut out = Vec::new();

@@ -209,6 +209,12 @@ impl ControlPlaneService {
             image: config.image.unwrap_or_default(),
             next_event_seq: 0,
             as_root: config.user == vm0_api_types::agents::RunAs::Root,
+            network: Some(pb::NetworkPolicy {
+                mode: config.network.mode.as_str().into(),
+                allow: config.network.allow,
+                deny: config.network.deny,
+                extra_hosts: config.network.extra_hosts.into_iter().collect(),
+            }),
             artifact_name: run.artifact_name.clone().unwrap_or_default(),
             max_tree_bytes: self.storage.limits.max_total_bytes,
             max_tree_files: self.storage.limits.max_files as u64,

@@ -77,6 +77,13 @@ pub struct WorkerConfig {
     /// versions this worker keeps (least recently used go first; those runs
     /// use now stay).
     pub version_cache_max_bytes: u64,
+    /// `VM0_NETWORK_TRUSTED_CIDRS` (default none): private ranges runs may reach
+    /// (loopback, link-local, the worker's addresses, the control plane and
+    /// NATS stay refused).
+    pub network_trusted_cidrs: Vec<vm0_egress::policy::Cidr>,
+    /// `VM0_NETWORK_MAX_CONNECTIONS`, default 256: connections a run has open
+    /// through the proxy at once.
+    pub network_max_connections: usize,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -127,6 +134,8 @@ impl WorkerConfig {
             vmm_limits: HostLimits::Auto,
             output_max_bytes: 64 * 1024 * 1024,
             version_cache_max_bytes: 10 << 30,
+            network_trusted_cidrs: Vec::new(),
+            network_max_connections: 256,
         }
     }
 
@@ -174,6 +183,14 @@ impl WorkerConfig {
             version_cache_max_bytes: parse_or(
                 "VM0_VERSION_CACHE_MAX_BYTES",
                 d.version_cache_max_bytes,
+            )?,
+            network_trusted_cidrs: match std::env::var("VM0_NETWORK_TRUSTED_CIDRS") {
+                Ok(s) => crate::network::parse_cidrs(&s)?,
+                Err(_) => d.network_trusted_cidrs,
+            },
+            network_max_connections: parse_or(
+                "VM0_NETWORK_MAX_CONNECTIONS",
+                d.network_max_connections,
             )?,
         };
         anyhow::ensure!(config.vcpus >= 1, "VM0_WORKER_VCPUS must be at least 1");

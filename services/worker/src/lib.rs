@@ -15,6 +15,8 @@ pub mod config;
 pub mod control;
 /// Secret masking of output.
 pub mod mask;
+/// The runs' network egress.
+pub mod network;
 /// One run, from claim to finish.
 pub mod run;
 /// Slots and their host uids.
@@ -72,6 +74,8 @@ pub struct WorkerCtx<S> {
     pub stop_runs: CancellationToken,
     /// Volumes and artifacts in, `/work` out.
     pub transfers: transfer::Transfers,
+    /// The runs' network (the egress proxy), or why this worker gives none.
+    pub egress: Result<vm0_egress::Egress, String>,
 }
 
 impl<S> WorkerCtx<S> {
@@ -123,8 +127,13 @@ pub async fn run<S: Sandbox>(
         &config.data_dir.join("worker").join(config.scratch_name()),
         config.version_cache_max_bytes,
     );
+    let egress = network::egress(&config).await;
+    if let Err(why) = &egress {
+        tracing::warn!(%why, "runs on this worker get no network");
+    }
     let ctx = Arc::new(WorkerCtx {
         transfers,
+        egress,
         slots,
         admission: admission::Admission::new(config.vcpus, config.memory_mb),
         config,

@@ -313,7 +313,31 @@ impl<S> RunTelemetry<'_, S> {
         self.publish(msg).await;
     }
 
-    async fn sample(&mut self, s: vm0_sandbox::ResourceSample) {
+    /// One connection attempt through the proxy, as a `network` log.
+    async fn network_log(&mut self, entry: vm0_egress::NetworkLog) {
+        let level = if entry.is_error() {
+            LogLevel::Error
+        } else {
+            LogLevel::Info
+        };
+        let msg = Telemetry::Log {
+            key: self.key('l'),
+            ts: Timestamp::now().micros(),
+            log_type: LogType::Network,
+            level,
+            message: self.masker.mask(&entry.message()),
+            metadata: entry.metadata(),
+        };
+        self.publish(msg).await;
+    }
+
+    /// A sample; with a network, its rx/tx are what the run moved through the
+    /// proxy (the sandbox's own interface is loopback only).
+    async fn sample(&mut self, mut s: vm0_sandbox::ResourceSample, net: Option<(u64, u64)>) {
+        if let Some((rx, tx)) = net {
+            s.network_rx_bytes = i64::try_from(rx).unwrap_or(i64::MAX);
+            s.network_tx_bytes = i64::try_from(tx).unwrap_or(i64::MAX);
+        }
         let msg = Telemetry::Metric {
             key: self.key('m'),
             ts: Timestamp::now().micros(),
@@ -342,6 +366,7 @@ fn sandbox_spec<S>(
     spec: &pb::RunSpec,
     slot_user: Option<SlotUser>,
     trees_in: Vec<vm0_sandbox::TreeIn>,
+    network: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 ) -> SandboxSpec {
     let mut env: Vec<(String, String)> = spec
         .env
@@ -384,7 +409,44 @@ fn sandbox_spec<S>(
         slot_user,
         trees_in,
         trees_out: ctx.transfers.outputs(spec),
+        network,
     }
+}
+
+/// The run's share of the worker's proxy: `Ok(None)` when this worker gives
+/// runs no network (said in the run's log), `Err` when it should and cannot.
+async fn open_network<S: Sandbox>(
+    ctx: &WorkerCtx<S>,
+    spec: &pb::RunSpec,
+) -> Result<(Option<vm0_egress::RunEgress>, Option<String>), String> {
+    let policy = crate::network::policy(spec)?;
+    let egress = match &ctx.egress {
+        Ok(egress) => egress,
+        Err(why) => return Ok((None, Some(format!("this run has no network: {why}")))),
+    };
+    if ctx.sandbox.name() != "bubblewrap" {
+        return Ok((
+            None,
+            Some(format!(
+                "this run has no network: the {} backend has none yet",
+                ctx.sandbox.name()
+            )),
+        ));
+    }
+    let mode = policy.mode;
+    let started = Instant::now();
+    let run = egress
+        .open(policy)
+        .await
+        .map_err(|e| format!("the run's network could not be set up: {e}"))?;
+    Ok((
+        Some(run),
+        Some(format!(
+            "network: mode {} (set up in {} ms)",
+            mode.as_str(),
+            started.elapsed().as_millis()
+        )),
+    ))
 }
 
 async fn run_claimed<S: Sandbox>(
@@ -430,9 +492,33 @@ async fn run_claimed<S: Sandbox>(
             for line in lines {
                 t.system_log(LogLevel::Info, &line).await;
             }
+            let (mut network, line) = match open_network(ctx, &spec).await {
+                Ok(opened) => opened,
+                Err(why) => {
+                    t.system_log(LogLevel::Error, &why).await;
+                    (None, None)
+                }
+            };
+            if let Some(line) = line {
+                let level = if network.is_some() {
+                    LogLevel::Info
+                } else {
+                    LogLevel::Warn
+                };
+                t.system_log(level, &line).await;
+            }
+            let netns = match network.as_ref().map(|n| n.netns().try_clone()) {
+                Some(Ok(fd)) => Some(std::sync::Arc::new(fd)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the run's namespace could not be passed on");
+                    network = None;
+                    None
+                }
+                None => None,
+            };
             let started_sandbox = ctx
                 .sandbox
-                .start(sandbox_spec(ctx, &spec, slot_user, trees_in))
+                .start(sandbox_spec(ctx, &spec, slot_user, trees_in, netns))
                 .instrument(tracing::info_span!("sandbox.start"))
                 .await;
             match started_sandbox {
@@ -446,9 +532,22 @@ async fn run_claimed<S: Sandbox>(
                         &ctx.stop_runs,
                         timeout,
                         &mut saved,
+                        network.as_mut(),
                     )
                     .instrument(tracing::info_span!("sandbox.run"))
                     .await;
+                    if let Some(network) = network.take() {
+                        let (rest, dropped) = network.close().await;
+                        for entry in rest {
+                            t.network_log(entry).await;
+                        }
+                        if dropped > 0 {
+                            let line = format!(
+                                "{dropped} network log entries were dropped (more than the proxy's queue held)"
+                            );
+                            t.system_log(LogLevel::Warn, &line).await;
+                        }
+                    }
                     let (status, code, error) = outcome(exit, stop, spec.timeout_seconds);
                     // What the command left is kept however it ended by itself;
                     // not after a cancel or a sandbox that was lost.
@@ -620,6 +719,7 @@ async fn supervise<S>(
     shutdown: &CancellationToken,
     timeout: Duration,
     saved: &mut Vec<(String, Result<vm0_sandbox::TreeTaken, String>)>,
+    mut network: Option<&mut vm0_egress::RunEgress>,
 ) -> (ExitReport, Option<Stop>) {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -629,7 +729,10 @@ async fn supervise<S>(
             ev = sandbox.next_event() => match ev {
                 Some(SandboxEvent::Stdout(b)) => emit(t, Stream::Stdout, &b).await,
                 Some(SandboxEvent::Stderr(b)) => emit(t, Stream::Stderr, &b).await,
-                Some(SandboxEvent::Sample(s)) => t.sample(s).await,
+                Some(SandboxEvent::Sample(s)) => {
+                    let net = network.as_ref().map(|n| n.bytes());
+                    t.sample(s, net).await
+                }
                 Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
                 // The backend's "sandbox started" log line carries the timings.
                 Some(SandboxEvent::Booted(_)) => {}
@@ -645,6 +748,12 @@ async fn supervise<S>(
                     return (lost, stop);
                 }
             },
+            Some(entry) = async {
+                match network.as_mut() {
+                    Some(n) => n.next_log().await,
+                    None => std::future::pending().await,
+                }
+            } => t.network_log(entry).await,
             _ = cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancelled);
                 sandbox.kill();

@@ -181,11 +181,59 @@ async fn agent_validation(db: Db) {
             "invalid_parameter",
             "config.user",
         ),
+        // The network policy: each field named where it is wrong.
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"mode": "sometimes"}}}),
+            "invalid_parameter",
+            "config.network.mode",
+        ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"allow": ["a.com", "not a host"]}}}),
+            "invalid_parameter",
+            "config.network.allow[1]",
+        ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"deny": ["10.0.0.0/40"]}}}),
+            "invalid_parameter",
+            "config.network.deny[0]",
+        ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"allow": ["a.com:99999"]}}}),
+            "invalid_parameter",
+            "config.network.allow[0]",
+        ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"extraHosts": {"a.test": "nowhere"}}}}),
+            "invalid_parameter",
+            "config.network.extraHosts.a.test",
+        ),
+        (
+            json!({"name": "a", "config": {"command": ["x"], "network": {"proxy": "x"}}}),
+            "invalid_parameter",
+            "config.network.proxy",
+        ),
     ];
     for (body, code, param) in cases {
         let got = gw.post("/v1/agents", body.clone()).await;
         assert_error(&got, 400, "invalid_request_error", code, Some(param));
     }
+    // A valid policy is kept as given; none at all is not shown.
+    let network = json!({
+        "mode": "allowlist",
+        "allow": ["api.anthropic.com", "*.github.com", "203.0.113.0/24", "example.test:8080"],
+        "deny": ["evil.github.com"],
+        "extraHosts": {"example.test": "10.1.2.3"}
+    });
+    let (status, created) = gw
+        .post(
+            "/v1/agents",
+            json!({"name": "netted", "config": {"command": ["x"], "network": network}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["config"]["network"], network);
+    let plain = gw.create_agent("unnetted").await;
+    assert!(plain["config"].get("network").is_none(), "{plain}");
     // Update validates too.
     let id = gw.create_agent("valid").await["id"]
         .as_str()

@@ -8,6 +8,7 @@ mod fleet;
 mod hostile;
 mod lifecycle;
 mod microvm;
+mod network;
 mod persister;
 mod reliability;
 mod retention;

@@ -1,0 +1,509 @@
+//! Egress, from the agent's side: runs reach a "remote" host (HTTP, TLS, plain
+//! TCP servers in a network namespace of their own, behind a veth, reached
+//! through `extraHosts` and `VM0_NETWORK_TRUSTED_CIDRS`) as their policy says,
+//! never the metadata address, the worker's own addresses, NATS or the control
+//! plane, and every attempt is a `network` log.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vm0_db::testing::TestDb as Db;
+
+use crate::harness::{Stack, StackOptions};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const SERVERS: &str = r#"
+import http.server, socketserver, ssl, sys, threading
+addr, cert, key = sys.argv[1], sys.argv[2], sys.argv[3]
+class Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"x" * (1 << 20) if self.path == "/big" else b"hello from remote\n"
+        self.send_response(200 if self.path != "/missing" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+http.server.ThreadingHTTPServer.allow_reuse_address = True
+plain = http.server.ThreadingHTTPServer((addr, 80), Page)
+tls = http.server.ThreadingHTTPServer((addr, 443), Page)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+echo = socketserver.ThreadingTCPServer((addr, 7000), Echo)
+for s in (plain, tls, echo):
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+/// A host on a network of its own: `10.<a>.<b>.2`, its neighbour (this
+/// machine) `.1`, with HTTP on 80, HTTPS on 443 (`ca_pem` signed its
+/// certificate for the test's names) and a line echo on 7000.
+struct RemoteHost {
+    ns: String,
+    ip: String,
+    /// This machine's end of the link: one of the worker's own addresses.
+    local_ip: String,
+    /// The /30 to trust.
+    subnet: String,
+    ca_pem: String,
+    server: Child,
+}
+
+impl RemoteHost {
+    fn start(dir: &std::path::Path) -> RemoteHost {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let (a, b) = (100 + pid % 150, (pid / 150 % 60) * 4 + n % 4);
+        let ns = format!("vm0t-{pid}-{n}");
+        let host_if = format!("vm0t{}x{n}", pid % 100_000);
+        let (subnet, local_ip, remote_ip) = (
+            format!("10.{a}.{b}.0/30"),
+            format!("10.{a}.{b}.1"),
+            format!("10.{a}.{b}.2"),
+        );
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{local_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{remote_ip}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let ca = vm0_tls::Authority::new("vm0 test remote").expect("ca");
+        let cert = ca.server(&["secure.test".to_owned()]).expect("server cert");
+        let (cert_file, key_file) = (dir.join(format!("{ns}.crt")), dir.join(format!("{ns}.key")));
+        std::fs::write(&cert_file, &cert.cert_pem).expect("cert");
+        std::fs::write(&key_file, &cert.key_pem).expect("key");
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c", SERVERS, &remote_ip])
+            .arg(&cert_file)
+            .arg(&key_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("servers");
+        let mut ready = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(server.stdout.take().expect("stdout"))
+            .read_line(&mut ready)
+            .expect("ready");
+        assert_eq!(ready.trim(), "ready", "the remote's servers did not start");
+        RemoteHost {
+            ns,
+            ip: remote_ip,
+            local_ip,
+            subnet,
+            ca_pem: ca.cert_pem(),
+            server,
+        }
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // The veth pair goes with its namespace.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .status();
+    }
+}
+
+async fn stack_for(remote: &RemoteHost, db: Db) -> Stack {
+    Stack::start(
+        db,
+        StackOptions {
+            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn port_of(url: &str) -> String {
+    url.rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The agent's side: one line per attempt, `name:result`.
+fn script(remote: &RemoteHost, nats_port: &str, grpc_port: &str) -> String {
+    format!(
+        r#"printf '%s' "$CA_PEM" > /tmp/ca.pem
+try() {{ name=$1; shift; code=$(curl -s -o /dev/null -m 10 -w '%{{http_code}}' "$@"); echo "$name:$? $code"; }}
+try allowed http://allowed.test/hello
+try big http://allowed.test/big
+try missing http://allowed.test/missing
+try secure --cacert /tmp/ca.pem https://secure.test/hello
+try offlist http://denied.test/
+try bare http://{remote}/hello
+try metadata http://169.254.169.254/latest/meta-data/
+try nats http://{local}:{nats_port}/
+try grpc http://{local}:{grpc_port}/
+try loopback http://127.0.0.1:{nats_port}/
+( exec 3<>/dev/tcp/{remote}/7000 && echo ping >&3 && read -r line <&3 && echo "echo:$line" ) || echo "echo:refused"
+sleep 0.6
+"#,
+        remote = remote.ip,
+        local = remote.local_ip,
+    )
+}
+
+fn line<'a>(output: &'a str, name: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name}: line in {output}"))
+}
+
+fn network_logs(logs: &[Value]) -> Vec<&Value> {
+    logs.iter().filter(|l| l["type"] == "network").collect()
+}
+
+fn find<'a>(logs: &[&'a Value], host: &str, port: u64) -> &'a Value {
+    logs.iter()
+        .find(|l| l["metadata"]["host"] == host && l["metadata"]["port"] == port)
+        .copied()
+        .unwrap_or_else(|| panic!("no network log for {host}:{port} in {logs:#?}"))
+}
+
+async fn run_agent(
+    stack: &Stack,
+    remote: &RemoteHost,
+    name: &str,
+    network: Value,
+) -> (Value, String, Vec<Value>) {
+    let nats_port = port_of(&stack.nats.options(vm0_bus::Role::Worker).url);
+    let grpc_port = port_of(&stack.gateways[0].grpc);
+    stack
+        .create_agent(
+            name,
+            json!({
+                "command": ["bash", "-c", script(remote, &nats_port, &grpc_port)],
+                "env": {"CA_PEM": remote.ca_pem},
+                "network": network,
+            }),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": name, "prompt": "go"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    let output = stack.output(&id).await;
+    // Logs are stored by the persister, shortly after: until the run's ten
+    // attempts are there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut logs = stack.logs(&id).await;
+    while network_logs(&logs).len() < 10 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        logs = stack.logs(&id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = stack.logs(&id).await;
+    (run, output, logs)
+}
+
+fn extra_hosts(remote: &RemoteHost) -> Value {
+    json!({"allowed.test": remote.ip, "secure.test": remote.ip, "denied.test": remote.ip})
+}
+
+/// allowlist: the names on the list answer, by HTTP `Host`, TLS SNI and by
+/// address; a name off it does not resolve; the always-refused do not answer
+/// even when allowed; every attempt is logged with its action; the metrics
+/// count what moved.
+async fn allowlist(db: Db) {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = stack_for(&remote, db).await;
+    let allow = json!([
+        "allowed.test",
+        "secure.test:443",
+        format!("{}:7000", remote.ip),
+        format!("{}", remote.local_ip),
+        "169.254.0.0/16"
+    ]);
+    let (run, out, logs) = run_agent(
+        &stack,
+        &remote,
+        "allowlisted",
+        json!({"mode": "allowlist", "allow": allow, "extraHosts": extra_hosts(&remote)}),
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    assert_eq!(line(&out, "allowed"), "0 200", "{out}");
+    assert_eq!(line(&out, "big"), "0 200", "{out}");
+    assert_eq!(line(&out, "missing"), "0 404", "{out}");
+    assert_eq!(line(&out, "secure"), "0 200", "{out}");
+    // Off the list: the name does not resolve (curl's 6).
+    assert!(line(&out, "offlist").starts_with("6 "), "{out}");
+    // An address with no rule for port 80: the proxy answers 403.
+    assert_eq!(line(&out, "bare"), "0 403", "{out}");
+    // Allowed by a rule, refused always.
+    assert_eq!(line(&out, "metadata"), "0 403", "{out}");
+    assert!(!line(&out, "nats").ends_with(" 200"), "{out}");
+    assert!(!line(&out, "grpc").ends_with(" 200"), "{out}");
+    // The sandbox's loopback is its own: nothing listens there.
+    assert!(line(&out, "loopback").starts_with("7 "), "{out}");
+    assert_eq!(line(&out, "echo"), "ping", "{out}");
+
+    let net = network_logs(&logs);
+    let hello = find(&net, "allowed.test", 80);
+    assert_eq!(hello["metadata"]["mode"], "http");
+    assert_eq!(hello["metadata"]["action"], "allow");
+    assert_eq!(hello["metadata"]["rule"], "allow allowed.test");
+    assert_eq!(hello["level"], "info");
+    assert!(
+        net.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("GET http://allowed.test/hello - 200 ("))),
+        "{net:#?}"
+    );
+    let missing = net
+        .iter()
+        .find(|l| l["metadata"]["url"] == "http://allowed.test/missing")
+        .expect("the 404");
+    assert_eq!(missing["level"], "error");
+    assert_eq!(missing["metadata"]["status"], 404);
+    let secure = find(&net, "secure.test", 443);
+    assert_eq!(secure["metadata"]["mode"], "sni");
+    assert_eq!(secure["metadata"]["action"], "allow");
+    assert!(
+        secure["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("CONNECT secure.test:443 - allowed (sni)"))
+    );
+    let echo = find(&net, &remote.ip, 7000);
+    assert_eq!(echo["metadata"]["mode"], "tcp");
+    assert_eq!(echo["metadata"]["action"], "allow");
+    assert!(echo["metadata"]["bytesIn"].as_u64() >= Some(5));
+    let denied = find(&net, "denied.test", 53);
+    assert_eq!(denied["metadata"]["action"], "deny");
+    assert_eq!(denied["level"], "error");
+    let bare = net
+        .iter()
+        .find(|l| l["metadata"]["host"] == remote.ip.as_str() && l["metadata"]["port"] == 80)
+        .expect("the bare address");
+    assert_eq!(bare["metadata"]["rule"], "not in allow");
+    let metadata = find(&net, "169.254.169.254", 80);
+    assert_eq!(metadata["metadata"]["action"], "deny");
+    assert!(
+        metadata["metadata"]["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("link-local")),
+        "{metadata}"
+    );
+    let nats_port: u64 = port_of(&stack.nats.options(vm0_bus::Role::Worker).url)
+        .parse()
+        .expect("port");
+    let nats = find(&net, &remote.local_ip, nats_port);
+    assert_eq!(nats["metadata"]["action"], "deny");
+    assert!(
+        nats["metadata"]["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("always refused")),
+        "{nats}"
+    );
+
+    // The 1 MiB page is in the run's received bytes.
+    let metrics = stack
+        .get(&format!(
+            "/v1/runs/{}/metrics",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    let rx = metrics["data"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .filter_map(|m| m["networkRxBytes"].as_i64())
+        .max()
+        .unwrap_or(0);
+    assert!(rx > 1 << 20, "network rx {rx}: {metrics}");
+}
+
+vm0_db::on_both_databases!(allowlist);
+
+/// `none`: nothing answers, and every attempt says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_none_reaches_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = stack_for(&remote, Db::Sqlite).await;
+    let (run, out, logs) = run_agent(
+        &stack,
+        &remote,
+        "offline",
+        json!({"mode": "none", "extraHosts": extra_hosts(&remote)}),
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    for name in ["allowed", "big", "secure", "offlist"] {
+        assert!(line(&out, name).starts_with("6 "), "{name}: {out}");
+    }
+    assert_eq!(line(&out, "bare"), "0 403", "{out}");
+    assert_eq!(line(&out, "echo"), "refused", "{out}");
+    let net = network_logs(&logs);
+    assert!(net.len() >= 6, "{net:#?}");
+    assert!(
+        net.iter().all(|l| l["metadata"]["action"] == "deny"),
+        "{net:#?}"
+    );
+    assert_eq!(
+        find(&net, &remote.ip, 7000)["metadata"]["rule"],
+        "mode none"
+    );
+}
+
+/// `open`: what is not denied answers; the always-refused stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_still_refuses_the_worker_and_the_metadata_address() {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = stack_for(&remote, Db::Sqlite).await;
+    let (run, out, logs) = run_agent(
+        &stack,
+        &remote,
+        "open",
+        json!({"mode": "open", "deny": ["denied.test"], "extraHosts": extra_hosts(&remote)}),
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    assert_eq!(line(&out, "allowed"), "0 200", "{out}");
+    assert_eq!(line(&out, "secure"), "0 200", "{out}");
+    assert_eq!(line(&out, "bare"), "0 200", "{out}");
+    assert!(line(&out, "offlist").starts_with("6 "), "{out}");
+    assert_eq!(line(&out, "metadata"), "0 403", "{out}");
+    assert_eq!(line(&out, "echo"), "ping", "{out}");
+    let net = network_logs(&logs);
+    assert_eq!(
+        find(&net, "denied.test", 53)["metadata"]["rule"],
+        "deny denied.test"
+    );
+    let grpc_port: u64 = port_of(&stack.gateways[0].grpc).parse().expect("port");
+    assert_eq!(
+        find(&net, &remote.local_ip, grpc_port)["metadata"]["action"],
+        "deny"
+    );
+}
+
+/// What the worker holds of namespaces (descriptors of `net:[...]`, sockets)
+/// and its child processes.
+fn held_by(pid: u32) -> (usize, usize, usize) {
+    let mut netns = 0;
+    let mut sockets = 0;
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let target = target.to_string_lossy();
+            netns += usize::from(target.starts_with("net:["));
+            sockets += usize::from(target.starts_with("socket:["));
+        }
+    }
+    let children = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .count();
+    (netns, sockets, children)
+}
+
+/// 200 runs, each with its namespace, proxy listener and connections: none of
+/// it is left once they ended (the worker holds no namespace, no more sockets
+/// than before, no child).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_left_after_200_runs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = stack_for(&remote, Db::Sqlite).await;
+    stack
+        .create_agent(
+            "fetcher",
+            json!({
+                "command": ["sh", "-c", "curl -s -m 10 http://allowed.test/hello; curl -s -m 5 http://169.254.169.254/ >/dev/null; true"],
+                "network": {"mode": "allowlist", "allow": ["allowed.test"], "extraHosts": extra_hosts(&remote)},
+            }),
+        )
+        .await;
+    let one = stack
+        .create_run(0, json!({"agent": "fetcher", "prompt": "warm up"}))
+        .await;
+    let run = stack.wait_finished(&one, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let pid = stack.workers[0].pid();
+    let before = held_by(pid);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            stack
+                .create_run(0, json!({"agent": "fetcher", "prompt": format!("run {i}")}))
+                .await,
+        );
+    }
+    for id in &ids {
+        let run = stack.wait_finished(id, Duration::from_secs(300)).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    assert!(
+        stack.output(&ids[199]).await.contains("hello from remote"),
+        "the last run reached the remote"
+    );
+    // The last runs' ends are reported before their sockets are all closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut after = held_by(pid);
+    while (after.0 > 0 || after.1 > before.1 || after.2 > 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = held_by(pid);
+    }
+    eprintln!(
+        "worker {pid}: before (netns, sockets, children) {before:?}, after 200 runs {after:?}"
+    );
+    assert_eq!(after.0, 0, "the worker still holds {} namespaces", after.0);
+    assert!(
+        after.1 <= before.1,
+        "sockets: {} before, {} after",
+        before.1,
+        after.1
+    );
+    assert_eq!(after.2, 0, "the worker has children left");
+    assert_eq!(stack.scratch_dirs(), 0, "scratch directories left");
+}
