@@ -80,9 +80,9 @@ impl Remote {
         })
     }
 
-    /// Listeners in the remote's namespace: a source of zeros on one port, a
-    /// greeting that closes at once on the other.
-    fn serve(&self, mib: u64) -> Result<()> {
+    /// Listeners in the remote's namespace: a source of as many MiB of zeros as
+    /// asked on one port, a greeting that closes at once on the other.
+    fn serve(&self) -> Result<()> {
         let ns: OwnedFd = std::fs::File::open(format!("/run/netns/{}", self.ns))?.into();
         let addr = self.addr.clone();
         let (stream, connect) =
@@ -99,8 +99,13 @@ impl Remote {
             for conn in stream.incoming().flatten() {
                 std::thread::spawn(move || {
                     let mut conn = conn;
+                    // The client says how many MiB it wants.
+                    let mut want = [0u8; 8];
+                    if conn.read_exact(&mut want).is_err() {
+                        return;
+                    }
                     let chunk = vec![0u8; 256 * 1024];
-                    for _ in 0..mib * 4 {
+                    for _ in 0..u64::from_le_bytes(want) * 4 {
                         if conn.write_all(&chunk).is_err() {
                             return;
                         }
@@ -155,6 +160,7 @@ fn throughput(netns: Option<&OwnedFd>, to: SocketAddr, streams: usize, mib: u64)
     let started = Instant::now();
     let bytes: u64 = on_threads(netns, streams, move || {
         let mut conn = TcpStream::connect(to)?;
+        conn.write_all(&mib.to_le_bytes())?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
@@ -202,7 +208,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let remote = Remote::start()?;
-    remote.serve(args.mib)?;
+    remote.serve()?;
     let trusted = Cidr::parse("10.250.0.0/16").context("cidr")?;
     let egress = Egress::new(EgressConfig::new(
         AlwaysRefused {
