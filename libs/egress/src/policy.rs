@@ -99,6 +99,15 @@ impl Cidr {
     }
 }
 
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        Cidr::parse(s.trim())
+            .ok_or_else(|| format!("{s:?} is not an address or a CIDR block (10.0.0.0/8)"))
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
