@@ -221,7 +221,7 @@ async fn main() -> Result<()> {
     let run = egress.open(Policy::default()).await?;
     let stream: SocketAddr = format!("{}:{STREAM_PORT}", remote.addr).parse()?;
     let connect: SocketAddr = format!("{}:{CONNECT_PORT}", remote.addr).parse()?;
-    let netns = run.netns().try_clone()?;
+    let netns = run.netns();
     let mib = args.mib;
     let total = args.connections;
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<(String, f64, f64)>> {

@@ -213,7 +213,7 @@ impl Egress {
         run.tracker.spawn(accept_loop(tcp, run.clone()));
         run.tracker.spawn(dns_loop(Arc::new(udp), run.clone()));
         Ok(RunEgress {
-            netns: ns.fd,
+            netns: Arc::new(ns.fd),
             run,
             logs: log_rx,
         })
@@ -294,15 +294,15 @@ impl RunState {
 /// A run's share of the proxy. Dropping it (or [`RunEgress::close`]) stops its
 /// listener and its connections; the namespace goes with its last process.
 pub struct RunEgress {
-    netns: OwnedFd,
+    netns: Arc<OwnedFd>,
     run: Arc<RunState>,
     logs: mpsc::Receiver<NetworkLog>,
 }
 
 impl RunEgress {
     /// The namespace the sandbox joins.
-    pub fn netns(&self) -> &OwnedFd {
-        &self.netns
+    pub fn netns(&self) -> Arc<OwnedFd> {
+        self.netns.clone()
     }
 
     /// Bytes received by the run from the network, and sent by it, so far.
@@ -541,20 +541,17 @@ async fn connection(mut client: TcpStream, run: Arc<RunState>) {
         finish(entry);
         return;
     }
-    let mut upstream =
-        match tokio::time::timeout(run.config.connect_timeout, TcpStream::connect(to)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                entry.error = Some(e.to_string());
-                finish(entry);
-                return;
-            }
-            Err(_) => {
-                entry.error = Some("connect timed out".into());
-                finish(entry);
-                return;
-            }
-        };
+    let connected = tokio::time::timeout(run.config.connect_timeout, TcpStream::connect(to))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect timed out")));
+    let mut upstream = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            entry.error = Some(e.to_string());
+            finish(entry);
+            return;
+        }
+    };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     if upstream.write_all(&head).await.is_err() {

@@ -507,15 +507,7 @@ async fn run_claimed<S: Sandbox>(
                 };
                 t.system_log(level, &line).await;
             }
-            let netns = match network.as_ref().map(|n| n.netns().try_clone()) {
-                Some(Ok(fd)) => Some(std::sync::Arc::new(fd)),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "the run's namespace could not be passed on");
-                    network = None;
-                    None
-                }
-                None => None,
-            };
+            let netns = network.as_ref().map(vm0_egress::RunEgress::netns);
             let started_sandbox = ctx
                 .sandbox
                 .start(sandbox_spec(ctx, &spec, slot_user, trees_in, netns))
