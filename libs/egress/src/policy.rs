@@ -383,63 +383,45 @@ impl Policy {
     /// What is always refused (loopback, private ranges...) is decided apart,
     /// on the address actually connected to.
     pub fn decide(&self, name: Option<&str>, ip: Option<IpAddr>, port: Option<u16>) -> Verdict {
-        if self.mode == Mode::None {
-            return Verdict::Deny {
-                rule: "mode none".into(),
-            };
-        }
-        if let Some(rule) = self.deny.iter().find(|r| r.matches(name, ip, port)) {
-            return Verdict::Deny {
-                rule: format!("deny {}", rule.as_str()),
-            };
-        }
-        match self.mode {
-            Mode::Open => Verdict::Allow {
-                rule: "mode open".into(),
-            },
-            _ => match self.allow.iter().find(|r| r.matches(name, ip, port)) {
-                Some(rule) => Verdict::Allow {
-                    rule: format!("allow {}", rule.as_str()),
-                },
-                None => Verdict::Deny {
-                    rule: "not in allow".into(),
-                },
-            },
-        }
+        self.judge(|r| r.matches(name, ip, port), |r| r.matches(name, ip, port))
     }
 
     /// The verdict on a DNS lookup of `name`: a name is resolved unless the
     /// policy could never let a connection to it through by name. In allowlist
     /// mode only names an allow rule names resolve (address rules do not need
-    /// DNS).
+    /// DNS). A deny rule with a port still lets the name resolve (other ports
+    /// may be allowed).
     pub fn lookup(&self, name: &str) -> Verdict {
+        self.judge(
+            |r| r.is_name() && r.port.is_none() && r.name_matches(name),
+            |r| r.name_matches(name),
+        )
+    }
+
+    /// The order every verdict follows: `none` refuses, then a matching deny
+    /// rule, then `open` allows, then a matching allow rule, else refused.
+    fn judge(&self, denies: impl Fn(&Rule) -> bool, allows: impl Fn(&Rule) -> bool) -> Verdict {
         if self.mode == Mode::None {
             return Verdict::Deny {
                 rule: "mode none".into(),
             };
         }
-        // A deny rule with a port still lets the name resolve (other ports
-        // may be allowed).
-        if let Some(rule) = self
-            .deny
-            .iter()
-            .find(|r| r.is_name() && r.port.is_none() && r.name_matches(name))
-        {
+        if let Some(rule) = self.deny.iter().find(|r| denies(r)) {
             return Verdict::Deny {
                 rule: format!("deny {}", rule.as_str()),
             };
         }
-        match self.mode {
-            Mode::Open => Verdict::Allow {
+        if self.mode == Mode::Open {
+            return Verdict::Allow {
                 rule: "mode open".into(),
+            };
+        }
+        match self.allow.iter().find(|r| allows(r)) {
+            Some(rule) => Verdict::Allow {
+                rule: format!("allow {}", rule.as_str()),
             },
-            _ => match self.allow.iter().find(|r| r.name_matches(name)) {
-                Some(rule) => Verdict::Allow {
-                    rule: format!("allow {}", rule.as_str()),
-                },
-                None => Verdict::Deny {
-                    rule: "not in allow".into(),
-                },
+            None => Verdict::Deny {
+                rule: "not in allow".into(),
             },
         }
     }
