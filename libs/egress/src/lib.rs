@@ -15,6 +15,8 @@ pub mod netns;
 pub mod proxy;
 
 #[cfg(feature = "proxy")]
+pub use netns::Link;
+#[cfg(feature = "proxy")]
 pub use proxy::{Egress, EgressConfig, NetworkLog, RunEgress};
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::netns::{self, Tools};
+use crate::netns::{self, Link, Tools};
 use crate::policy::{Policy, Verdict, host_name};
 use crate::refused::AlwaysRefused;
 use crate::sniff::{self, Sniffed};
@@ -185,10 +185,11 @@ impl Egress {
         })
     }
 
-    /// A run's namespace, with the proxy listening in it under `policy`.
-    pub async fn open(&self, policy: Policy) -> Result<RunEgress, EgressError> {
+    /// A run's namespace, attached as `link` says, with the proxy listening in
+    /// it under `policy`.
+    pub async fn open(&self, policy: Policy, link: Link) -> Result<RunEgress, EgressError> {
         let tools = self.tools.clone();
-        let ns = tokio::task::spawn_blocking(move || netns::create(&tools))
+        let ns = tokio::task::spawn_blocking(move || netns::create(&tools, link))
             .await
             .map_err(|e| EgressError::Setup(format!("the namespace's task: {e}")))??;
         let setup = |e: std::io::Error| EgressError::Setup(format!("the proxy's sockets: {e}"));
@@ -214,6 +215,7 @@ impl Egress {
         run.tracker.spawn(dns_loop(Arc::new(udp), run.clone()));
         Ok(RunEgress {
             netns: Arc::new(ns.fd),
+            tap: ns.tap.map(Arc::new),
             run,
             logs: log_rx,
         })
@@ -295,6 +297,7 @@ impl RunState {
 /// listener and its connections; the namespace goes with its last process.
 pub struct RunEgress {
     netns: Arc<OwnedFd>,
+    tap: Option<Arc<OwnedFd>>,
     run: Arc<RunState>,
     logs: mpsc::Receiver<NetworkLog>,
 }
@@ -303,6 +306,11 @@ impl RunEgress {
     /// The namespace the sandbox joins.
     pub fn netns(&self) -> Arc<OwnedFd> {
         self.netns.clone()
+    }
+
+    /// The tap device a VM's network card is backed by (a [`Link::Tap`] run).
+    pub fn tap(&self) -> Option<Arc<OwnedFd>> {
+        self.tap.clone()
     }
 
     /// Bytes received by the run from the network, and sent by it, so far.

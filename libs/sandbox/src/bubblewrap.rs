@@ -39,7 +39,9 @@ use crate::find_on_path;
 use crate::microvm::{GuestLink, LOST, Vm, relay, send_files, start_message, wait_ready};
 use crate::sample::{cpu_and_memory, cpu_percent, disk_usage, network, process_tree};
 use crate::slot_user::SlotUser;
-use crate::{ResourceSample, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec};
+use crate::{
+    ResourceSample, RunNetwork, RunningSandbox, Sandbox, SandboxError, SandboxEvent, SandboxSpec,
+};
 
 /// Host paths made visible read-only (when they exist).
 const RO_PATHS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
@@ -273,7 +275,7 @@ impl Bubblewrap {
         let mut cmd = match (&spec.network, &self.nsenter) {
             // The run's namespace, joined by nsenter, which then execs bwrap
             // (a pre_exec setns would make every spawn a fork).
-            (Some(netns), Some(nsenter)) => {
+            (Some(RunNetwork::Namespace(netns)), Some(nsenter)) => {
                 let fd = netns.try_clone()?;
                 let mut cmd = crate::spawn::command(nsenter);
                 cmd.arg(format!("--net=/proc/self/fd/{}", fd.as_raw_fd()))
@@ -282,9 +284,14 @@ impl Bubblewrap {
                 fds.push(fd);
                 cmd
             }
-            (Some(_), None) => {
+            (Some(RunNetwork::Namespace(_)), None) => {
                 return Err(std::io::Error::other(
                     "the run has a network but nsenter is not installed (util-linux)",
+                ));
+            }
+            (Some(RunNetwork::Tap(_)), _) => {
+                return Err(std::io::Error::other(
+                    "bubblewrap joins a network namespace; a tap device is a VM's",
                 ));
             }
             (None, _) => {
@@ -377,6 +384,10 @@ impl Bubblewrap {
 impl Sandbox for Bubblewrap {
     fn name(&self) -> &'static str {
         "bubblewrap"
+    }
+
+    fn network_attachment(&self) -> Option<crate::NetworkAttachment> {
+        Some(crate::NetworkAttachment::Namespace)
     }
 
     async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {

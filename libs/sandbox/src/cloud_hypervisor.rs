@@ -65,7 +65,7 @@ impl CloudHypervisor {
             .cmd
             .arg("--api-socket")
             .arg(format!("path={}", launch.paths.api_socket.display()));
-        let mut process = host.spawn(&mut launch.cmd).map_err(start_failed)?;
+        let mut process = host.spawn(&mut launch.cmd, &[]).map_err(start_failed)?;
         let files = host.files;
         let api = ApiClient::new(&files.api_socket);
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 /// Modules the guest may load, `(group, path relative to the kernel's module dir)`,
 /// in dependency order. The guest agent loads `base` always, `serial` for QEMU's
 /// virtio-serial port, `vsock` for Cloud Hypervisor's vsock (a PCI device there),
-/// `disk` when a root filesystem is attached.
+/// `disk` when a root filesystem is attached, `net` when the run has a network
+/// (its card is virtio-mmio, like QEMU's serial port).
 const MODULES: &[(&str, &str)] = &[
     ("base", "kernel/drivers/virtio/virtio_ring.ko"),
     ("base", "kernel/drivers/virtio/virtio.ko"),
@@ -37,6 +38,9 @@ const MODULES: &[(&str, &str)] = &[
     // ext4's metadata checksums ask the crypto API for crc32c; no modprobe here.
     ("disk", "kernel/crypto/crc32c_generic.ko"),
     ("disk", "kernel/fs/ext4/ext4.ko"),
+    ("net", "kernel/net/core/failover.ko"),
+    ("net", "kernel/drivers/net/net_failover.ko"),
+    ("net", "kernel/drivers/net/virtio_net.ko"),
 ];
 
 /// A bootable guest: kernel and initramfs.
@@ -293,7 +297,7 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "env", "dd", "head", "tail", "wc",
         "grep", "sed", "awk", "mkdir", "rm", "cp", "mv", "date", "uname", "yes", "seq", "tr",
         "cut", "sort", "printf", "test", "kill", "ps", "free", "df", "id", "hostname", "pwd",
-        "touch", "whoami",
+        "touch", "whoami", "wget", "nc", "nslookup",
     ] {
         cpio.symlink(&format!("bin/{applet}"), "busybox")?;
     }

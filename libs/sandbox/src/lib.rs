@@ -82,10 +82,46 @@ pub struct SandboxSpec {
     /// Directory trees taken out after the command ended (each reported by a
     /// [`SandboxEvent::TreeSaved`] before `Exited`).
     pub trees_out: Vec<TreeOut>,
-    /// The network namespace the sandbox joins (the worker's egress: its only
-    /// way out is the worker's proxy). `None`: a namespace of its own with
-    /// nothing in it.
-    pub network: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// The run's network (the worker's egress: its only way out is the
+    /// worker's proxy), attached as the backend asks
+    /// ([`Sandbox::network_attachment`]). `None`: a namespace of its own with
+    /// nothing in it, or a VM without a network card.
+    pub network: Option<RunNetwork>,
+}
+
+/// How a backend's sandboxes are attached to a run's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkAttachment {
+    /// The sandbox's processes join a network namespace (bubblewrap).
+    Namespace,
+    /// A VM's network card is backed by a tap device (QEMU).
+    Tap,
+}
+
+/// A run's network, as its sandbox is attached to it.
+#[derive(Debug, Clone)]
+pub enum RunNetwork {
+    /// The network namespace the sandbox's processes join.
+    Namespace(std::sync::Arc<std::os::fd::OwnedFd>),
+    /// The tap device the VM's network card is backed by.
+    Tap(TapLink),
+}
+
+/// A tap device, and the guest's addressing on it.
+#[derive(Debug, Clone)]
+pub struct TapLink {
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+impl TapLink {
+    /// As the guest agent reads it from the kernel command line:
+    /// `vm0.net=<address>/<prefix>,<gateway>`.
+    pub fn cmdline(&self) -> String {
+        format!("vm0.net={}/{},{}", self.address, self.prefix, self.gateway)
+    }
 }
 
 /// A tree the command finds in its sandbox: a version's `.tar.gz` on the host,
@@ -268,6 +304,12 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
 pub trait Sandbox: Send + Sync + 'static {
     /// Backend name, as the run's system log shows it.
     fn name(&self) -> &'static str;
+
+    /// How a run's network is attached to this backend's sandboxes; `None`:
+    /// they cannot have one.
+    fn network_attachment(&self) -> Option<NetworkAttachment> {
+        None
+    }
 
     fn start(
         &self,

@@ -186,6 +186,10 @@ pub trait Vmm: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Name plus how it runs, e.g. `qemu (tcg)`.
     fn describe(&self) -> String;
+    /// How a run's network reaches the VM; `None`: it gets no network card.
+    fn network_attachment(&self) -> Option<crate::NetworkAttachment> {
+        None
+    }
     /// Software emulation: boots on one host are taken one at a time.
     fn serialize_boots(&self) -> bool {
         false
@@ -244,9 +248,14 @@ impl VmmHost<'_> {
         Ok(launch)
     }
 
-    /// Spawns `cmd`, its stdout and stderr followed into the console log.
-    pub fn spawn(&self, cmd: &mut tokio::process::Command) -> std::io::Result<Child> {
-        let mut child = crate::spawn::spawn(cmd, &[])?;
+    /// Spawns `cmd` (which inherits `fds`, under their numbers), its stdout
+    /// and stderr followed into the console log.
+    pub fn spawn(
+        &self,
+        cmd: &mut tokio::process::Command,
+        fds: &[std::os::fd::OwnedFd],
+    ) -> std::io::Result<Child> {
+        let mut child = crate::spawn::spawn(cmd, fds)?;
         if let Some(out) = child.stdout.take() {
             self.files.console.follow(out);
         }
@@ -326,6 +335,10 @@ impl<V: Vmm> MicroVm<V> {
 impl<V: Vmm> Sandbox for MicroVm<V> {
     fn name(&self) -> &'static str {
         self.vmm.name()
+    }
+
+    fn network_attachment(&self) -> Option<crate::NetworkAttachment> {
+        self.vmm.network_attachment()
     }
 
     async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {

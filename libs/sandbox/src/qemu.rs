@@ -1,7 +1,11 @@
 //! The QEMU backend: `-M microvm`, KVM where it boots, TCG otherwise. The host
 //! talks to the guest agent over a virtio-serial port named `vm0`, bound to a
 //! unix-socket chardev in the VMM's jail directory (these hosts have no
-//! `/dev/vhost-vsock`, so QEMU cannot offer vsock). No network device. QEMU's
+//! `/dev/vhost-vsock`, so QEMU cannot offer vsock). A run with a network gets
+//! one virtio-net card backed by the tap device the worker opened in the run's
+//! namespace (passed as a descriptor: QEMU itself stays in an empty network
+//! namespace and opens nothing); the guest agent addresses it as the kernel
+//! command line says (`vm0.net=`). QEMU's
 //! own seccomp filter is on (`-sandbox on`: no obsolete syscalls, no privilege
 //! changes, no spawning, no resource control); the guest's serial console is
 //! QEMU's stdout, kept in memory by the host.
@@ -12,10 +16,13 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use crate::SandboxSpec;
 use crate::image::GuestImage;
 use crate::microvm::{BootFailure, GuestLink, Vm, VmFiles, Vmm, VmmHost};
 use crate::vmm_jail::{VmPaths, VmmLaunch};
+use crate::{NetworkAttachment, RunNetwork, SandboxSpec};
+
+/// The guest's network card (each VM's tap is its own link: one address does).
+const GUEST_MAC: &str = "52:54:00:00:00:02";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -62,6 +69,10 @@ impl Qemu {
             "console=ttyS0 panic=-1 quiet pci=off vm0.transport=serial:vm0 vm0.work_mb={}",
             spec.disk_mb
         );
+        if let Some(RunNetwork::Tap(link)) = &spec.network {
+            cmdline.push(' ');
+            cmdline.push_str(&link.cmdline());
+        }
         if image.rootfs.is_some() {
             cmdline.push_str(" vm0.rootfs=/dev/vda");
         }
@@ -77,8 +88,15 @@ impl Qemu {
         cmdline
     }
 
-    /// QEMU's arguments for the VM, appended to its (jailed) command.
-    fn command(&self, spec: &SandboxSpec, image: &GuestImage, launch: VmmLaunch) -> Command {
+    /// QEMU's arguments for the VM, appended to its (jailed) command. `tap`:
+    /// the descriptor number of the network card's tap, as QEMU inherits it.
+    fn command(
+        &self,
+        spec: &SandboxSpec,
+        image: &GuestImage,
+        launch: VmmLaunch,
+        tap: Option<i32>,
+    ) -> Command {
         let VmmLaunch { mut cmd, paths } = launch;
         let VmPaths {
             kernel,
@@ -127,6 +145,14 @@ impl Qemu {
                     rootfs.display()
                 ))
                 .args(["-device", "virtio-blk-device,drive=rootfs"]);
+        }
+        if let Some(fd) = tap {
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=net0,fd={fd}"))
+                .args([
+                    "-device",
+                    &format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
+                ]);
         }
         cmd
     }
@@ -181,6 +207,10 @@ impl Vmm for Qemu {
         self.accel == Accel::Tcg
     }
 
+    fn network_attachment(&self) -> Option<NetworkAttachment> {
+        Some(NetworkAttachment::Tap)
+    }
+
     async fn launch(
         &self,
         host: &VmmHost<'_>,
@@ -196,8 +226,21 @@ impl Vmm for Qemu {
         let launch = host
             .launch(&self.program, self.accel == Accel::Kvm)
             .map_err(fail)?;
-        let mut cmd = self.command(host.spec, host.image, launch);
-        let mut process = host.spawn(&mut cmd).map_err(fail)?;
+        // The tap's descriptor, inherited by QEMU (through its jail) alone.
+        let fds = match &host.spec.network {
+            Some(RunNetwork::Tap(link)) => vec![link.fd.try_clone().map_err(fail)?],
+            Some(RunNetwork::Namespace(_)) => {
+                return Err(BootFailure::new(
+                    "vmm-spawn",
+                    "a VM's network is a tap device, not a namespace to join",
+                ));
+            }
+            None => Vec::new(),
+        };
+        let tap = fds.first().map(std::os::fd::AsRawFd::as_raw_fd);
+        let mut cmd = self.command(host.spec, host.image, launch, tap);
+        let mut process = host.spawn(&mut cmd, &fds).map_err(fail)?;
+        drop(fds);
         let stream = match connect(files, &mut process).await {
             Ok(s) => s,
             Err(e) => {

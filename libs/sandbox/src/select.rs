@@ -106,6 +106,14 @@ impl Sandbox for AnySandbox {
         }
     }
 
+    fn network_attachment(&self) -> Option<crate::NetworkAttachment> {
+        match self {
+            AnySandbox::Bubblewrap(s) => s.network_attachment(),
+            AnySandbox::Qemu(s) => s.network_attachment(),
+            AnySandbox::CloudHypervisor(s) => s.network_attachment(),
+        }
+    }
+
     async fn start(&self, spec: SandboxSpec) -> Result<RunningSandbox, SandboxError> {
         match self {
             AnySandbox::Bubblewrap(s) => s.start(spec).await,

@@ -46,6 +46,8 @@ struct Outcome {
     stdout: String,
     stderr: String,
     samples: usize,
+    /// The largest network counters (rx, tx) the samples showed.
+    network: (i64, i64),
     logs: Vec<String>,
     exit: ExitReport,
 }
@@ -60,6 +62,7 @@ async fn run(spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
 async fn run_on(bwrap: &Bubblewrap, spec: SandboxSpec, kill_after: Option<Duration>) -> Outcome {
     let mut sb = bwrap.start(spec).await.expect("start");
     let (mut stdout, mut stderr, mut samples, mut logs) = (Vec::new(), Vec::new(), 0, Vec::new());
+    let mut network = (0, 0);
     let killer = tokio::time::sleep(kill_after.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(killer);
     loop {
@@ -68,7 +71,11 @@ async fn run_on(bwrap: &Bubblewrap, spec: SandboxSpec, kill_after: Option<Durati
             ev = sb.next_event() => match ev.expect("events end with Exited") {
                 SandboxEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 SandboxEvent::Stderr(b) => stderr.extend_from_slice(&b),
-                SandboxEvent::Sample(_) => samples += 1,
+                SandboxEvent::Sample(s) => {
+                    samples += 1;
+                    network.0 = network.0.max(s.network_rx_bytes);
+                    network.1 = network.1.max(s.network_tx_bytes);
+                }
                 SandboxEvent::Log(l) => logs.push(l),
                 SandboxEvent::Booted(_) | SandboxEvent::TreeSaved { .. } => {}
                 SandboxEvent::Exited(exit) => {
@@ -76,6 +83,7 @@ async fn run_on(bwrap: &Bubblewrap, spec: SandboxSpec, kill_after: Option<Durati
                         stdout: String::from_utf8_lossy(&stdout).into(),
                         stderr: String::from_utf8_lossy(&stderr).into(),
                         samples,
+                        network,
                         logs,
                         exit,
                     };
@@ -185,6 +193,32 @@ async fn samples_resources_while_running() {
     .await;
     assert!(out.samples >= 2, "{} samples", out.samples);
     assert_eq!(out.exit.code, Some(0));
+}
+
+/// The network counters are the run's interfaces', never its loopback's: 4 MiB
+/// a command sends itself over `lo` are not network traffic.
+#[tokio::test]
+async fn loopback_traffic_is_not_counted_as_network() {
+    let dir = tempfile::tempdir().expect("dir");
+    let script = "import socket, threading, time
+s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)
+c = socket.create_connection(s.getsockname()); a, _ = s.accept()
+got = [0]
+def read():
+    while (d := a.recv(1 << 16)): got[0] += len(d)
+t = threading.Thread(target=read); t.start()
+c.sendall(b'x' * (4 << 20)); c.close(); t.join()
+print(got[0], flush=True)
+time.sleep(0.5)
+";
+    let out = run(spec(dir.path(), &["python3", "-c", script]), None).await;
+    assert_eq!(out.stdout, "4194304\n", "{}", out.stderr);
+    assert!(out.samples >= 2, "{} samples", out.samples);
+    assert!(
+        out.network.0 < 1 << 20 && out.network.1 < 1 << 20,
+        "loopback bytes counted as network: rx/tx {:?}",
+        out.network
+    );
 }
 
 #[tokio::test]

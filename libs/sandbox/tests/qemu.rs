@@ -244,15 +244,17 @@ async fn runs_in_a_root_filesystem() {
     .expect("an image with a root filesystem builds");
     assert!(image.rootfs.is_some());
     let sandbox = jailed(MicroVm::new(Qemu::new(Accel::Tcg).expect("qemu"), image));
-    let s = spec(
+    let mut s = spec(
         dir.path(),
         &[
             "sh",
             "-c",
             "cat /etc/vm0-rootfs-release; touch /etc/x 2>/dev/null && echo wrote-etc; \
-             echo data > /work/f && cat /work/f; whoami",
+             echo data > /work/f && cat /work/f; echo kept > $VM0_STATE_DIR/s && cat /state/s; whoami",
         ],
     );
+    // The worker's session state directory: made writable in a read-only root.
+    s.env.push(("VM0_STATE_DIR".into(), "/state".into()));
     let mut run = sandbox.start(s).await.expect("start");
     let (mut out, mut logs) = (Vec::new(), Vec::new());
     let exit = loop {
@@ -265,9 +267,9 @@ async fn runs_in_a_root_filesystem() {
     };
     assert_eq!(
         String::from_utf8_lossy(&out),
-        "rootfs-ok\ndata\nagent\n",
-        "the command ran in the root filesystem, read-only but /work, as the run user \
-         the image added to its /etc: {logs:?}"
+        "rootfs-ok\ndata\nkept\nagent\n",
+        "the command ran in the root filesystem, read-only but /work and /state, as the \
+         run user the image added to its /etc: {logs:?}"
     );
     assert_eq!(exit.code, Some(0));
 }

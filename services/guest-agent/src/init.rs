@@ -1,6 +1,6 @@
 //! PID-1 duties inside a microVM: mount the pseudo file systems, load the kernel
 //! modules the image lists, find the host channel the kernel command line names,
-//! reap orphans, power off.
+//! address the network card when the run has a network, reap orphans, power off.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,9 @@ fn work_mb(cmdline: &str) -> Option<u64> {
         .filter(|mb| *mb > 0)
 }
 
+/// The session's state directory, as the worker names it (`VM0_STATE_DIR`).
+const STATE_DIR: &str = "/state";
+
 /// Guest memory that `/work` and `/tmp` may never take: the kernel's and the
 /// agent's.
 const RESERVED_MB: u64 = 96;
@@ -146,12 +149,31 @@ pub fn boot() -> Booted {
             Channel::Serial(wait_for_port(&name))
         }
     };
-    // The serial port was found first: its node is in the rootfs's /dev too.
-    if let Some(device) = rootfs_device(&cmdline)
-        && let Err(e) = enter_rootfs(&device)
+    // Before the root filesystem: the addressing is the kernel's, and the
+    // initramfs's busybox does it.
+    let network = net_config(&cmdline);
+    if let Some(net) = &network
+        && let Err(e) = net.configure()
     {
         eprintln!("vm0-guest-agent: {e}");
         let _ = SETUP_ERROR.set(e);
+    }
+    // The serial port was found first: its node is in the rootfs's /dev too.
+    let mut read_only_root = false;
+    if let Some(device) = rootfs_device(&cmdline) {
+        match enter_rootfs(&device) {
+            Ok(()) => read_only_root = true,
+            Err(e) => {
+                eprintln!("vm0-guest-agent: {e}");
+                let _ = SETUP_ERROR.set(e);
+            }
+        }
+    }
+    if let Some(net) = &network
+        && let Err(e) = net.name_resolver()
+    {
+        // Lookups fail then; addresses still work.
+        eprintln!("vm0-guest-agent: {e}");
     }
     // The run's disk, and /tmp: tmpfs backed by guest memory. /work is the size
     // asked for; /tmp as large, but only as far as the guest's memory leaves room
@@ -166,6 +188,11 @@ pub fn boot() -> Booted {
             "tmpfs",
             Some(&format!("size={tmp}m,mode=1777")),
         );
+        // The session's state directory cannot be made in a read-only root:
+        // a tmpfs as large as /tmp (the image builder made its mount point).
+        if read_only_root {
+            mount_with("tmpfs", STATE_DIR, "tmpfs", Some(&format!("size={tmp}m")));
+        }
     }
     if let Err(e) = crate::run_user::give_to_run_user(Path::new("/work")) {
         eprintln!("vm0-guest-agent: chown /work: {e}");
@@ -217,6 +244,91 @@ fn mount_system(root: &str) {
     mount_fs("devtmpfs", &format!("{root}/dev"), "devtmpfs");
     mount_fs("tmpfs", &format!("{root}/tmp"), "tmpfs");
     mount_fs("tmpfs", &format!("{root}/run"), "tmpfs");
+}
+
+/// `vm0.net=<address>/<prefix>,<gateway>`: the run's network card, as the host
+/// set up its side of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetConfig {
+    address: std::net::Ipv4Addr,
+    prefix: u8,
+    gateway: std::net::Ipv4Addr,
+}
+
+fn net_config(cmdline: &str) -> Option<NetConfig> {
+    let value = cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("vm0.net="))?;
+    let (cidr, gateway) = value.split_once(',')?;
+    let (address, prefix) = cidr.split_once('/')?;
+    Some(NetConfig {
+        address: address.parse().ok()?,
+        prefix: prefix.parse().ok().filter(|p| *p <= 32)?,
+        gateway: gateway.parse().ok()?,
+    })
+}
+
+/// The card's name: the only one the VM has.
+const NET_DEVICE: &str = "eth0";
+
+impl NetConfig {
+    /// Loads the card's driver and addresses it, with the default route
+    /// through the gateway.
+    fn configure(&self) -> Result<(), String> {
+        load_modules(&["net"]);
+        let dev = Path::new("/sys/class/net").join(NET_DEVICE);
+        for _ in 0..500 {
+            if dev.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !dev.exists() {
+            return Err(format!("the network card {NET_DEVICE} never appeared"));
+        }
+        let address = format!("{}/{}", self.address, self.prefix);
+        let gateway = self.gateway.to_string();
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", &address, "dev", NET_DEVICE],
+            vec!["link", "set", NET_DEVICE, "up"],
+            vec!["route", "add", "default", "via", &gateway],
+        ] {
+            let out = std::process::Command::new("/bin/busybox")
+                .arg("ip")
+                .args(&args)
+                .output()
+                .map_err(|e| format!("busybox ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `/etc/resolv.conf` names the gateway (where every lookup is answered by
+    /// the host's resolver). In a read-only root filesystem, a file in `/run`
+    /// is bound over the image's own.
+    fn name_resolver(&self) -> Result<(), String> {
+        let conf = format!("nameserver {}\n", self.gateway);
+        if std::fs::write("/etc/resolv.conf", &conf).is_ok() {
+            return Ok(());
+        }
+        let ours = "/run/vm0-resolv.conf";
+        std::fs::write(ours, &conf).map_err(|e| format!("writing {ours}: {e}"))?;
+        mount(
+            Some(ours),
+            "/etc/resolv.conf",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("binding {ours} over /etc/resolv.conf: {e}"))
+    }
 }
 
 /// `vm0.rootfs=/dev/vda`: a root filesystem to run the command in.
@@ -326,6 +438,17 @@ mod tests {
             Some("/dev/vda".into())
         );
         assert_eq!(rootfs_device("vm0.rootfs=vda"), None);
+        assert_eq!(
+            net_config("quiet vm0.net=169.254.100.2/30,169.254.100.1"),
+            Some(NetConfig {
+                address: "169.254.100.2".parse().unwrap(),
+                prefix: 30,
+                gateway: "169.254.100.1".parse().unwrap(),
+            })
+        );
+        assert_eq!(net_config("vm0.net=169.254.100.2/33,169.254.100.1"), None);
+        assert_eq!(net_config("vm0.net=169.254.100.2,169.254.100.1"), None);
+        assert_eq!(net_config("quiet"), None);
         assert_eq!(work_mb("vm0.work_mb=0"), None);
         assert_eq!(work_mb("vm0.work_mb=x"), None);
         // /work and /tmp of the disk's size each, leaving the kernel its share.

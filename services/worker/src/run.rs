@@ -15,7 +15,9 @@ use vm0_api_types::runs::{LogLevel, LogType, RunEventType};
 use vm0_bus::{RunJob, Telemetry};
 use vm0_proto::worker::{self as pb, ClaimOutcome, FinalStatus};
 use vm0_sandbox::slot_user::SlotUser;
-use vm0_sandbox::{ExitReport, Sandbox, SandboxEvent, SandboxSpec};
+use vm0_sandbox::{
+    ExitReport, NetworkAttachment, RunNetwork, Sandbox, SandboxEvent, SandboxSpec, TapLink,
+};
 
 use crate::WorkerCtx;
 use crate::control::retry;
@@ -366,7 +368,7 @@ fn sandbox_spec<S>(
     spec: &pb::RunSpec,
     slot_user: Option<SlotUser>,
     trees_in: Vec<vm0_sandbox::TreeIn>,
-    network: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    network: Option<vm0_sandbox::RunNetwork>,
 ) -> SandboxSpec {
     let mut env: Vec<(String, String)> = spec
         .env
@@ -424,19 +426,23 @@ async fn open_network<S: Sandbox>(
         Ok(egress) => egress,
         Err(why) => return Ok((None, Some(format!("this run has no network: {why}")))),
     };
-    if ctx.sandbox.name() != "bubblewrap" {
-        return Ok((
-            None,
-            Some(format!(
-                "this run has no network: the {} backend has none yet",
-                ctx.sandbox.name()
-            )),
-        ));
-    }
+    let link = match ctx.sandbox.network_attachment() {
+        Some(NetworkAttachment::Namespace) => vm0_egress::Link::Loopback,
+        Some(NetworkAttachment::Tap) => vm0_egress::Link::Tap,
+        None => {
+            return Ok((
+                None,
+                Some(format!(
+                    "this run has no network: the {} backend has none yet",
+                    ctx.sandbox.name()
+                )),
+            ));
+        }
+    };
     let mode = policy.mode;
     let started = Instant::now();
     let run = egress
-        .open(policy)
+        .open(policy, link)
         .await
         .map_err(|e| format!("the run's network could not be set up: {e}"))?;
     Ok((
@@ -447,6 +453,19 @@ async fn open_network<S: Sandbox>(
             started.elapsed().as_millis()
         )),
     ))
+}
+
+/// The run's network as its sandbox is attached to it.
+fn attach(run: &vm0_egress::RunEgress) -> RunNetwork {
+    match run.tap() {
+        Some(fd) => RunNetwork::Tap(TapLink {
+            fd,
+            address: vm0_egress::netns::TAP_GUEST,
+            prefix: vm0_egress::netns::TAP_PREFIX,
+            gateway: vm0_egress::netns::TAP_GATEWAY,
+        }),
+        None => RunNetwork::Namespace(run.netns()),
+    }
 }
 
 async fn run_claimed<S: Sandbox>(
@@ -507,10 +526,10 @@ async fn run_claimed<S: Sandbox>(
                 };
                 t.system_log(level, &line).await;
             }
-            let netns = network.as_ref().map(vm0_egress::RunEgress::netns);
+            let attached = network.as_ref().map(attach);
             let started_sandbox = ctx
                 .sandbox
-                .start(sandbox_spec(ctx, &spec, slot_user, trees_in, netns))
+                .start(sandbox_spec(ctx, &spec, slot_user, trees_in, attached))
                 .instrument(tracing::info_span!("sandbox.start"))
                 .await;
             match started_sandbox {

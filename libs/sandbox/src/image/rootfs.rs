@@ -1,7 +1,8 @@
 //! Optional root filesystems: a directory (a debootstrap tree, say) made into an
 //! ext4 image with `mkfs.ext4 -d`, attached to the VM read-only as a virtio-blk
 //! disk. The guest agent mounts it and runs the command inside it (chroot), with
-//! `/proc`, `/sys`, `/dev`, `/tmp`, `/run` and a writable `/work` mounted there.
+//! `/proc`, `/sys`, `/dev`, `/tmp`, `/run` and a writable `/work` mounted there,
+//! and the run's `/etc/resolv.conf` bound over the image's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,8 +11,9 @@ use sha2::{Digest, Sha256};
 
 use super::{ImageError, run};
 
-/// Mount points the guest needs in the root filesystem, which is read-only there.
-const MOUNT_POINTS: &[&str] = &["proc", "sys", "dev", "tmp", "run", "work"];
+/// Mount points the guest needs in the root filesystem, which is read-only there
+/// (`state`: the session's state directory, `VM0_STATE_DIR`).
+const MOUNT_POINTS: &[&str] = &["proc", "sys", "dev", "tmp", "run", "work", "state"];
 /// Room beyond the tree's own size: ext4 metadata and inode tables.
 const SLACK_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -77,6 +79,13 @@ pub(super) fn build(dir: &Path, out: &Path) -> Result<(), ImageError> {
         std::fs::create_dir_all(staging.join(point))?;
     }
     crate::run_user::add_to(&staging.join("etc"))?;
+    // Where the guest binds the run's resolver configuration (the image is
+    // read-only there): a tree without one gets an empty file to bind over. A
+    // symlink (systemd-resolved's stub) is left as it is.
+    let resolv = staging.join("etc/resolv.conf");
+    if std::fs::symlink_metadata(&resolv).is_err() {
+        std::fs::write(&resolv, "")?;
+    }
     let size = (tree_size(&staging) * 5 / 4 + SLACK_BYTES).next_multiple_of(1024 * 1024);
     let file = std::fs::File::create(out)?;
     file.set_len(size)?;
