@@ -31,6 +31,9 @@ const DEV_WORKER: &str = "dev";
 
 pub async fn run() -> Result<()> {
     let mut config = GatewayConfig::from_env()?;
+    // One process: the gateway's metrics are on the API port (the worker takes
+    // a port of its own below).
+    config.metrics_addr = None;
     std::fs::create_dir_all(&config.data_dir)?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let shutdown = CancellationToken::new();
@@ -88,6 +91,8 @@ pub async fn run() -> Result<()> {
     let control_plane = format!("https://127.0.0.1:{}", grpc.local_addr()?.port());
     let server = tokio::spawn(gateway.serve(http, Some(grpc), shutdown.clone()));
 
+    // The gateway's metrics on the API port; the worker's on a port of its own.
+    let worker_metrics = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let worker_config = vm0_worker::WorkerConfig {
         worker_id: DEV_WORKER.into(),
         nats: worker_nats,
@@ -96,6 +101,7 @@ pub async fn run() -> Result<()> {
         worker_token,
         data_dir: data_dir.clone(),
         drain_timeout: Duration::from_secs(10),
+        metrics_addr: Some(worker_metrics),
         ..vm0_worker::WorkerConfig::defaults().apply_env()?
     };
     let worker_stop = CancellationToken::new();
@@ -114,6 +120,9 @@ pub async fn run() -> Result<()> {
     );
     println!("  URL:      http://{addr}");
     println!("  API key:  {api_key}");
+    println!(
+        "  metrics:  http://{addr}/metrics (gateway), http://{worker_metrics}/metrics (worker)"
+    );
     println!("  try:      export VM0_API_KEY={api_key}");
     println!(
         "            curl -s -X POST http://{addr}/v1/runs -H \"Authorization: Bearer $VM0_API_KEY\" -H 'Content-Type: application/json' -d '{{\"agent\": \"example\", \"prompt\": \"hello\"}}' | jq"

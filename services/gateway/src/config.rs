@@ -14,6 +14,9 @@ use vm0_env_config::parse_or;
 pub struct GatewayConfig {
     /// `VM0_HTTP_ADDR`, default `127.0.0.1:8080`.
     pub http_addr: SocketAddr,
+    /// `VM0_METRICS_ADDR`: where `GET /metrics` is served instead of the API
+    /// port (unset: on the API port).
+    pub metrics_addr: Option<SocketAddr>,
     /// `VM0_DATA_DIR`, default `./.vm0`.
     pub data_dir: PathBuf,
     /// `DATABASE_URL`, default SQLite at `<data dir>/vm0.db`.
@@ -284,6 +287,7 @@ impl DispatchConfig {
 impl GatewayConfig {
     pub fn from_env() -> Result<GatewayConfig> {
         let http_addr = parse_or("VM0_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let metrics_addr = vm0_env_config::parse_opt("VM0_METRICS_ADDR")?;
         let data_dir =
             PathBuf::from(std::env::var("VM0_DATA_DIR").unwrap_or_else(|_| ".vm0".into()));
         let database_url = match std::env::var("DATABASE_URL") {
@@ -354,6 +358,7 @@ impl GatewayConfig {
                 .then(|| Duration::from_secs(u64::from(retention_days) * 86_400)),
             retention_interval: GatewayConfig::DEFAULT_RETENTION_INTERVAL,
             http_addr,
+            metrics_addr,
             data_dir,
             database_url,
             db_max_connections,
@@ -382,6 +387,7 @@ impl GatewayConfig {
             records_retention: Some(Self::DEFAULT_RECORDS_RETENTION),
             retention_interval: Self::DEFAULT_RETENTION_INTERVAL,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: None,
             data_dir: PathBuf::from(".vm0"),
             database_url: database_url.into(),
             db_max_connections: 8,

@@ -38,6 +38,7 @@ pub struct ControlPlaneService {
     config: Arc<DispatchConfig>,
     auth: WorkerAuth,
     storage: Arc<StorageService>,
+    instruments: Arc<crate::prometheus::Instruments>,
 }
 
 /// The service; each call authenticates its worker.
@@ -47,6 +48,7 @@ pub fn server(
     secrets: SecretBox,
     config: Arc<DispatchConfig>,
     storage: Arc<StorageService>,
+    instruments: Arc<crate::prometheus::Instruments>,
 ) -> ControlPlaneServer<ControlPlaneService> {
     ControlPlaneServer::new(ControlPlaneService {
         auth: WorkerAuth::new(store.clone()),
@@ -56,6 +58,7 @@ pub fn server(
         secrets,
         config,
         storage,
+        instruments,
     })
 }
 
@@ -781,6 +784,7 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?
         {
             FinishOutcome::Finished { events, .. } => {
+                self.instruments.run_finished(status, "worker");
                 self.publish_later(events);
                 true
             }

@@ -22,6 +22,8 @@ pub mod extract;
 pub mod openapi;
 /// Stores telemetry from NATS in batches.
 pub mod persister;
+/// Prometheus metrics: what the gateway counts for its operators.
+pub mod prometheus;
 /// Backstops: lost workers, timeouts, pending runs whose job was lost.
 pub mod reaper;
 /// Request ids, per-request spans, common response headers.
@@ -74,6 +76,8 @@ pub struct AppState {
     /// Event streams open on this gateway, per organization.
     pub event_streams: Arc<routes::events::OrgStreams>,
     pub storage: Arc<storage::StorageService>,
+    /// Prometheus instruments (`GET /metrics`).
+    pub instruments: Arc<prometheus::Instruments>,
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
@@ -95,6 +99,13 @@ const UPLOAD_BODY_BYTES: usize = 32 << 20;
 /// The whole HTTP API as a router (no socket: tests may drive it directly).
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
+    // Only on the API port when no port of their own is configured.
+    let metrics = match state.config.metrics_addr {
+        None => vm0_prometheus::router(vm0_prometheus::Scrape::of(
+            state.instruments.registry.clone(),
+        )),
+        Some(_) => Router::new(),
+    };
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -145,10 +156,16 @@ pub fn app(state: AppState) -> Router {
                 .route("/v1/objects/{*key}", put(objects::put).get(objects::get))
                 .layer(DefaultBodyLimit::disable()),
         )
+        .merge(metrics.with_state(()))
+        .route_layer(axum::middleware::from_fn(prometheus::record_route))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            state.instruments.clone(),
+            prometheus::count,
+        ))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
@@ -233,6 +250,7 @@ impl Gateway {
             public_url: self.config.storage.public_url.clone(),
             listen_addr: http.local_addr()?,
         });
+        let instruments = Arc::new(prometheus::Instruments::default());
         let state = AppState {
             store: self.store.clone(),
             tokens: Arc::new(auth::TokenCache::new(self.config.auth_cache_ttl)),
@@ -243,10 +261,27 @@ impl Gateway {
             shutdown: shutdown.clone(),
             bus: self.bus.clone(),
             secrets: self.secrets.clone(),
-            event_streams: Arc::new(routes::events::OrgStreams::default()),
+            event_streams: Arc::new(routes::events::OrgStreams::counted_in(
+                instruments.event_streams.clone(),
+            )),
             storage: storage_service,
+            instruments: instruments.clone(),
         };
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(addr) = state.config.metrics_addr {
+            use anyhow::Context;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding VM0_METRICS_ADDR {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+            let scrape = vm0_prometheus::Scrape::of(state.instruments.registry.clone());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = vm0_prometheus::serve(listener, scrape, stop).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
         tasks.spawn(storage::sweep_uploads(
             self.store.clone(),
             state.storage.clone(),
@@ -278,6 +313,7 @@ impl Gateway {
                 self.store.clone(),
                 bus.clone(),
                 dispatch.clone(),
+                instruments.clone(),
                 shutdown.clone(),
             ));
             if let Some(grpc) = grpc {
@@ -304,6 +340,7 @@ impl Gateway {
                     self.secrets,
                     dispatch,
                     state.storage.clone(),
+                    instruments.clone(),
                 );
                 let stop = shutdown.clone();
                 tasks.spawn(async move {

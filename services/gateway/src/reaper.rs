@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use vm0_api_types::Timestamp;
 use vm0_api_types::runs::RunStatus;
 use vm0_bus::Bus;
+
+use crate::prometheus::Instruments;
 use vm0_db::{FinishOutcome, FinishRun, Store};
 
 use crate::config::DispatchConfig;
@@ -25,7 +27,13 @@ const PAGE: u64 = 500;
 /// A pending run's job is republished at most this often by one gateway.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(300);
 
-pub async fn run(store: Store, bus: Bus, config: Arc<DispatchConfig>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    bus: Bus,
+    config: Arc<DispatchConfig>,
+    instruments: Arc<Instruments>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(config.reaper_interval);
     let mut republished: HashMap<String, Instant> = HashMap::new();
     loop {
@@ -33,16 +41,24 @@ pub async fn run(store: Store, bus: Bus, config: Arc<DispatchConfig>, shutdown: 
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = pass(&store, &bus, &config, &mut republished).await {
+        if let Err(e) = pass(&store, &bus, &config, &instruments, &mut republished).await {
             tracing::warn!(error = %ErrorChain(e.as_ref()), "reaper pass failed");
         }
     }
 }
 
-async fn end(store: &Store, bus: &Bus, finish: FinishRun) -> Result<(), vm0_db::StoreError> {
+/// Ends a run; `reason` is why, as `/metrics` counts it.
+async fn end(
+    store: &Store,
+    bus: &Bus,
+    instruments: &Instruments,
+    reason: &str,
+    finish: FinishRun,
+) -> Result<(), vm0_db::StoreError> {
     let run_id = finish.run_id.clone();
     let status = finish.status;
     if let FinishOutcome::Finished { events, .. } = store.finish_run(finish).await? {
+        instruments.run_finished(status, reason);
         tracing::warn!(%run_id, %status, "run ended by the control plane");
         publish_events(bus, &events).await;
     }
@@ -53,6 +69,7 @@ async fn pass(
     store: &Store,
     bus: &Bus,
     config: &DispatchConfig,
+    instruments: &Instruments,
     republished: &mut HashMap<String, Instant>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let now = Timestamp::now().micros();
@@ -67,7 +84,7 @@ async fn pass(
     loop {
         let page = store.running_runs(after.as_deref(), PAGE).await?;
         for run in &page {
-            reap_running(store, bus, config, &silent, run, now).await?;
+            reap_running(store, bus, config, instruments, &silent, run, now).await?;
         }
         match page.last() {
             Some(last) if page.len() as u64 == PAGE => after = Some(last.id.clone()),
@@ -103,6 +120,7 @@ async fn reap_running(
     store: &Store,
     bus: &Bus,
     config: &DispatchConfig,
+    instruments: &Instruments,
     silent: &HashSet<String>,
     run: &vm0_db::entity::run::Model,
     now: i64,
@@ -131,7 +149,14 @@ async fn reap_running(
             config.worker_lost_after.as_secs()
         );
         let error = Some("worker_lost".into());
-        end(store, bus, FinishRun { error, log, ..base }).await?;
+        end(
+            store,
+            bus,
+            instruments,
+            "worker_lost",
+            FinishRun { error, log, ..base },
+        )
+        .await?;
     } else if now > started + run.timeout_seconds * 1_000_000 + grace {
         let log = format!(
             "timed out after {} s and worker {worker} did not report it",
@@ -142,6 +167,8 @@ async fn reap_running(
         end(
             store,
             bus,
+            instruments,
+            "timeout",
             FinishRun {
                 status,
                 error,

@@ -45,6 +45,9 @@ pub struct WorkerConfig {
     /// `VM0_DRAIN_TIMEOUT_SECS`, default 60: on SIGTERM, how long running runs may
     /// take before they are stopped.
     pub drain_timeout: Duration,
+    /// `VM0_METRICS_ADDR`: where `GET /metrics` (Prometheus) is served; unset,
+    /// nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// `VM0_SANDBOX`: `auto` (default), `cloud-hypervisor`, `qemu` or `bubblewrap`.
     pub sandbox: SandboxKind,
     /// `VM0_QEMU_ACCEL`: `auto` (default: KVM if a probe VM boots, else TCG),
@@ -123,6 +126,7 @@ impl WorkerConfig {
             data_dir: PathBuf::from(".vm0"),
             sample_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
+            metrics_addr: None,
             sandbox: SandboxKind::Auto,
             qemu_accel: AccelChoice::Auto,
             guest_agent: sibling_guest_agent(),
@@ -170,6 +174,7 @@ impl WorkerConfig {
                 "VM0_DRAIN_TIMEOUT_SECS",
                 d.drain_timeout.as_secs(),
             )?),
+            metrics_addr: parse_opt("VM0_METRICS_ADDR")?,
             sandbox: parse_or("VM0_SANDBOX", d.sandbox)?,
             qemu_accel: parse_or("VM0_QEMU_ACCEL", d.qemu_accel)?,
             guest_agent: parse_opt("VM0_GUEST_AGENT")?.or(d.guest_agent),

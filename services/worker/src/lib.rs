@@ -17,6 +17,8 @@ pub mod control;
 pub mod mask;
 /// The runs' network egress.
 pub mod network;
+/// Prometheus metrics: what the worker counts for its operators.
+pub mod prometheus;
 /// One run, from claim to finish.
 pub mod run;
 /// Slots and their host uids.
@@ -76,6 +78,8 @@ pub struct WorkerCtx<S> {
     pub transfers: transfer::Transfers,
     /// The runs' network (the egress proxy), or why this worker gives none.
     pub egress: Result<vm0_egress::Egress, String>,
+    /// Prometheus instruments (`GET /metrics` on `VM0_METRICS_ADDR`).
+    pub instruments: Arc<prometheus::Instruments>,
 }
 
 impl<S> WorkerCtx<S> {
@@ -142,14 +146,39 @@ pub async fn run<S: Sandbox>(
         sandbox,
         running: Mutex::new(HashMap::new()),
         stop_runs: CancellationToken::new(),
+        instruments: Arc::new(prometheus::Instruments::default()),
     });
+    let background = CancellationToken::new();
+    let metrics = match ctx.config.metrics_addr {
+        Some(addr) => {
+            use anyhow::Context;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding VM0_METRICS_ADDR {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+            let refreshed = ctx.clone();
+            let scrape = vm0_prometheus::Scrape {
+                registry: ctx.instruments.registry.clone(),
+                refresh: Some(Arc::new(move || {
+                    refreshed
+                        .instruments
+                        .set_slots(refreshed.config.slots as usize, refreshed.slots.available());
+                })),
+            };
+            Some(tokio::spawn(vm0_prometheus::serve(
+                listener,
+                scrape,
+                background.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         worker_id = %ctx.config.worker_id,
         slots = ctx.config.slots,
         sandbox = ctx.sandbox.name(),
         "worker ready"
     );
-    let background = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat_loop(
         ctx.clone(),
         heartbeat_every,
@@ -183,6 +212,9 @@ pub async fn run<S: Sandbox>(
     background.cancel();
     let _ = heartbeat.await;
     let _ = cancels.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     tracing::info!("worker stopped");
     pulled
 }

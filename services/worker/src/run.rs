@@ -527,11 +527,18 @@ async fn run_claimed<S: Sandbox>(
                 t.system_log(level, &line).await;
             }
             let attached = network.as_ref().map(attach);
+            let start_called = Instant::now();
             let started_sandbox = ctx
                 .sandbox
                 .start(sandbox_spec(ctx, &spec, slot_user, trees_in, attached))
                 .instrument(tracing::info_span!("sandbox.start"))
                 .await;
+            // bubblewrap's start returns with its agent ready; a microVM's
+            // boot is timed when it reports `Booted`.
+            if started_sandbox.is_ok() && ctx.sandbox.name() == "bubblewrap" {
+                ctx.instruments
+                    .sandbox_started(ctx.sandbox.name(), start_called.elapsed());
+            }
             match started_sandbox {
                 Ok(sandbox) => {
                     let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
@@ -631,6 +638,8 @@ async fn run_claimed<S: Sandbox>(
     if let Some(code) = exit_code {
         span.record("exit_code", code);
     }
+    ctx.instruments
+        .run_ended(final_status_name(status), end_reason(status, &error));
     t.settle().await;
     let finish = pb::FinishRequest {
         run_id: run_id.clone(),
@@ -723,7 +732,7 @@ async fn save_tree<S>(
 
 /// Streams the sandbox's events until it exits, stopping it on cancel, timeout or
 /// worker shutdown.
-async fn supervise<S>(
+async fn supervise<S: Sandbox>(
     t: &mut RunTelemetry<'_, S>,
     mut sandbox: vm0_sandbox::RunningSandbox,
     cancel: &CancellationToken,
@@ -746,7 +755,9 @@ async fn supervise<S>(
                 }
                 Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
                 // The backend's "sandbox started" log line carries the timings.
-                Some(SandboxEvent::Booted(_)) => {}
+                Some(SandboxEvent::Booted(timings)) => {
+                    t.ctx.instruments.sandbox_started(t.ctx.sandbox.name(), timings.ready);
+                }
                 Some(SandboxEvent::TreeSaved { src, result }) => saved.push((src, result)),
                 Some(SandboxEvent::Exited(exit)) => {
                     for (stream, rest) in t.masker.flush() {
@@ -784,6 +795,33 @@ async fn supervise<S>(
 async fn emit<S>(t: &mut RunTelemetry<'_, S>, stream: Stream, bytes: &[u8]) {
     for line in t.masker.push(stream, bytes) {
         t.output(stream, line).await;
+    }
+}
+
+fn final_status_name(status: FinalStatus) -> &'static str {
+    match status {
+        FinalStatus::Completed => "completed",
+        FinalStatus::Failed => "failed",
+        FinalStatus::Timeout => "timeout",
+        FinalStatus::Cancelled => "cancelled",
+        _ => "unknown",
+    }
+}
+
+/// Why a run ended, as `/metrics` counts it (from what [`outcome`] and the
+/// start's failures say).
+fn end_reason(status: FinalStatus, error: &str) -> &'static str {
+    match status {
+        FinalStatus::Timeout => "timeout",
+        FinalStatus::Cancelled => "cancelled",
+        _ if error == "worker_shutdown" => "shutdown",
+        _ if error.starts_with("out of memory") => "oom",
+        _ if error.starts_with("the sandbox failed to start")
+            || error.starts_with("the run's files could not be fetched") =>
+        {
+            "sandbox"
+        }
+        _ => "exit",
     }
 }
 

@@ -356,6 +356,7 @@ pub async fn create(
         resumed_from: target.resumed.map(|(c, _)| c.id),
     };
     let run = state.store.create_run(new).await?;
+    state.instruments.run_created();
     tracing::info!(run_id = %run.id, agent_id = %run.agent_id, "run created");
     if let Some(bus) = state.bus.clone() {
         let job =
@@ -481,10 +482,13 @@ async fn force_cancel(
         artifact_version: None,
         checkpoint: None,
     };
-    if let vm0_db::FinishOutcome::Finished { events, .. } = state.store.finish_run(finish).await?
-        && let Some(bus) = &state.bus
-    {
-        crate::dispatch::publish_events(bus, &events).await;
+    if let vm0_db::FinishOutcome::Finished { events, .. } = state.store.finish_run(finish).await? {
+        state
+            .instruments
+            .run_finished(RunStatus::Cancelled, "cancelled");
+        if let Some(bus) = &state.bus {
+            crate::dispatch::publish_events(bus, &events).await;
+        }
     }
     state
         .store

@@ -18,7 +18,7 @@ use vm0_gateway::{Gateway, GatewayConfig};
 
 pub use vm0_db::testing::TestDb as Db;
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

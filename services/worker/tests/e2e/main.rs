@@ -10,6 +10,7 @@ mod lifecycle;
 mod microvm;
 mod network;
 mod persister;
+mod prometheus;
 mod reliability;
 mod retention;
 mod storage;
