@@ -322,6 +322,28 @@ impl Bus {
             .map_err(js_err)
     }
 
+    /// What `RUN_JOBS` and `RUN_TELEMETRY` hold, and how far their consumers
+    /// (the workers, the persisters) are behind.
+    pub async fn queue_depths(&self) -> Result<Vec<QueueDepth>, BusError> {
+        let mut depths = Vec::new();
+        for (stream, consumer) in [
+            (JOBS_STREAM, WORKERS_CONSUMER),
+            (TELEMETRY_STREAM, PERSISTER_CONSUMER),
+        ] {
+            let mut s = self.js.get_stream(stream).await.map_err(js_err)?;
+            let messages = s.info().await.map_err(js_err)?.state.messages;
+            let mut c: consumer::PullConsumer = s.get_consumer(consumer).await.map_err(js_err)?;
+            let info = c.info().await.map_err(js_err)?;
+            depths.push(QueueDepth {
+                stream,
+                messages,
+                pending: info.num_pending,
+                ack_pending: u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX),
+            });
+        }
+        Ok(depths)
+    }
+
     /// The durable pull consumer the gateways' persisters share.
     pub async fn persister_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
         let stream = self.js.get_stream(TELEMETRY_STREAM).await.map_err(js_err)?;
@@ -430,6 +452,18 @@ impl Bus {
             .await
             .map_err(js_err)
     }
+}
+
+/// One stream's depth and its consumer's lag ([`Bus::queue_depths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub stream: &'static str,
+    /// Messages the stream holds.
+    pub messages: u64,
+    /// Messages its consumer has not been given yet.
+    pub pending: u64,
+    /// Messages given and not acknowledged yet.
+    pub ack_pending: u64,
 }
 
 /// Hands every message of `sub` to `on`, until `stop` is cancelled or the

@@ -617,6 +617,10 @@ impl ControlPlane for ControlPlaneService {
             .map_err(|e| internal(&e))?;
         let (outcome, attempt, spec, events) = match outcome {
             ClaimOutcome::Claimed(c) => {
+                // The first attempt's wait from created to claimed.
+                if c.attempt == 1 {
+                    self.instruments.run_dispatched(now - c.run.created_at);
+                }
                 // A lease given again (a retried claim) was not prepared above.
                 let spec = match prepared {
                     Some(spec) => spec,

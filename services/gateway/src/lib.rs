@@ -297,6 +297,11 @@ impl Gateway {
             ));
         }
         if let Some(bus) = &self.bus {
+            tasks.spawn(prometheus::watch_queues(
+                bus.clone(),
+                instruments.clone(),
+                shutdown.clone(),
+            ));
             tasks.spawn(auth::forget_revoked(
                 state.tokens.clone(),
                 bus.clone(),
@@ -307,6 +312,7 @@ impl Gateway {
             tasks.spawn(persister::run(
                 self.store.clone(),
                 bus.clone(),
+                instruments.clone(),
                 shutdown.clone(),
             ));
             tasks.spawn(reaper::run(

@@ -117,9 +117,14 @@ impl Rows {
 }
 
 /// Runs until `shutdown`; reconnects its consumer after errors.
-pub async fn run(store: Store, bus: Bus, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    bus: Bus,
+    instruments: std::sync::Arc<crate::prometheus::Instruments>,
+    shutdown: CancellationToken,
+) {
     while !shutdown.is_cancelled() {
-        if let Err(e) = drain(&store, &bus, &shutdown).await {
+        if let Err(e) = drain(&store, &bus, &instruments, &shutdown).await {
             tracing::warn!(error = %e, "persister restarting");
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -129,7 +134,18 @@ pub async fn run(store: Store, bus: Bus, shutdown: CancellationToken) {
     }
 }
 
-async fn drain(store: &Store, bus: &Bus, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// When JetStream stored `msg`, in microseconds since the epoch.
+fn published_us(msg: &async_nats::jetstream::Message) -> Option<i64> {
+    let published = msg.info().ok()?.published;
+    i64::try_from(published.unix_timestamp_nanos() / 1000).ok()
+}
+
+async fn drain(
+    store: &Store,
+    bus: &Bus,
+    instruments: &crate::prometheus::Instruments,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let consumer = bus.persister_consumer().await?;
     let mut chunks = consumer.messages().await?.ready_chunks(BATCH);
     loop {
@@ -142,8 +158,12 @@ async fn drain(store: &Store, bus: &Bus, shutdown: &CancellationToken) -> anyhow
         };
         let mut rows = Rows::default();
         let mut messages = Vec::with_capacity(chunk.len());
+        let mut oldest: Option<i64> = None;
         for msg in chunk {
             let msg = msg.map_err(|e| anyhow::anyhow!("telemetry consumer: {e}"))?;
+            if let Some(at) = published_us(&msg) {
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+            }
             let subject = msg.subject.to_string();
             let parsed = match Telemetry::from_subject(&subject, &msg.payload) {
                 Ok(parsed) => {
@@ -162,6 +182,8 @@ async fn drain(store: &Store, bus: &Bus, shutdown: &CancellationToken) -> anyhow
             .await
         {
             Ok(()) => {
+                let lag_us = oldest.map(|o| vm0_api_types::Timestamp::now().micros() - o);
+                instruments.batch_stored(messages.len(), lag_us);
                 for (msg, _) in messages {
                     ack(&msg).await;
                 }

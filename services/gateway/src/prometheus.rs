@@ -2,7 +2,10 @@
 //! (Prometheus text format; on the API port, or only on `VM0_METRICS_ADDR`
 //! when that is set). Per replica: HTTP requests by route template and status,
 //! with their latency; runs created; runs finished by status and by who ended
-//! them; event streams open.
+//! them; the wait from a run's creation to its claim; event streams open; the
+//! persister's batch sizes and lag; and
+//! the depth and lag of the JetStream streams (`RUN_JOBS`, `RUN_TELEMETRY`),
+//! read every few seconds ([`watch_queues`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -55,6 +58,17 @@ pub struct Instruments {
     runs_finished: Family<FinishLabels, Counter>,
     /// Event streams open on this replica.
     pub event_streams: Gauge,
+    dispatch_seconds: Histogram,
+    batch_messages: Histogram,
+    persist_lag_seconds: Histogram,
+    stream_messages: Family<StreamLabels, Gauge>,
+    consumer_pending: Family<StreamLabels, Gauge>,
+    consumer_ack_pending: Family<StreamLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    stream: String,
 }
 
 impl std::fmt::Debug for Instruments {
@@ -93,7 +107,53 @@ impl Default for Instruments {
             "Event streams (SSE) open on this gateway",
             event_streams.clone(),
         );
+        let dispatch_seconds = latency();
+        registry.register_with_unit(
+            "run_dispatch_latency",
+            "Time from a run's creation to a worker's claim of its first attempt",
+            Unit::Seconds,
+            dispatch_seconds.clone(),
+        );
+        let stream_messages = Family::<StreamLabels, Gauge>::default();
+        registry.register(
+            "jetstream_messages",
+            "Messages held in a JetStream stream (RUN_JOBS: the queue's depth)",
+            stream_messages.clone(),
+        );
+        let consumer_pending = Family::<StreamLabels, Gauge>::default();
+        registry.register(
+            "jetstream_consumer_pending",
+            "Messages of a stream its consumer (workers, persisters) has not been given yet",
+            consumer_pending.clone(),
+        );
+        let consumer_ack_pending = Family::<StreamLabels, Gauge>::default();
+        registry.register(
+            "jetstream_consumer_ack_pending",
+            "Messages of a stream given to its consumer and not acknowledged yet",
+            consumer_ack_pending.clone(),
+        );
+        let batch_messages = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
+        );
+        registry.register(
+            "persister_batch_messages",
+            "Telemetry messages the persister stored in one transaction",
+            batch_messages.clone(),
+        );
+        let persist_lag_seconds = latency();
+        registry.register_with_unit(
+            "persister_lag",
+            "Age of a stored batch's oldest message (JetStream's time to the store's)",
+            Unit::Seconds,
+            persist_lag_seconds.clone(),
+        );
         Instruments {
+            batch_messages,
+            persist_lag_seconds,
+            dispatch_seconds,
+            stream_messages,
+            consumer_pending,
+            consumer_ack_pending,
             registry: Arc::new(registry),
             requests,
             request_seconds,
@@ -116,6 +176,59 @@ impl Instruments {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+}
+
+impl Instruments {
+    /// A run claimed `waited_us` microseconds after it was created.
+    pub fn run_dispatched(&self, waited_us: i64) {
+        self.dispatch_seconds
+            .observe(waited_us.max(0) as f64 / 1_000_000.0);
+    }
+
+    /// A batch of `messages` stored, the oldest `lag_us` after JetStream got it.
+    pub fn batch_stored(&self, messages: usize, lag_us: Option<i64>) {
+        self.batch_messages.observe(messages as f64);
+        if let Some(lag) = lag_us {
+            self.persist_lag_seconds
+                .observe(lag.max(0) as f64 / 1_000_000.0);
+        }
+    }
+
+    fn set_queue(&self, depth: &vm0_bus::QueueDepth) {
+        let labels = StreamLabels {
+            stream: depth.stream.to_owned(),
+        };
+        let set = |family: &Family<StreamLabels, Gauge>, v: u64| {
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.stream_messages, depth.messages);
+        set(&self.consumer_pending, depth.pending);
+        set(&self.consumer_ack_pending, depth.ack_pending);
+    }
+}
+
+/// How often [`watch_queues`] reads the streams.
+const QUEUE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the JetStream gauges current until `shutdown`.
+pub async fn watch_queues(
+    bus: vm0_bus::Bus,
+    instruments: Arc<Instruments>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(QUEUE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match bus.queue_depths().await {
+            Ok(depths) => depths.iter().for_each(|d| instruments.set_queue(d)),
+            Err(e) => tracing::debug!(error = %e, "reading the streams' depths failed"),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! What a worker counts for its operators, scraped as `GET /metrics` on
 //! `VM0_METRICS_ADDR` (Prometheus text format): its slots in use and free (read
-//! at scrape time), how long sandboxes take to start per backend, and runs
-//! ended by status and reason.
+//! at scrape time), how long sandboxes take to start per backend, the time
+//! from a claim to the run's first output, and runs ended by status and reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +46,7 @@ pub struct Instruments {
     slots: Family<SlotLabels, Gauge>,
     sandbox_start: StartFamily,
     runs_ended: Family<EndLabels, Counter>,
+    first_output: Histogram,
 }
 
 impl std::fmt::Debug for Instruments {
@@ -72,7 +73,15 @@ impl Default for Instruments {
             "Runs this worker ended, by status and reason",
             runs_ended.clone(),
         );
+        let first_output = start_histogram();
+        registry.register_with_unit(
+            "first_output",
+            "Time from claiming a run to its first output",
+            Unit::Seconds,
+            first_output.clone(),
+        );
         Instruments {
+            first_output,
             registry: Arc::new(registry),
             slots,
             sandbox_start,
@@ -93,6 +102,10 @@ impl Instruments {
         self.sandbox_start
             .get_or_create(&BackendLabels { backend })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn first_output(&self, took: Duration) {
+        self.first_output.observe(took.as_secs_f64());
     }
 
     pub fn run_ended(&self, status: &'static str, reason: &'static str) {

@@ -146,6 +146,8 @@ enum Stop {
 /// message that can still be delivered.
 struct RunTelemetry<'a, S> {
     ctx: &'a WorkerCtx<S>,
+    /// When the run was claimed (its first output is timed from it).
+    claimed: Instant,
     /// Sent messages whose acks are awaited before the finish is reported, so that
     /// everything the run produced is stored in JetStream first.
     pending: Vec<(Telemetry, async_nats::jetstream::context::PublishAckFuture)>,
@@ -284,6 +286,9 @@ impl<S> RunTelemetry<'_, S> {
             }
             self.output.dropped += len;
             return;
+        }
+        if self.output.kept == 0 {
+            self.ctx.instruments.first_output(self.claimed.elapsed());
         }
         self.output.kept += len;
         let data = serde_json::json!({"content": content, "stream": stream.as_str()});
@@ -483,6 +488,7 @@ async fn run_claimed<S: Sandbox>(
     tracing::Span::current().record("attempt", attempt);
     let mut t = RunTelemetry {
         ctx,
+        claimed: started,
         pending: Vec::new(),
         unsent: std::collections::VecDeque::new(),
         output: OutputCount::default(),

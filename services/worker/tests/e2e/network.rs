@@ -203,24 +203,13 @@ fn find<'a>(logs: &[&'a Value], host: &str, port: u64) -> &'a Value {
         .unwrap_or_else(|| panic!("no network log for {host}:{port} in {logs:#?}"))
 }
 
-async fn run_agent(
-    stack: &Stack,
-    remote: &RemoteHost,
-    name: &str,
-    network: Value,
-) -> (Value, String, Vec<Value>) {
-    run_script(stack, remote, name, network, false).await
-}
-
-/// [`run_agent`] in a microVM (the client image), with one more attempt: the
-/// proxy's own address on the guest's link.
-async fn run_in_vm(
-    stack: &Stack,
-    remote: &RemoteHost,
-    name: &str,
-    network: Value,
-) -> (Value, String, Vec<Value>) {
-    run_script(stack, remote, name, network, true).await
+/// Where [`run_script`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum On {
+    Bubblewrap,
+    /// A microVM, in the client image, with one more attempt: the proxy's own
+    /// address on the guest's link.
+    MicroVm,
 }
 
 /// What a run of [`script`] printed, and its logs.
@@ -229,14 +218,14 @@ async fn run_script(
     remote: &RemoteHost,
     name: &str,
     network: Value,
-    in_vm: bool,
+    on: On,
 ) -> (Value, String, Vec<Value>) {
     let nats_port = port_of(&stack.nats.options(vm0_bus::Role::Worker).url);
     let grpc_port = port_of(&stack.gateways[0].grpc);
     let mut command = script(remote, &nats_port, &grpc_port);
     let mut config = json!({"env": {"CA_PEM": remote.ca_pem}, "network": network});
     let mut attempts = 10;
-    if in_vm {
+    if on == On::MicroVm {
         command.push_str(&format!(
             "try proxy http://{}:15001/\n",
             vm0_egress::netns::TAP_GATEWAY
@@ -277,7 +266,14 @@ async fn allowlist(db: Db) {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
     let stack = stack_for(&remote, db).await;
-    let (run, out, logs) = run_agent(&stack, &remote, "allowlisted", allowlisted(&remote)).await;
+    let (run, out, logs) = run_script(
+        &stack,
+        &remote,
+        "allowlisted",
+        allowlisted(&remote),
+        On::Bubblewrap,
+    )
+    .await;
     assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
 }
 
@@ -401,11 +397,12 @@ async fn mode_none_reaches_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
     let stack = stack_for(&remote, Db::Sqlite).await;
-    let (run, out, logs) = run_agent(
+    let (run, out, logs) = run_script(
         &stack,
         &remote,
         "offline",
         json!({"mode": "none", "extraHosts": extra_hosts(&remote)}),
+        On::Bubblewrap,
     )
     .await;
     assert_offline(&remote, &run, &out, &logs);
@@ -437,11 +434,12 @@ async fn open_mode_still_refuses_the_worker_and_the_metadata_address() {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
     let stack = stack_for(&remote, Db::Sqlite).await;
-    let (run, out, logs) = run_agent(
+    let (run, out, logs) = run_script(
         &stack,
         &remote,
         "open",
         json!({"mode": "open", "deny": ["denied.test"], "extraHosts": extra_hosts(&remote)}),
+        On::Bubblewrap,
     )
     .await;
     assert_eq!(run["status"], "completed", "{run}\n{out}");
@@ -630,7 +628,14 @@ async fn a_microvm_reaches_what_its_policy_allows_and_nothing_else() {
     let remote = RemoteHost::start(dir.path());
     let stack = stack_on(&remote, Db::Sqlite, "qemu").await;
     let pid = stack.workers[0].pid();
-    let (run, out, logs) = run_in_vm(&stack, &remote, "vm-allowlisted", allowlisted(&remote)).await;
+    let (run, out, logs) = run_script(
+        &stack,
+        &remote,
+        "vm-allowlisted",
+        allowlisted(&remote),
+        On::MicroVm,
+    )
+    .await;
     assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
     // The proxy's own address (port 15001, not sniffed): refused, the
     // connection closed without a reply (curl's 52).
@@ -643,11 +648,12 @@ async fn a_microvm_reaches_what_its_policy_allows_and_nothing_else() {
     assert_eq!(proxy["metadata"]["action"], "deny", "{proxy}");
 
     let before = held_by(pid);
-    let (run, out, logs) = run_in_vm(
+    let (run, out, logs) = run_script(
         &stack,
         &remote,
         "vm-offline",
         json!({"mode": "none", "extraHosts": extra_hosts(&remote)}),
+        On::MicroVm,
     )
     .await;
     assert_offline(&remote, &run, &out, &logs);

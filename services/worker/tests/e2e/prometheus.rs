@@ -58,7 +58,9 @@ async fn gateway_and_worker_metrics_count_the_runs_made() {
     let gateway = format!("{}/metrics", stack.gateways[0].base);
     let worker = format!("http://127.0.0.1:{metrics_port}/metrics");
     let before = scrape(&gateway).await;
-    stack.create_agent("ok", json!({"command": ["true"]})).await;
+    stack
+        .create_agent("ok", json!({"command": ["sh", "-c", "echo hi"]}))
+        .await;
     stack
         .create_agent("bad", json!({"command": ["sh", "-c", "exit 3"]}))
         .await;
@@ -145,6 +147,27 @@ async fn gateway_and_worker_metrics_count_the_runs_made() {
         ) >= 3.0
     );
     assert_eq!(value(&after, "vm0_sse_streams_open", &[]), 0.0);
+    assert_eq!(moved("vm0_run_dispatch_latency_seconds_count", &[]), 3.0);
+    assert!(moved("vm0_persister_batch_messages_count", &[]) >= 1.0);
+    assert!(
+        moved("vm0_persister_batch_messages_sum", &[]) >= 9.0,
+        "the runs' events and logs"
+    );
+    assert!(moved("vm0_persister_lag_seconds_count", &[]) >= 1.0);
+    for stream in ["RUN_JOBS", "RUN_TELEMETRY"] {
+        for gauge in [
+            "vm0_jetstream_messages",
+            "vm0_jetstream_consumer_pending",
+            "vm0_jetstream_consumer_ack_pending",
+        ] {
+            assert!(
+                after
+                    .iter()
+                    .any(|s| s.metric == gauge && s.labels.get("stream") == Some(stream)),
+                "{gauge} of {stream}"
+            );
+        }
+    }
 
     let w = scrape(&worker).await;
     let slots = value(&w, "vm0_worker_slots", &[("state", "free")])
@@ -176,6 +199,11 @@ async fn gateway_and_worker_metrics_count_the_runs_made() {
         3.0
     );
 
+    assert_eq!(
+        value(&w, "vm0_worker_first_output_seconds_count", &[]),
+        2.0,
+        "the runs that printed"
+    );
     // The dashboard in deploy/ reads only names these scrapes export.
     let exported: std::collections::HashSet<&str> =
         after.iter().chain(&w).map(|s| s.metric.as_str()).collect();
