@@ -120,6 +120,18 @@ pub async fn run() -> Result<()> {
     );
     println!("  URL:      http://{addr}");
     println!("  API key:  {api_key}");
+    // The CLI talks to this stack from now on.
+    let creds = crate::auth::Credentials {
+        url: format!("http://{addr}"),
+        token: api_key.clone(),
+    };
+    match crate::auth::store(&creds) {
+        Ok(file) => println!(
+            "  CLI:      logged in ({}; vm0 auth setup-token prints the key)",
+            file.display()
+        ),
+        Err(e) => println!("  CLI:      not logged in: {e:#}"),
+    }
     println!(
         "  metrics:  http://{addr}/metrics (gateway), http://{worker_metrics}/metrics (worker)"
     );

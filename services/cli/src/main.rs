@@ -1,6 +1,8 @@
 //! `vm0`: the command-line entry point. `vm0 dev` runs the stack on one machine;
-//! `vm0 image build` builds and names guest images for microVM workers.
+//! `vm0 image build` builds and names guest images for microVM workers; `vm0
+//! auth` stores where the API is and its token.
 
+mod auth;
 mod dev;
 mod image;
 
@@ -22,6 +24,9 @@ enum Command {
     /// Guest images for the microVM backends.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The API's URL and token: log in, print the token, log out.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
 }
 
 #[derive(Subcommand)]
@@ -37,6 +42,7 @@ async fn main() -> Result<()> {
     let telemetry = vm0_telemetry::init(vm0_telemetry::TelemetryOptions::from_env("vm0"))?;
     let result = match command {
         Command::Dev => dev::run().await,
+        Command::Auth(command) => auth::run(command).await,
         Command::Image(ImageCommand::Build(args)) => {
             tokio::task::spawn_blocking(move || image::build(args)).await?
         }
