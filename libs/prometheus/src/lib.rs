@@ -45,15 +45,6 @@ pub struct Scrape {
     pub refresh: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-impl Scrape {
-    pub fn of(registry: Arc<Registry>) -> Scrape {
-        Scrape {
-            registry,
-            refresh: None,
-        }
-    }
-}
-
 /// A router with `GET /metrics` only.
 pub fn router(scrape: Scrape) -> Router {
     Router::new().route(

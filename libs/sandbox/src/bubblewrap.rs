@@ -584,12 +584,19 @@ async fn supervise(
             .await
             .map_err(|why| format!("the guest agent did not start: {why}"))?;
         limits.enclose(pid).await?;
+        let ready = started.elapsed();
         let line = format!(
             "sandbox started (backend bubblewrap, pid {pid}, guest agent ready in {} ms; {})",
-            started.elapsed().as_millis(),
+            ready.as_millis(),
             limits.line
         );
         let _ = events.send(SandboxEvent::Log(line)).await;
+        // No VMM and no kernel of its own: only the time to the agent's Ready.
+        let timings = crate::BootTimings {
+            ready,
+            ..Default::default()
+        };
+        let _ = events.send(SandboxEvent::Booted(timings)).await;
         send_files(&mut link, &spec.files).await?;
         // Read-only trees the worker unpacked are bound (see `command`).
         let copied: Vec<&crate::TreeIn> = spec

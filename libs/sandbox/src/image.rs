@@ -297,7 +297,7 @@ fn initramfs(recipe: &ImageRecipe, modules_dir: &Path) -> Result<Vec<u8>, ImageE
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "env", "dd", "head", "tail", "wc",
         "grep", "sed", "awk", "mkdir", "rm", "cp", "mv", "date", "uname", "yes", "seq", "tr",
         "cut", "sort", "printf", "test", "kill", "ps", "free", "df", "id", "hostname", "pwd",
-        "touch", "whoami", "wget", "nc", "nslookup",
+        "touch", "whoami",
     ] {
         cpio.symlink(&format!("bin/{applet}"), "busybox")?;
     }

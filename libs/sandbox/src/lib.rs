@@ -223,7 +223,8 @@ pub enum SandboxEvent {
     Sample(ResourceSample),
     /// A line about the sandbox itself (boot, backend), for the run's system log.
     Log(String),
-    /// A microVM's guest agent is ready (sent once, before any output).
+    /// The sandbox's guest agent is ready (sent once, before any output);
+    /// bubblewrap's timings hold only `ready`.
     Booted(BootTimings),
     /// A tree of `trees_out` after the command ended: its archive, or why not.
     TreeSaved {

@@ -101,9 +101,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     // Only on the API port when no port of their own is configured.
     let metrics = match state.config.metrics_addr {
-        None => vm0_prometheus::router(vm0_prometheus::Scrape::of(
-            state.instruments.registry.clone(),
-        )),
+        None => vm0_prometheus::router(state.instruments.scrape(state.event_streams.clone())),
         Some(_) => Router::new(),
     };
     Router::new()
@@ -261,9 +259,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
             bus: self.bus.clone(),
             secrets: self.secrets.clone(),
-            event_streams: Arc::new(routes::events::OrgStreams::counted_in(
-                instruments.event_streams.clone(),
-            )),
+            event_streams: Arc::new(routes::events::OrgStreams::default()),
             storage: storage_service,
             instruments: instruments.clone(),
         };
@@ -274,7 +270,7 @@ impl Gateway {
                 .await
                 .with_context(|| format!("binding VM0_METRICS_ADDR {addr}"))?;
             tracing::info!(addr = %listener.local_addr()?, "serving metrics");
-            let scrape = vm0_prometheus::Scrape::of(state.instruments.registry.clone());
+            let scrape = instruments.scrape(state.event_streams.clone());
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 if let Err(e) = vm0_prometheus::serve(listener, scrape, stop).await {

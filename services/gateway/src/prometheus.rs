@@ -56,8 +56,8 @@ pub struct Instruments {
     request_seconds: LatencyFamily,
     runs_created: Counter,
     runs_finished: Family<FinishLabels, Counter>,
-    /// Event streams open on this replica.
-    pub event_streams: Gauge,
+    /// Event streams open on this replica (read at scrape time).
+    event_streams: Gauge,
     dispatch_seconds: Histogram,
     batch_messages: Histogram,
     persist_lag_seconds: Histogram,
@@ -165,6 +165,23 @@ impl Default for Instruments {
 }
 
 impl Instruments {
+    /// What `GET /metrics` serves: the registry, with the open event streams
+    /// of `streams` read at each scrape.
+    pub fn scrape(
+        self: &Arc<Self>,
+        streams: Arc<crate::routes::events::OrgStreams>,
+    ) -> vm0_prometheus::Scrape {
+        let instruments = self.clone();
+        vm0_prometheus::Scrape {
+            registry: self.registry.clone(),
+            refresh: Some(Arc::new(move || {
+                instruments
+                    .event_streams
+                    .set(i64::try_from(streams.total()).unwrap_or(i64::MAX));
+            })),
+        }
+    }
+
     pub fn run_created(&self) {
         self.runs_created.inc();
     }

@@ -533,18 +533,11 @@ async fn run_claimed<S: Sandbox>(
                 t.system_log(level, &line).await;
             }
             let attached = network.as_ref().map(attach);
-            let start_called = Instant::now();
             let started_sandbox = ctx
                 .sandbox
                 .start(sandbox_spec(ctx, &spec, slot_user, trees_in, attached))
                 .instrument(tracing::info_span!("sandbox.start"))
                 .await;
-            // bubblewrap's start returns with its agent ready; a microVM's
-            // boot is timed when it reports `Booted`.
-            if started_sandbox.is_ok() && ctx.sandbox.name() == "bubblewrap" {
-                ctx.instruments
-                    .sandbox_started(ctx.sandbox.name(), start_called.elapsed());
-            }
             match started_sandbox {
                 Ok(sandbox) => {
                     let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
@@ -760,7 +753,8 @@ async fn supervise<S: Sandbox>(
                     t.sample(s, net).await
                 }
                 Some(SandboxEvent::Log(line)) => t.system_log(LogLevel::Info, &line).await,
-                // The backend's "sandbox started" log line carries the timings.
+                // The backend's "sandbox started" log line carries the timings;
+                // the metric takes the time to the agent's Ready.
                 Some(SandboxEvent::Booted(timings)) => {
                     t.ctx.instruments.sandbox_started(t.ctx.sandbox.name(), timings.ready);
                 }

@@ -44,17 +44,12 @@ pub fn open_streams() -> usize {
 #[derive(Debug, Default)]
 pub struct OrgStreams {
     open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-    /// All of them, as `/metrics` shows it.
-    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl OrgStreams {
-    /// Counts open streams into `gauge` too.
-    pub fn counted_in(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
-        OrgStreams {
-            open: Default::default(),
-            gauge,
-        }
+    /// Streams open on this gateway, of every organization.
+    pub fn total(&self) -> usize {
+        self.open.lock().map(|o| o.values().sum()).unwrap_or(0)
     }
 }
 
@@ -87,7 +82,6 @@ impl OpenStream {
         }
         *count += 1;
         OPEN_STREAMS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        streams.gauge.inc();
         Ok(OpenStream {
             org_id: org_id.to_owned(),
             streams: streams.clone(),
@@ -98,7 +92,6 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         OPEN_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        self.streams.gauge.dec();
         if let Ok(mut open) = self.streams.open.lock()
             && let Some(count) = open.get_mut(&self.org_id)
         {

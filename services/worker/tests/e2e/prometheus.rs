@@ -221,6 +221,45 @@ async fn gateway_and_worker_metrics_count_the_runs_made() {
             "the dashboard reads {name}, which nothing exports ({exported:?})"
         );
     }
+    // A stream held open by a client is one, for as long as it is open.
+    stack
+        .create_agent("sleeper", json!({"command": ["sleep", "30"]}))
+        .await;
+    let sleeping = stack
+        .create_run(0, json!({"agent": "sleeper", "prompt": "p"}))
+        .await;
+    let stream = stack
+        .client
+        .get(stack.url(0, &format!("/v1/runs/{sleeping}/events")))
+        .bearer_auth(&stack.token)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        value(&scrape(&gateway).await, "vm0_sse_streams_open", &[]),
+        1.0
+    );
+    drop(stream);
+    let (status, _) = stack
+        .call(
+            0,
+            reqwest::Method::POST,
+            &format!("/v1/runs/{sleeping}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while value(&scrape(&gateway).await, "vm0_sse_streams_open", &[]) > 0.0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        value(&scrape(&gateway).await, "vm0_sse_streams_open", &[]),
+        0.0
+    );
 }
 
 /// The `vm0_...` names in `text`.
