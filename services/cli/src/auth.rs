@@ -102,25 +102,6 @@ pub fn current() -> Result<Credentials> {
     Ok(Credentials { url, token })
 }
 
-/// An API error as the CLI prints it: message, code and request id.
-pub fn api_error(
-    status: reqwest::StatusCode,
-    request_id: Option<&str>,
-    body: &str,
-) -> anyhow::Error {
-    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
-    let error = parsed.as_ref().map(|v| &v["error"]);
-    let message = error
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or(body.trim());
-    let code = error.and_then(|e| e["code"].as_str()).unwrap_or("unknown");
-    anyhow::anyhow!(
-        "{message} (HTTP {}, code {code}, request id {})",
-        status.as_u16(),
-        request_id.unwrap_or("none")
-    )
-}
-
 /// Checks `creds` with an authenticated request the API answers cheaply.
 async fn check(creds: &Credentials) -> Result<()> {
     let url = format!("{}/v1/agents?limit=1", creds.url.trim_end_matches('/'));
@@ -130,17 +111,10 @@ async fn check(creds: &Credentials) -> Result<()> {
         .send()
         .await
         .with_context(|| format!("reaching {}", creds.url))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let request_id = response
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = response.text().await.unwrap_or_default();
-    Err(api_error(status, request_id.as_deref(), &body).context("the token was not accepted"))
+    crate::api::checked(response)
+        .await
+        .map(drop)
+        .context("the token was not accepted")
 }
 
 pub async fn run(command: AuthCommand) -> Result<()> {
