@@ -32,13 +32,24 @@ pub mod limits {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     /// 1–64, default 1.
-    #[serde(default = "default_vcpus")]
+    #[serde(
+        default = "default_vcpus",
+        deserialize_with = "crate::integer::integer"
+    )]
     pub vcpus: u32,
     /// 128–262144, default 512.
-    #[serde(default = "default_memory_mb", alias = "memory_mb")]
+    #[serde(
+        default = "default_memory_mb",
+        alias = "memory_mb",
+        deserialize_with = "crate::integer::integer"
+    )]
     pub memory_mb: u64,
     /// 64–1048576, default 1024.
-    #[serde(default = "default_disk_mb", alias = "disk_mb")]
+    #[serde(
+        default = "default_disk_mb",
+        alias = "disk_mb",
+        deserialize_with = "crate::integer::integer"
+    )]
     pub disk_mb: u64,
 }
 
@@ -83,7 +94,11 @@ pub struct AgentConfig {
     #[serde(default)]
     pub resources: Resources,
     /// Wall-clock limit of a run, 1–86400, default 600.
-    #[serde(default = "default_timeout_seconds", alias = "timeout_seconds")]
+    #[serde(
+        default = "default_timeout_seconds",
+        alias = "timeout_seconds",
+        deserialize_with = "crate::integer::integer"
+    )]
     pub timeout_seconds: u64,
     /// Absolute path the command starts in.
     #[serde(

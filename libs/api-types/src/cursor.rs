@@ -1,11 +1,10 @@
-//! Pagination cursors: opaque to clients, base64url of a small JSON record naming the
-//! list they belong to (`scope`) and the sort key of the last item returned.
-//!
-//! A cursor from another list, another sort order, or one that was edited fails to
-//! decode and is rejected as `invalid_parameter` rather than silently restarting.
+//! Pagination cursors: `<list>.<key>.<id>`, naming the list they belong to
+//! (`scope`) and the sort key and id of the last item returned. Clients pass
+//! them back unchanged; the grammar is exact and published as each `cursor`
+//! parameter's pattern, so every string of that form is a position in the list
+//! (the items after it) and everything else is refused as `invalid_parameter`
+//! rather than silently restarting.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -15,47 +14,86 @@ use crate::FieldError;
 pub const DEFAULT_LIMIT: u64 = 20;
 /// Largest accepted `limit`.
 pub const MAX_LIMIT: u64 = 100;
-/// Longest cursor accepted (ours are far shorter).
-const MAX_CURSOR_LEN: usize = 512;
 
 /// The position after which the next page starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
-    /// Which list (and order) this cursor walks, e.g. `runs` or `logs:desc`.
-    #[serde(rename = "s")]
+    /// Which list (and order) this cursor walks, e.g. `runs` or `logs_desc`
+    /// (lowercase letters and `_`).
     pub scope: String,
-    /// Primary sort key of the last item (microseconds or a sequence number).
-    #[serde(rename = "t")]
+    /// Primary sort key of the last item (microseconds or a sequence number, ≥ 0).
     pub key: i64,
     /// Tie-breaker of the last item (its id).
-    #[serde(rename = "i")]
     pub id: String,
+}
+
+/// What a list's tie-breaker looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorId {
+    /// A resource id (`run_…`) or content hash: lowercase letters, digits, `_`.
+    Name,
+    /// A row number (logs, metrics).
+    RowNumber,
+}
+
+impl CursorId {
+    fn pattern(self) -> &'static str {
+        match self {
+            CursorId::Name => "[a-z0-9_]{1,128}",
+            CursorId::RowNumber => "[0-9]{1,18}",
+        }
+    }
+
+    fn accepts(self, id: &str) -> bool {
+        match self {
+            CursorId::Name => {
+                (1..=128).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            }
+            CursorId::RowNumber => is_digits(id),
+        }
+    }
+}
+
+/// 1–18 ASCII digits (always an `i64`).
+fn is_digits(s: &str) -> bool {
+    (1..=18).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        // Serializing a struct of strings and integers cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        URL_SAFE_NO_PAD.encode(json)
+        format!("{}.{}.{}", self.scope, self.key, self.id)
+    }
+
+    /// The pattern of the `cursor` parameter of the list `scope`: exactly
+    /// what [`Cursor::decode`] accepts, or empty (the first page: scripts
+    /// often pass `cursor=$NEXT` with an empty variable on their first call).
+    pub fn pattern(scope: &str, id: CursorId) -> String {
+        format!("^({scope}\\.[0-9]{{1,18}}\\.{})?$", id.pattern())
     }
 
     /// Decodes `raw`, the `cursor` query parameter, for the list `scope`.
-    pub fn decode(raw: &str, scope: &str) -> Result<Cursor, FieldError> {
+    pub fn decode(raw: &str, scope: &str, id: CursorId) -> Result<Cursor, FieldError> {
         let invalid = || {
             FieldError::invalid(
                 "cursor",
                 "cursor is not one this list returned; pass `pagination.nextCursor` unchanged",
             )
         };
-        if raw.is_empty() || raw.len() > MAX_CURSOR_LEN {
+        let mut parts = raw.splitn(3, '.');
+        let (Some(s), Some(key), Some(last)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(invalid());
+        };
+        if s != scope || !is_digits(key) || !id.accepts(last) {
             return Err(invalid());
         }
-        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
-        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
-        if cursor.scope != scope || cursor.id.len() > 128 {
-            return Err(invalid());
-        }
-        Ok(cursor)
+        Ok(Cursor {
+            scope: s.to_owned(),
+            key: key.parse().map_err(|_| invalid())?,
+            id: last.to_owned(),
+        })
     }
 }
 
@@ -122,11 +160,66 @@ mod tests {
             id: "run_abc".into(),
         };
         let raw = c.encode();
-        assert_eq!(Cursor::decode(&raw, "runs").expect("decodes"), c);
-        assert!(Cursor::decode(&raw, "agents").is_err());
-        for forged in ["", "abc", "!!!!", "eyJpZCI6ImFnX2RlZiJ9", &"A".repeat(600)] {
-            let err = Cursor::decode(forged, "runs").unwrap_err();
-            assert_eq!(err.param, "cursor");
+        assert_eq!(raw, "runs.1700000000000000.run_abc");
+        assert_eq!(
+            Cursor::decode(&raw, "runs", CursorId::Name).expect("decodes"),
+            c
+        );
+        assert!(Cursor::decode(&raw, "agents", CursorId::Name).is_err());
+        assert!(Cursor::decode(&raw, "runs", CursorId::RowNumber).is_err());
+        let long = "1".repeat(19);
+        for forged in [
+            "",
+            "abc",
+            "!!!!",
+            "runs.1",
+            "runs..run_a",
+            "runs.-1.run_a",
+            "runs.1.RUN",
+            "runs.1.a.b",
+            &format!("runs.{long}.run_a"),
+            &format!("runs.1.{}", "a".repeat(129)),
+        ] {
+            let err = Cursor::decode(forged, "runs", CursorId::Name).unwrap_err();
+            assert_eq!(err.param, "cursor", "{forged}");
+        }
+    }
+
+    #[test]
+    fn the_published_pattern_is_what_decode_accepts() {
+        let re = |scope, id| regex::Regex::new(&Cursor::pattern(scope, id)).expect("regex");
+        let names = re("runs", CursorId::Name);
+        let rows = re("logs_asc", CursorId::RowNumber);
+        for raw in [
+            "runs.1.run_abc",
+            "runs.0.a",
+            "runs.123456789012345678.x_9",
+            "runs.1.RUN",
+            "runs.1.a.b",
+            "runs.1234567890123456789.a",
+            "agents.1.a",
+            "runs.1.",
+            "runs.1.a\n",
+            "xruns.1.a",
+            "",
+        ] {
+            assert_eq!(
+                names.is_match(raw),
+                raw.is_empty() || Cursor::decode(raw, "runs", CursorId::Name).is_ok(),
+                "{raw}"
+            );
+        }
+        for raw in [
+            "logs_asc.1.2",
+            "logs_asc.1.a",
+            "logs_asc.1.-2",
+            "logs_desc.1.2",
+        ] {
+            assert_eq!(
+                rows.is_match(raw),
+                Cursor::decode(raw, "logs_asc", CursorId::RowNumber).is_ok(),
+                "{raw}"
+            );
         }
     }
 

@@ -99,6 +99,11 @@ pub fn is_id(kind: IdKind, s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// The JSON Schema pattern of ids of `kind`: exactly what [`is_id`] accepts.
+pub fn id_pattern(kind: IdKind) -> String {
+    format!("^{}_[a-z0-9]{{1,{MAX_SUFFIX_LEN}}}$", kind.prefix())
+}
+
 /// Checks that `value`, given as request parameter `param`, is an id of `kind`.
 pub fn check_id(kind: IdKind, param: &str, value: &str) -> Result<(), FieldError> {
     if is_id(kind, value) {

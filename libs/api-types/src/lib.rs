@@ -11,6 +11,7 @@ pub mod cursor;
 pub mod error;
 /// Prefixed resource ids (`run_…`, `ag_…`) and their validation.
 pub mod ids;
+pub mod integer;
 /// Runs, run events, logs and metrics.
 pub mod runs;
 /// Reading the run event stream as a client.

@@ -64,6 +64,7 @@ pub struct UploadFile {
     /// Relative, `/`-separated; no `.`, `..`, empty components or control characters.
     pub path: String,
     /// Exact size in bytes; the PUT must send this many.
+    #[serde(deserialize_with = "crate::integer::integer")]
     pub size: u64,
     /// SHA-256 of the content (64 lowercase hex); when given, content that
     /// does not match is refused.

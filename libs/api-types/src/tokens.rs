@@ -34,7 +34,11 @@ pub struct CreateTokenRequest {
     #[serde(default)]
     pub name: Option<String>,
     /// Lifetime in days (1–3650); no expiry when absent.
-    #[serde(default, alias = "expires_in_days")]
+    #[serde(
+        default,
+        alias = "expires_in_days",
+        deserialize_with = "crate::integer::optional_integer"
+    )]
     pub expires_in_days: Option<u32>,
 }
 

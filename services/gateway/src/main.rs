@@ -129,7 +129,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Openapi => {
-            println!("{}", vm0_gateway::openapi::document().to_pretty_json()?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&vm0_gateway::openapi::document())?
+            );
             Ok(())
         }
         Command::Token {

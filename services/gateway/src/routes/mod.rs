@@ -9,7 +9,7 @@ pub mod storage;
 pub mod telemetry;
 pub mod tokens;
 
-use vm0_api_types::cursor::{Cursor, parse_limit};
+use vm0_api_types::cursor::{Cursor, CursorId, parse_limit};
 use vm0_db::KeysetAfter;
 
 use crate::error::ApiError;
@@ -23,13 +23,17 @@ pub struct PageRequest {
 
 impl PageRequest {
     pub fn from_query(q: &QueryParams, scope: &str) -> Result<PageRequest, ApiError> {
+        Self::decode(q, scope, CursorId::Name)
+    }
+
+    fn decode(q: &QueryParams, scope: &str, id: CursorId) -> Result<PageRequest, ApiError> {
         let limit = parse_limit(q.get("limit"))?;
         // An empty cursor is the first page: scripts often pass `cursor=$NEXT` with an
         // empty variable on their first call.
         let after = match q.get("cursor").filter(|c| !c.is_empty()) {
             None => None,
             Some(raw) => {
-                let c = Cursor::decode(raw, scope)?;
+                let c = Cursor::decode(raw, scope, id)?;
                 Some(KeysetAfter {
                     key: c.key,
                     id: c.id,
@@ -40,18 +44,9 @@ impl PageRequest {
     }
 
     /// [`PageRequest::from_query`] for lists whose tie-breaker is a row number
-    /// (logs, metrics): a cursor whose id is no such number is refused here.
+    /// (logs, metrics): a cursor whose id is no such number is refused.
     pub fn with_row_ids(q: &QueryParams, scope: &str) -> Result<PageRequest, ApiError> {
-        let page = PageRequest::from_query(q, scope)?;
-        if let Some(after) = &page.after
-            && after.id.parse::<i64>().is_err()
-        {
-            return Err(ApiError::invalid(
-                "cursor",
-                "cursor is not one this list returned; pass `pagination.nextCursor` unchanged",
-            ));
-        }
-        Ok(page)
+        Self::decode(q, scope, CursorId::RowNumber)
     }
 }
 

@@ -33,11 +33,8 @@ fn log_filter(q: &QueryParams) -> ApiResult<LogFilter> {
     if let Some(raw) = q.get("until") {
         filter.until = Some(parse_time("until", raw)?.micros());
     }
-    if let (Some(s), Some(u)) = (filter.since, filter.until)
-        && s > u
-    {
-        return Err(ApiError::invalid("until", "until must not be before since"));
-    }
+    // `until` before `since` is an empty window, not an error: the OpenAPI
+    // document cannot say one parameter must follow another.
     Ok(filter)
 }
 
@@ -68,9 +65,9 @@ pub async fn logs(
         Some(_) => return Err(ApiError::invalid("order", "order must be asc or desc")),
     };
     let scope = if order == SortOrder::Asc {
-        "logs.asc"
+        "logs_asc"
     } else {
-        "logs.desc"
+        "logs_desc"
     };
     let page = PageRequest::with_row_ids(&q, scope)?;
     let filter = log_filter(&q)?;

@@ -229,6 +229,104 @@ async fn openapi_document_covers_the_api(db: Db) {
             .get("executionTimeMs")
             .is_some()
     );
+
+    // What generated clients and Schemathesis rely on (issue 13's findings).
+    assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+    let mut operation_ids = std::collections::BTreeSet::new();
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("ops") {
+            let label = format!("{method} {path}");
+            assert!(
+                operation_ids.insert(op["operationId"].as_str().expect("operationId").to_owned()),
+                "{label}: operationId repeated"
+            );
+            let public = op["security"] == serde_json::json!([]);
+            assert_eq!(
+                public,
+                path == "/healthz" || path == "/readyz",
+                "{label}: security"
+            );
+            if public {
+                continue;
+            }
+            for status in ["400", "401", "429"] {
+                assert!(
+                    op["responses"].get(status).is_some(),
+                    "{label}: no {status}"
+                );
+            }
+            if path.contains("{id}") {
+                assert!(op["responses"].get("404").is_some(), "{label}: no 404");
+            }
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                let schema = &param["schema"];
+                match param["name"].as_str() {
+                    Some("id") => assert!(schema["pattern"].is_string(), "{label}: id pattern"),
+                    Some("limit") => {
+                        assert_eq!(
+                            (schema["minimum"].as_u64(), schema["maximum"].as_u64()),
+                            (Some(1), Some(100)),
+                            "{label}"
+                        )
+                    }
+                    Some("cursor") => {
+                        assert!(schema["pattern"].is_string(), "{label}: cursor pattern")
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(
+        paths["/v1/tokens"]["post"]["requestBody"]["required"],
+        false
+    );
+    let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+    let resources = &schemas["Resources"]["properties"];
+    assert_eq!(resources["vcpus"]["minimum"], 1);
+    assert_eq!(resources["vcpus"]["maximum"], 64);
+    assert_eq!(
+        schemas["CreateTokenRequest"]["properties"]["expiresInDays"]["maximum"],
+        3650
+    );
+    assert!(schemas.contains_key("Volume") && schemas.contains_key("Artifact"));
+    assert!(
+        !schemas.contains_key("Storage"),
+        "volumes and artifacts are told apart"
+    );
+
+    // A cursor the API returns matches its documented pattern, and a
+    // schema-valid one it never returned is a position, not an error.
+    for name in ["a", "b"] {
+        gw.create_agent(name).await;
+    }
+    let (_, page) = gw.get("/v1/agents?limit=1").await;
+    let next = page["pagination"]["nextCursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let pattern = paths["/v1/agents"]["get"]["parameters"]
+        .as_array()
+        .expect("params")
+        .iter()
+        .find(|p| p["name"] == "cursor")
+        .and_then(|p| p["schema"]["pattern"].as_str())
+        .expect("cursor pattern");
+    assert!(
+        regex::Regex::new(pattern).expect("regex").is_match(&next),
+        "{next} !~ {pattern}"
+    );
+    let (status, body) = gw.get("/v1/agents?cursor=agents.1.ag_zzz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Integers as JSON Schema has them: 2.0 is 2.
+    let (status, agent) = gw
+        .post(
+            "/v1/agents",
+            serde_json::json!({"name": "floaty", "config": {"command": ["true"], "resources": {"vcpus": 2.0}, "timeoutSeconds": 60.0}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    assert_eq!(agent["config"]["resources"]["vcpus"], 2);
 }
 
 vm0_db::on_both_databases!(
