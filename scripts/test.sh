@@ -19,6 +19,10 @@ python3 -c 'import moto.server' 2>/dev/null || {
   python3 -m pip install -q --disable-pip-version-check 'moto[server]==5.2.1'
 }
 
+# Schemathesis and openapi-python-client for the OpenAPI tests (PyPI, pinned).
+source scripts/python-tools.sh
+ensure_python_tools
+
 # The guest agent is PID 1 of the microVMs' initramfs: a static (musl) binary.
 source scripts/guest-agent.sh
 build_guest_agent

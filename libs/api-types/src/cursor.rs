@@ -18,7 +18,7 @@ pub const MAX_LIMIT: u64 = 100;
 /// The position after which the next page starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
-    /// Which list (and order) this cursor walks, e.g. `runs` or `logs_desc`
+    /// Which list (and order) this cursor walks, e.g. `runs` or `logs`
     /// (lowercase letters and `_`).
     pub scope: String,
     /// Primary sort key of the last item (microseconds or a sequence number, ≥ 0).

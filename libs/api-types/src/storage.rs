@@ -71,8 +71,9 @@ pub struct UploadFile {
     #[serde(default)]
     #[schema(pattern = "^[0-9a-f]{64}$")]
     pub sha256: Option<String>,
-    /// Makes the entry a symbolic link to this target (relative, never
-    /// followed); `size` must then be the target's length. Nothing is PUT.
+    /// Makes the entry a symbolic link to this target (never followed; no
+    /// control characters). Its size and SHA-256 are the target's, derived by
+    /// the server: what `size` and `sha256` say is not compared. Nothing is PUT.
     #[serde(default)]
     pub link: Option<String>,
 }

@@ -9,7 +9,7 @@
 //! ranges match the address connected to.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The most rules an `allow` or `deny` list holds, and names `extraHosts` holds.
 pub const MAX_RULES: usize = 256;
@@ -68,6 +68,14 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The range of one address.
+    pub fn host(addr: IpAddr) -> Cidr {
+        Cidr {
+            addr,
+            prefix: if addr.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Cidr> {
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
@@ -114,6 +122,19 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+/// `s` as a number written the one way `to_string` writes it (no sign, no
+/// leading zeros), so that the documented pattern can say what is accepted.
+fn canonical_number<T: std::str::FromStr + ToString>(s: &str) -> Option<T> {
+    let n = s.parse::<T>().ok()?;
+    (n.to_string() == s).then_some(n)
+}
+
+fn rule_port(rule: &str, port: &str) -> Result<u16, RuleError> {
+    canonical_number::<u16>(port)
+        .filter(|p| *p > 0)
+        .ok_or_else(|| RuleError::Port(rule.to_owned()))
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -141,8 +162,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Parses a rule as written: canonical forms only (no surrounding space,
+    /// no leading zeros in a port or prefix), so that [`rule_pattern`] can say
+    /// exactly what is accepted.
     pub fn parse(text: &str) -> Result<Rule, RuleError> {
-        let s = text.trim();
+        let s = text;
         if s.is_empty() {
             return Err(RuleError::Empty);
         }
@@ -150,35 +174,39 @@ impl Rule {
             return Err(RuleError::TooLong);
         }
         let malformed = || RuleError::Malformed(s.to_owned());
-        if s.contains('/') {
-            let (addr, prefix) = s.split_once('/').ok_or_else(malformed)?;
-            addr.parse::<IpAddr>().map_err(|_| malformed())?;
-            prefix.parse::<u8>().map_err(|_| malformed())?;
-            let range = Cidr::parse(s).ok_or_else(|| RuleError::Prefix(s.to_owned()))?;
-            return Ok(Rule::new(s, Target::Range(range), None));
+        if let Some((addr, prefix)) = s.split_once('/') {
+            let addr = addr.parse::<IpAddr>().map_err(|_| malformed())?;
+            let prefix = canonical_number::<u8>(prefix).ok_or_else(malformed)?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if prefix > max {
+                return Err(RuleError::Prefix(s.to_owned()));
+            }
+            return Ok(Rule::new(s, Target::Range(Cidr { addr, prefix }), None));
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
-            let range = Cidr::parse(&ip.to_string()).ok_or_else(malformed)?;
-            return Ok(Rule::new(s, Target::Range(range), None));
+            return Ok(Rule::new(s, Target::Range(Cidr::host(ip)), None));
         }
-        if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
-            if sa.port() == 0 {
-                return Err(RuleError::Port(s.to_owned()));
-            }
-            let range = Cidr::parse(&sa.ip().to_string()).ok_or_else(malformed)?;
-            return Ok(Rule::new(s, Target::Range(range), Some(sa.port())));
+        if let Some(bracketed) = s.strip_prefix('[') {
+            let (addr, port) = bracketed.split_once("]:").ok_or_else(malformed)?;
+            let addr = addr.parse::<Ipv6Addr>().map_err(|_| malformed())?;
+            let port = rule_port(s, port)?;
+            return Ok(Rule::new(
+                s,
+                Target::Range(Cidr::host(IpAddr::V6(addr))),
+                Some(port),
+            ));
         }
         let (host, port) = match s.rsplit_once(':') {
-            Some((host, port)) => {
-                let port = port
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| RuleError::Port(s.to_owned()))?;
-                (host, Some(port))
-            }
+            Some((host, port)) => (host, Some(rule_port(s, port)?)),
             None => (s, None),
         };
+        if let Ok(v4) = host.parse::<Ipv4Addr>() {
+            return Ok(Rule::new(
+                s,
+                Target::Range(Cidr::host(IpAddr::V4(v4))),
+                port,
+            ));
+        }
         let (name, subdomains) = match host.strip_prefix("*.") {
             Some(rest) => (rest, true),
             None => (host, false),
@@ -244,9 +272,65 @@ impl Rule {
     }
 }
 
+/// One IPv4 octet as `Ipv4Addr` parses it (no leading zeros).
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+/// A port as [`Rule::parse`] takes it: 1-65535, no leading zeros.
+const PORT: &str =
+    "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+/// A label of a host name ([`host_name`]).
+const LABEL: &str = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
+
+/// An IPv4 address (unanchored), for patterns in the API's document.
+pub fn ipv4_pattern() -> String {
+    format!("{OCTET}\\.{OCTET}\\.{OCTET}\\.{OCTET}")
+}
+
+/// An IPv6 address as `Ipv6Addr` parses it (RFC 4291's text forms, an IPv4
+/// address in the last 32 bits allowed), unanchored.
+fn ipv6_pattern() -> String {
+    let h = "[0-9A-Fa-f]{1,4}";
+    let ls32 = format!("({h}:{h}|{})", ipv4_pattern());
+    let head = |n: usize| format!("(({h}:){{0,{n}}}{h})?");
+    [
+        format!("({h}:){{6}}{ls32}"),
+        format!("::({h}:){{5}}{ls32}"),
+        format!("{}::({h}:){{4}}{ls32}", head(0)),
+        format!("{}::({h}:){{3}}{ls32}", head(1)),
+        format!("{}::({h}:){{2}}{ls32}", head(2)),
+        format!("{}::{h}:{ls32}", head(3)),
+        format!("{}::{ls32}", head(4)),
+        format!("{}::{h}", head(5)),
+        format!("{}::", head(6)),
+    ]
+    .map(|form| format!("({form})"))
+    .join("|")
+}
+
+/// A host name as [`host_name`] takes it (dot-separated labels of letters,
+/// digits, `-` not at either end and `_`, an optional final dot, never an
+/// IPv4 address), anchored. The 253-character limit is not in it.
+pub fn host_name_pattern() -> String {
+    format!("^(?!{}\\.?$){LABEL}(\\.{LABEL})*\\.?$", ipv4_pattern())
+}
+
+/// What [`Rule::parse`] accepts, anchored, for the API's document: an address
+/// or range (`1.2.3.4`, `1.2.3.0/24`, `2001:db8::/32`), an address and port
+/// (`1.2.3.4:5432`, `[2001:db8::1]:443`), or a name or `*.`name with an
+/// optional port. Names beyond 253 characters are refused without it saying so.
+pub fn rule_pattern() -> String {
+    let v4 = ipv4_pattern();
+    let v6 = format!("({})", ipv6_pattern());
+    let v4_prefix = "([0-9]|[12][0-9]|3[0-2])";
+    let v6_prefix = "([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])";
+    let name = format!("(?!(\\*\\.)?{v4}\\.?(:|$))(\\*\\.)?{LABEL}(\\.{LABEL})*\\.?");
+    format!(
+        "^({v4}(/{v4_prefix}|:{PORT})?|{v6}(/{v6_prefix})?|\\[{v6}\\]:{PORT}|{name}(:{PORT})?)$"
+    )
+}
+
 /// A host name in the form rules compare: lowercase, without a trailing dot;
 /// `None` if it is not one (labels of 1-63 letters, digits, `-` or `_`, not
-/// starting or ending with `-`, 253 bytes in all, not all digits and dots).
+/// starting or ending with `-`, 253 bytes in all, not an IPv4 address).
 pub fn host_name(s: &str) -> Option<String> {
     let s = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
     if s.is_empty() || s.len() > 253 || s.parse::<Ipv4Addr>().is_ok() {
@@ -361,7 +445,6 @@ impl Policy {
             }
             let key = host_name(name).ok_or_else(|| PolicyError::ExtraHostName(name.into()))?;
             let addr = addr
-                .trim()
                 .parse::<Ipv4Addr>()
                 .map_err(|_| PolicyError::ExtraHostAddr(name.into()))?;
             hosts.insert(key, addr);
@@ -437,6 +520,135 @@ mod tests {
 
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().expect("ip"))
+    }
+
+    /// Strings near the grammar's edges: pieces of addresses, names, ports
+    /// and prefixes, joined at random (a fixed seed), and the hand-picked ones.
+    fn rule_candidates() -> Vec<String> {
+        const PIECES: &[&str] = &[
+            "1", "0", "00", "01", "9", "10", "32", "33", "99", "128", "129", "255", "256", "65535",
+            "65536", "080", "+1", "ffff", "FfFf", "12345", "db8", "a", "Z", "ab-c", "-", "_",
+            "x_y", "com", ".", ".", ":", ":", "::", "/", "/", "*.", "*", "[", "]", " ", "1.2.3.4",
+            "%", "\n",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % n as u64).unwrap_or(0)
+        };
+        let mut out: Vec<String> = [
+            "api.anthropic.com",
+            "*.github.com",
+            "203.0.113.0/24",
+            "example.test:8080",
+            "1.2.3.4",
+            "1.2.3.4:5432",
+            "2001:db8::/32",
+            "[2001:db8::1]:443",
+            "API.Example.COM.",
+            "::",
+            "::1",
+            "1::",
+            "1:2:3:4:5:6:7:8",
+            "1:2:3:4:5:6:7::",
+            "::2:3:4:5:6:7:8",
+            "1:2:3:4:5:6:1.2.3.4",
+            "::ffff:1.2.3.4",
+            "1::1.2.3.4",
+            "[::1]:80",
+            "[::1]",
+            "[1.2.3.4]:80",
+            "1.2.3.4.",
+            "*.1.2.3.4",
+            "1.2.3.4.:80",
+            "1.2.3",
+            "80",
+            "a.com:080",
+            "1.2.3.0/08",
+            "1.2.3.0/+8",
+            " a.com",
+            "a.com ",
+            "01.2.3.4",
+            "1:2:3:4:5:6:7:8:9",
+            "1:2:3:4:5:6:7:8::",
+            "::1.2.3.4",
+            "a.com\n",
+            "[::1%1]:80",
+            "fe80::1%1",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for _ in 0..20_000 {
+            let len = 1 + next(8);
+            out.push((0..len).map(|_| PIECES[next(PIECES.len())]).collect());
+        }
+        out
+    }
+
+    /// Which of `candidates` the regular expression `pattern` matches as a
+    /// JSON Schema validator does (anchored by the pattern itself), in Python's
+    /// `re`, the engine Schemathesis generates and checks with.
+    fn python_matches(pattern: &str, candidates: &[String]) -> Vec<bool> {
+        use std::io::Write;
+        let script = "import json,re,sys\n\
+                      d=json.load(sys.stdin)\n\
+                      p=re.compile(d['p'])\n\
+                      print(json.dumps([p.fullmatch(c) is not None for c in d['c']]))";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the test command installs it) checks the patterns");
+        let input = serde_json::json!({"p": pattern, "c": candidates}).to_string();
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("verdicts")
+    }
+
+    #[test]
+    fn the_documented_patterns_accept_exactly_what_parses() {
+        let candidates = rule_candidates();
+        let verdicts = python_matches(&rule_pattern(), &candidates);
+        let mut valid = 0;
+        for (c, matched) in candidates.iter().zip(verdicts) {
+            let parsed = Rule::parse(c);
+            assert_eq!(
+                parsed.is_ok(),
+                matched,
+                "{c:?}: {parsed:?}, pattern says {matched}"
+            );
+            valid += usize::from(matched);
+        }
+        assert!(
+            valid > 1000,
+            "enough valid rules among the candidates: {valid}"
+        );
+        let names: Vec<String> = candidates
+            .into_iter()
+            .filter(|c| !c.contains(':'))
+            .collect();
+        let verdicts = python_matches(&host_name_pattern(), &names);
+        for (c, matched) in names.iter().zip(verdicts) {
+            assert_eq!(
+                host_name(c).is_some(),
+                matched,
+                "{c:?}: the pattern says {matched}"
+            );
+        }
     }
 
     #[test]

@@ -196,6 +196,7 @@ fn pack_into<W: Write>(
         total = total.saturating_add(meta.len());
         if meta.len() > limits.max_file_bytes {
             return Err(ManifestError::FileTooLarge {
+                index: entries.len(),
                 path: rel,
                 size: meta.len(),
                 max: limits.max_file_bytes,
@@ -337,6 +338,7 @@ pub fn unpack<R: Read>(input: R, dest: &Path, limits: &Limits) -> Result<Manifes
                 if read > room {
                     return Err(if read > limits.max_file_bytes {
                         ManifestError::FileTooLarge {
+                            index: entries.len(),
                             path: rel,
                             size: read.max(claimed),
                             max: limits.max_file_bytes,

@@ -75,11 +75,11 @@ pub enum ManifestError {
     #[error("{path:?} is both a file and the directory of {under:?}")]
     FileAndDirectory { path: String, under: String },
     #[error("file {path:?}: sha256 must be 64 lowercase hex characters")]
-    BadDigest { path: String },
+    BadDigest { index: usize, path: String },
     #[error(
         "link {path:?}: its target is empty, has a control character, or is not what size and sha256 say"
     )]
-    BadLink { path: String },
+    BadLink { index: usize, path: String },
     #[error("file {index}: its path is {len} bytes long, more than {max}")]
     PathTooLong {
         index: usize,
@@ -89,12 +89,31 @@ pub enum ManifestError {
     #[error("{count} files, more than {max}")]
     TooManyFiles { count: usize, max: usize },
     #[error("file {path:?} is {size} bytes, more than {max}")]
-    FileTooLarge { path: String, size: u64, max: u64 },
+    FileTooLarge {
+        /// Its place in the list given (or the order found).
+        index: usize,
+        path: String,
+        size: u64,
+        max: u64,
+    },
     #[error("the files add up to {size} bytes, more than {max}")]
     TotalTooLarge { size: u64, max: u64 },
 }
 
 impl ManifestError {
+    /// The file the error is about, by its place in the list (none when it is
+    /// about the list as a whole: duplicates, a file that is a directory, totals).
+    pub fn index(&self) -> Option<usize> {
+        match self {
+            ManifestError::Path { index, .. }
+            | ManifestError::PathTooLong { index, .. }
+            | ManifestError::BadDigest { index, .. }
+            | ManifestError::BadLink { index, .. }
+            | ManifestError::FileTooLarge { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+
     /// Whether the error is a size past a limit (`413` rather than `400`).
     pub fn is_too_large(&self) -> bool {
         matches!(
@@ -142,17 +161,24 @@ impl Manifest {
                     .bytes()
                     .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
             if !digest_ok {
-                return Err(ManifestError::BadDigest { path: f.path });
+                return Err(ManifestError::BadDigest {
+                    index,
+                    path: f.path,
+                });
             }
             if let Some(target) = &f.link
                 && (target.is_empty()
                     || target.contains(char::is_control)
                     || FileEntry::symlink(&f.path, target) != f)
             {
-                return Err(ManifestError::BadLink { path: f.path });
+                return Err(ManifestError::BadLink {
+                    index,
+                    path: f.path,
+                });
             }
             if f.size > limits.max_file_bytes {
                 return Err(ManifestError::FileTooLarge {
+                    index,
                     path: f.path,
                     size: f.size,
                     max: limits.max_file_bytes,

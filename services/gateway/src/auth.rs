@@ -6,7 +6,8 @@
 //! that is revoked or expired) is remembered as such for [`REFUSED_TTL`], and an
 //! address that keeps presenting bad tokens is refused with `429` before any
 //! lookup once it passes `VM0_AUTH_FAILURES_PER_MINUTE` ([`FailureLimit`]), so
-//! guessing tokens costs the store a bounded number of queries.
+//! guessing tokens costs the store a bounded number of queries. A token verified
+//! before is not a guess: it is looked up again even from a blocked address.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -94,6 +95,13 @@ impl TokenCache {
             .get(hash)
             .filter(|e| e.valid_until > now)
             .map(|e| e.caller.clone())
+    }
+
+    /// Whether the token was verified here before and not revoked since (its
+    /// cache entry may have expired): a token that is not a guess.
+    fn known(&self, hash: &str) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries.contains_key(hash)
     }
 
     fn put(&self, hash: String, caller: Caller, now: i64) {
@@ -281,7 +289,13 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(caller) = state.tokens.get(&hash, now) {
             return Ok(caller);
         }
-        if let Some(secs) = address.and_then(|a| state.auth_failures.blocked_for(a)) {
+        // A token this replica verified before is looked up again even from a
+        // blocked address: the block bounds guesses, not a client that shares
+        // its address (a NAT, a CI runner) with one that guesses.
+        if let Some(secs) = address
+            .filter(|_| !state.tokens.known(&hash))
+            .and_then(|a| state.auth_failures.blocked_for(a))
+        {
             return Err(ApiError::rate_limited(
                 "Too many requests with invalid API keys from this address; try again later",
                 secs,

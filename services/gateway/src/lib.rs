@@ -292,6 +292,11 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
+        tasks.spawn(prometheus::watch_runs(
+            self.store.clone(),
+            instruments.clone(),
+            shutdown.clone(),
+        ));
         if let Some(bus) = &self.bus {
             tasks.spawn(prometheus::watch_queues(
                 bus.clone(),

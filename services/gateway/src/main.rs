@@ -131,7 +131,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Openapi => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&vm0_gateway::openapi::document())?
+                serde_json::to_string_pretty(&vm0_gateway::openapi::document(
+                    &config.storage.limits
+                ))?
             );
             Ok(())
         }

@@ -5,6 +5,7 @@
 //! every operation can answer (400, 401, 404, 413, 415), bearer security.
 
 use axum::Json;
+use axum::extract::State;
 use serde_json::{Value, json};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -12,8 +13,10 @@ use vm0_api_types::agents::limits;
 use vm0_api_types::cursor::{Cursor, CursorId, MAX_LIMIT};
 use vm0_api_types::ids::{IdKind, id_pattern};
 
+use crate::AppState;
 use crate::routes::storage::{artifacts, volumes};
 use crate::routes::{agents, events, health, runs, telemetry, tokens};
+use crate::storage::EMPTY_SHA256;
 
 struct BearerAuth;
 
@@ -57,16 +60,114 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
-/// The document as served.
-pub fn document() -> Value {
+/// The document as a deployment with these storage limits serves it.
+pub fn document(limits: &vm0_storage::manifest::Limits) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     precise(&mut doc);
+    deployment(&mut doc, limits);
     doc
 }
 
 /// Serve the OpenAPI document
-pub async fn serve() -> Json<Value> {
-    Json(document())
+pub async fn serve(State(state): State<AppState>) -> Json<Value> {
+    Json(document(&state.storage.limits))
+}
+
+/// What the operator configures (`VM0_STORAGE_MAX_*`) and an upload is held to.
+fn deployment(doc: &mut Value, limits: &vm0_storage::manifest::Limits) {
+    if let Some(file) = doc.pointer_mut("/components/schemas/UploadFile") {
+        file["allOf"] = json!([
+            // A link's size is its target's; a file's is within the limit.
+            {
+                "if": {"required": ["link"], "properties": {"link": {"type": "string"}}},
+                "else": {"properties": {"size": {"maximum": limits.max_file_bytes}}},
+            },
+            // An empty file's digest is known: none, or that of nothing.
+            {
+                "if": {"required": ["size"], "properties": {"size": {"const": 0}, "link": {"type": "null"}}},
+                "then": {"properties": {"sha256": {"enum": [null, EMPTY_SHA256]}}},
+            },
+        ]);
+    }
+    if let Some(files) = doc.pointer_mut("/components/schemas/UploadRequest/properties/files") {
+        files["maxItems"] = json!(limits.max_files);
+    }
+}
+
+/// Where a response leads (OpenAPI links), so that clients and testers that
+/// follow them reach what was just created by its own id, and commit the
+/// upload session an upload opened.
+fn links(doc: &mut Value) {
+    let by_id = |targets: &[&str], id: &str| -> Value {
+        targets
+            .iter()
+            .map(|op| {
+                let name = op.split_once('_').map_or(*op, |(_, verb)| verb).to_owned();
+                (
+                    name,
+                    json!({"operationId": op, "parameters": {"path.id": id}}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let created = "$response.body#/id";
+    let mut table = vec![
+        (
+            "/v1/agents".to_owned(),
+            "201",
+            by_id(
+                &[
+                    "agents_get",
+                    "agents_update",
+                    "agents_delete",
+                    "agents_versions",
+                ],
+                created,
+            ),
+        ),
+        (
+            "/v1/runs".to_owned(),
+            "202",
+            by_id(
+                &["runs_get", "runs_cancel", "runs_logs", "runs_metrics"],
+                created,
+            ),
+        ),
+        (
+            "/v1/tokens".to_owned(),
+            "201",
+            by_id(&["tokens_revoke"], created),
+        ),
+    ];
+    for kind in ["volumes", "artifacts"] {
+        let ops: Vec<String> = ["get", "upload", "versions", "download", "delete"]
+            .iter()
+            .map(|verb| format!("{kind}_{verb}"))
+            .collect();
+        let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+        table.push((format!("/v1/{kind}"), "201", by_id(&ops, created)));
+        table.push((
+            format!("/v1/{kind}/{{id}}/upload"),
+            "201",
+            json!({"commit": {
+                "operationId": format!("{kind}_commit"),
+                "parameters": {"path.id": "$request.path.id"},
+                "requestBody": {"uploadSessionId": "$response.body#/uploadSessionId"},
+            }}),
+        ));
+    }
+    for (path, status, links) in table {
+        if let Some(response) = doc
+            .get_mut("paths")
+            .and_then(|p| p.get_mut(&path))
+            .and_then(|p| p.get_mut("post"))
+            .and_then(|op| op.get_mut("responses"))
+            .and_then(|r| r.get_mut(status))
+        {
+            response["links"] = links;
+        }
+    }
 }
 
 /// Names: 1–100 lowercase letters, digits and hyphens, no hyphen at either end
@@ -82,20 +183,7 @@ const PRINTABLE: &str = "[^\\u0000-\\u001f\\u007f-\\u009f]";
 const VISIBLE: &str =
     "[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
 
-/// An IPv4 address as `Ipv4Addr` parses it (no leading zeros).
-const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
-
-fn ipv4_pattern() -> String {
-    format!("{OCTET}\\.{OCTET}\\.{OCTET}\\.{OCTET}")
-}
-
-/// `extraHosts` names (`vm0_egress::policy::host_name`): dot-separated labels
-/// of letters, digits, `-` (not at either end) and `_`, an optional final dot,
-/// never an IPv4 address.
-fn host_name_pattern() -> String {
-    let label = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
-    format!("^(?!{}\\.?$){label}(\\.{label})*\\.?$", ipv4_pattern())
-}
+use vm0_egress::policy::{host_name_pattern, ipv4_pattern, rule_pattern};
 
 /// Upload paths: `/`-separated components, none empty, `.` or `..`, no
 /// control characters (`char::is_control`).
@@ -115,7 +203,7 @@ fn path_kind(path: &str) -> Option<IdKind> {
 }
 
 /// The list a `cursor` parameter walks (the scopes the handlers page with).
-fn cursor_scope(path: &str, order_desc: bool) -> Option<(String, CursorId)> {
+fn cursor_scope(path: &str) -> Option<(String, CursorId)> {
     let scope = match path {
         "/v1/agents" | "/v1/runs" | "/v1/tokens" | "/v1/volumes" | "/v1/artifacts" => {
             path.trim_start_matches("/v1/").to_owned()
@@ -123,10 +211,7 @@ fn cursor_scope(path: &str, order_desc: bool) -> Option<(String, CursorId)> {
         "/v1/agents/{id}/versions" => "agent_versions".into(),
         "/v1/volumes/{id}/versions" => "volumes_versions".into(),
         "/v1/artifacts/{id}/versions" => "artifacts_versions".into(),
-        "/v1/runs/{id}/logs" => {
-            let order = if order_desc { "logs_desc" } else { "logs_asc" };
-            return Some((order.into(), CursorId::RowNumber));
-        }
+        "/v1/runs/{id}/logs" => return Some(("logs".into(), CursorId::RowNumber)),
         "/v1/runs/{id}/metrics" => return Some(("metrics".into(), CursorId::RowNumber)),
         _ => return None,
     };
@@ -157,6 +242,29 @@ pub fn precise(doc: &mut Value) {
     if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
         for (name, schema) in schemas.iter_mut() {
             component(name, schema);
+        }
+    }
+    page_items_by_ref(doc);
+    links(doc);
+}
+
+/// utoipa inlines a page's item type; a reference to the item's own component
+/// gives generated clients one model per resource (`Run`, not a `PageRunDataItem`).
+fn page_items_by_ref(doc: &mut Value) {
+    let Some(schemas) = doc
+        .get_mut("components")
+        .and_then(|c| c.get_mut("schemas"))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let names: std::collections::BTreeSet<String> = schemas.keys().cloned().collect();
+    for (name, schema) in schemas.iter_mut() {
+        if let Some(item) = name.strip_prefix("Page_")
+            && names.contains(item)
+            && let Some(data) = schema.get_mut("properties").and_then(|p| p.get_mut("data"))
+        {
+            data["items"] = json!({"$ref": format!("#/components/schemas/{item}")});
         }
     }
 }
@@ -265,16 +373,9 @@ fn operation(path: &str, method: &str, op: &mut Value) {
             (Some("query"), "limit") => {
                 Some(json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}))
             }
-            (Some("query"), "cursor") => cursor_scope(path, false).map(|(scope, id)| {
-                let mut pattern = Cursor::pattern(&scope, id);
-                if let (true, Some((desc, id))) =
-                    (path.ends_with("/logs"), cursor_scope(path, true))
-                {
-                    // Either order's cursor, each valid with its own `order`.
-                    pattern = format!("{pattern}|{}", Cursor::pattern(&desc, id));
-                }
-                json!({"type": "string", "pattern": pattern})
-            }),
+            (Some("query"), "cursor") => cursor_scope(path).map(
+                |(scope, id)| json!({"type": "string", "pattern": Cursor::pattern(&scope, id)}),
+            ),
             (Some("query"), "name") => Some(json!({"type": "string", "pattern": NAME_PATTERN})),
             (Some("query"), "agentId") => {
                 Some(json!({"type": "string", "pattern": id_pattern(IdKind::Agent)}))
@@ -381,14 +482,12 @@ fn component(name: &str, schema: &mut Value) {
             schema["required"] = json!(["prompt"]);
             // Exactly one target that is not null (null is absent).
             let given = |field: &str| json!({"required": [field], "properties": {field: {"type": "string"}}});
-            schema["oneOf"] = json!([
-                given("agent"),
-                given("agentId"),
-                given("sessionId"),
-                given("checkpointId")
+            // Inside `allOf`: client generators make a top-level `oneOf` a
+            // union of partial models; under `allOf` they keep one model.
+            schema["allOf"] = json!([
+                {"oneOf": [given("agent"), given("agentId"), given("sessionId"), given("checkpointId")]},
+                {"if": given("artifactVersion"), "then": given("artifactName")},
             ]);
-            schema["allOf"] =
-                json!([{"if": given("artifactVersion"), "then": given("artifactName")}]);
             refine(
                 schema,
                 "prompt",
@@ -467,10 +566,17 @@ fn component(name: &str, schema: &mut Value) {
             );
         }
         "NetworkConfig" => {
+            let rules = json!({
+                "maxItems": vm0_egress::policy::MAX_RULES,
+                "items": {"type": "string", "maxLength": vm0_egress::policy::MAX_RULE_LEN, "pattern": rule_pattern()},
+            });
+            refine(schema, "allow", rules.clone());
+            refine(schema, "deny", rules);
             refine(
                 schema,
                 "extraHosts",
                 json!({
+                    "maxProperties": vm0_egress::policy::MAX_RULES,
                     "propertyNames": {"maxLength": 254, "pattern": host_name_pattern()},
                     "additionalProperties": {"type": "string", "pattern": format!("^{}$", ipv4_pattern())},
                 }),
@@ -478,6 +584,11 @@ fn component(name: &str, schema: &mut Value) {
         }
         "UploadFile" => {
             refine(schema, "path", json!({"pattern": UPLOAD_PATH_PATTERN}));
+            refine(
+                schema,
+                "link",
+                json!({"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"}),
+            );
         }
         "UploadRequest" => {
             refine(

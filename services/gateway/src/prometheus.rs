@@ -3,7 +3,7 @@
 //! when that is set). Per replica: HTTP requests by route template and status,
 //! with their latency; runs created; runs finished by status and by who ended
 //! them; the wait from a run's creation to its claim; event streams open; the
-//! persister's batch sizes and lag; and
+//! persister's batch sizes and lag; the runs pending and running now; and
 //! the depth and lag of the JetStream streams (`RUN_JOBS`, `RUN_TELEMETRY`),
 //! read every few seconds ([`watch_queues`]).
 
@@ -19,6 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
+use vm0_api_types::runs::RunStatus;
 use vm0_prometheus::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,6 +57,8 @@ pub struct Instruments {
     request_seconds: LatencyFamily,
     runs_created: Counter,
     runs_finished: Family<FinishLabels, Counter>,
+    /// Runs pending and running now ([`watch_runs`]).
+    runs_live: Family<StatusLabels, Gauge>,
     /// Event streams open on this replica (read at scrape time).
     event_streams: Gauge,
     dispatch_seconds: Histogram,
@@ -64,6 +67,11 @@ pub struct Instruments {
     stream_messages: Family<StreamLabels, Gauge>,
     consumer_pending: Family<StreamLabels, Gauge>,
     consumer_ack_pending: Family<StreamLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +108,12 @@ impl Default for Instruments {
             "runs_finished",
             "Runs that reached a final status, by status and by who ended them",
             runs_finished.clone(),
+        );
+        let runs_live = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "runs",
+            "Runs now pending or running, in the whole deployment (every replica reads the same store: aggregate with max)",
+            runs_live.clone(),
         );
         let event_streams = Gauge::default();
         registry.register(
@@ -159,6 +173,7 @@ impl Default for Instruments {
             request_seconds,
             runs_created,
             runs_finished,
+            runs_live,
             event_streams,
         }
     }
@@ -245,6 +260,43 @@ pub async fn watch_queues(
         match bus.queue_depths().await {
             Ok(depths) => depths.iter().for_each(|d| instruments.set_queue(d)),
             Err(e) => tracing::debug!(error = %e, "reading the streams' depths failed"),
+        }
+    }
+}
+
+/// The statuses [`watch_runs`] counts: the live ones. Ended runs only grow
+/// (`runs_finished_total` counts them) and counting them would scan the table.
+const LIVE: [RunStatus; 2] = [RunStatus::Pending, RunStatus::Running];
+
+/// Keeps the `runs` gauge current (a grouped count over the status index)
+/// until `shutdown`.
+pub async fn watch_runs(
+    store: vm0_db::Store,
+    instruments: Arc<Instruments>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(QUEUE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.count_runs_by_status(&LIVE).await {
+            Ok(counts) => {
+                for status in LIVE {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| *s == status)
+                        .map_or(0, |(_, n)| *n);
+                    instruments
+                        .runs_live
+                        .get_or_create(&StatusLabels {
+                            status: status.as_str(),
+                        })
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "counting the live runs failed"),
         }
     }
 }

@@ -119,11 +119,17 @@ pub fn objects_error(e: ObjectsError) -> ApiError {
 
 /// The API error of a file list that is not a version.
 pub fn manifest_error(e: &ManifestError) -> ApiError {
-    let param = match e {
-        ManifestError::Path { index, .. } | ManifestError::PathTooLong { index, .. } => {
-            format!("files[{index}].path")
-        }
-        _ => "files".to_owned(),
+    // One file's fault names its field; `files` alone is the list as a whole
+    // (duplicates, a file that is also a directory, the totals).
+    let field = match e {
+        ManifestError::BadDigest { .. } => "sha256",
+        ManifestError::BadLink { .. } => "link",
+        ManifestError::FileTooLarge { .. } => "size",
+        _ => "path",
+    };
+    let param = match e.index() {
+        Some(index) => format!("files[{index}].{field}"),
+        None => "files".to_owned(),
     };
     if e.is_too_large() {
         ApiError::payload_too_large(0)
@@ -132,6 +138,46 @@ pub fn manifest_error(e: &ManifestError) -> ApiError {
     } else {
         ApiError::invalid(param, e.to_string())
     }
+}
+
+/// SHA-256 of no bytes: what an empty file's digest is.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// What one entry must be on its own, beyond the manifest's checks: a size
+/// within `int64`, a digest given well formed even on a link (whose size and digest are its
+/// target's, derived here), and an empty file's is that of nothing (no PUT
+/// will come to prove otherwise).
+fn check_announced(index: usize, f: &Announced) -> ApiResult<()> {
+    // The document's `int64`, which is also what the store keeps.
+    if i64::try_from(f.size).is_err() {
+        return Err(ApiError::invalid(
+            format!("files[{index}].size"),
+            format!("file {:?}: size is at most {}", f.path, i64::MAX),
+        ));
+    }
+    let Some(sha) = &f.sha256 else {
+        return Ok(());
+    };
+    let param = || format!("files[{index}].sha256");
+    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(ApiError::invalid(
+            param(),
+            format!(
+                "file {:?}: sha256 must be 64 lowercase hex characters",
+                f.path
+            ),
+        ));
+    }
+    if f.link.is_none() && f.size == 0 && sha != EMPTY_SHA256 {
+        return Err(ApiError::invalid(
+            param(),
+            format!(
+                "file {:?} is empty: its SHA-256 is {EMPTY_SHA256}, not {sha}",
+                f.path
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl StorageService {
@@ -203,6 +249,9 @@ impl StorageService {
         created_by: &str,
         base: &str,
     ) -> ApiResult<(storage_upload::Model, Vec<Option<String>>)> {
+        for (index, f) in files.iter().enumerate() {
+            check_announced(index, f)?;
+        }
         let placeholder = "0".repeat(64);
         let entries = files
             .iter()

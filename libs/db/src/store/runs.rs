@@ -149,6 +149,27 @@ impl Store {
             .await?)
     }
 
+    /// How many runs are in each of `statuses` now, across organizations (an
+    /// operator's gauge; statuses with none are absent).
+    pub async fn count_runs_by_status(
+        &self,
+        statuses: &[RunStatus],
+    ) -> Result<Vec<(RunStatus, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = run::Entity::find()
+            .select_only()
+            .column(run::Column::Status)
+            .column_as(run::Column::Id.count(), "n")
+            .filter(run::Column::Status.is_in(statuses.iter().map(|s| s.as_str())))
+            .group_by(run::Column::Status)
+            .into_tuple()
+            .all(self.conn())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, n)| Some((RunStatus::parse(&status)?, u64::try_from(n).ok()?)))
+            .collect())
+    }
+
     /// Runs of `org_id`, newest first.
     pub async fn list_runs(
         &self,

@@ -64,11 +64,9 @@ pub async fn logs(
         Some("desc") => SortOrder::Desc,
         Some(_) => return Err(ApiError::invalid("order", "order must be asc or desc")),
     };
-    let scope = if order == SortOrder::Asc {
-        "logs_asc"
-    } else {
-        "logs_desc"
-    };
+    // A cursor is a place in the run's logs; `order` says which way to go
+    // from it (so either order's cursor is valid with either).
+    let scope = "logs";
     let page = PageRequest::with_row_ids(&q, scope)?;
     let filter = log_filter(&q)?;
     let run = load_records(&state, &caller, &id, "logs").await?;

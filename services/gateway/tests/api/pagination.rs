@@ -111,8 +111,8 @@ async fn forged_cursors_on_logs_and_metrics_are_400(db: Db) {
     let run = gw.create_run("a", "p").await;
     let id = run["id"].as_str().expect("id");
     for (path, scope) in [
-        ("logs", "logs_asc"),
-        ("logs?order=desc", "logs_desc"),
+        ("logs", "logs"),
+        ("logs?order=desc", "logs"),
         ("metrics", "metrics"),
     ] {
         for forged_id in ["not-a-number", "1.5", "", "99999999999999999999999"] {

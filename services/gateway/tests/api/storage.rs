@@ -415,7 +415,7 @@ async fn hostile_uploads_are_refused() {
             json!({"files": [{"path": "a", "size": 1, "sha256": "xyz"}]}),
         )
         .await,
-        "files",
+        "files[0].sha256",
     );
     assert_invalid(
         &gw.post(&path, json!({"files": [{"path": "a", "size": -1}]}))
@@ -434,13 +434,18 @@ async fn hostile_uploads_are_refused() {
             .collect();
         json!({ "files": files })
     };
-    for body in [n_files(1, 1001), n_files(3, 900), n_files(51, 0)] {
+    // One file's fault names it; the list's, the list.
+    for (body, param) in [
+        (n_files(1, 1001), "files[0].size"),
+        (n_files(3, 900), "files"),
+        (n_files(51, 0), "files"),
+    ] {
         assert_error(
             &gw.post(&path, body).await,
             413,
             "invalid_request_error",
             "payload_too_large",
-            Some("files"),
+            Some(param),
         );
     }
     // Nothing was stored: no upload left a version, no session can commit.

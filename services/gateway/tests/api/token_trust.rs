@@ -200,6 +200,34 @@ async fn guessing_tokens_is_rate_limited_per_address(db: Db) {
     );
 }
 
+/// A blocked address's good token keeps working once its cache entry expired
+/// (another client behind the same address guessed); a token never verified
+/// here is still refused before any lookup.
+async fn a_known_token_outlives_its_cache_entry_at_a_blocked_address(db: Db) {
+    let gw = TestGateway::start_with(db, |c| {
+        c.auth_failures_per_minute = 2;
+        c.auth_cache_ttl = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let (_, minted) = gw.post("/v1/tokens", json!({"name": "never-used"})).await;
+    let unused = minted["token"].as_str().expect("token").to_owned();
+    let (status, _) = gw.get("/v1/agents").await;
+    assert_eq!(status, StatusCode::OK);
+    for i in 0..3 {
+        let guess = format!("vm0_live_{:064x}", i + 1);
+        gw.call_as(&guess, Method::GET, "/v1/agents", None).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (status, body) = gw.get("/v1/agents").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the known token, looked up again: {body}"
+    );
+    let got = gw.call_as(&unused, Method::GET, "/v1/agents", None).await;
+    assert_error(&got, 429, "rate_limit_error", "rate_limited", None);
+}
+
 /// An open event stream ends, with an `error` event, once its token is revoked.
 async fn an_event_stream_ends_when_its_token_is_revoked(db: Db) {
     let gw = TestGateway::start(db).await;
@@ -264,5 +292,6 @@ vm0_db::on_both_databases!(
     the_configured_maximum_lifetime_binds_minted_tokens,
     a_token_revokes_only_its_own_line,
     guessing_tokens_is_rate_limited_per_address,
+    a_known_token_outlives_its_cache_entry_at_a_blocked_address,
     an_event_stream_ends_when_its_token_is_revoked,
 );

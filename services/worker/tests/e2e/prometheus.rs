@@ -240,6 +240,16 @@ async fn gateway_and_worker_metrics_count_the_runs_made() {
         value(&scrape(&gateway).await, "vm0_sse_streams_open", &[]),
         1.0
     );
+    // The live runs, counted from the store every few seconds.
+    let running =
+        |samples: &[prometheus_parse::Sample]| value(samples, "vm0_runs", &[("status", "running")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while running(&scrape(&gateway).await) != 1.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = scrape(&gateway).await;
+    assert_eq!(running(&now), 1.0, "the sleeper runs");
+    assert_eq!(value(&now, "vm0_runs", &[("status", "pending")]), 0.0);
     drop(stream);
     let (status, _) = stack
         .call(
