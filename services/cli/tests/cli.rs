@@ -436,3 +436,64 @@ async fn volumes_and_artifacts_push_and_pull_whole_directories() {
 
     stack.stop().await;
 }
+
+/// At a terminal, Ctrl-C asks before cancelling: `n` goes on following, `y`
+/// cancels the run and `vm0` exits with the cancelled run's code (5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_at_a_terminal_asks_before_cancelling() {
+    let stack = Stack::start().await;
+    let yaml = stack.write(
+        "waiter.yaml",
+        "name: waiter\nconfig:\n  command: [\"sh\", \"-c\", \"echo started; sleep 60\"]\n  timeoutSeconds: 120\n",
+    );
+    stack
+        .ok(&["agents", "apply", "-f", &yaml.to_string_lossy()])
+        .await;
+    let steps = serde_json::json!([
+        ["expect", "started"],
+        ["type", "\u{3}"],
+        ["expect", "[y/N]"],
+        ["type", "n\n"],
+        ["expect", "still following"],
+        ["type", "\u{3}"],
+        ["expect", "[y/N]"],
+        ["type", "y\n"],
+        ["expect", "cancelling run"],
+    ]);
+    let driver = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/terminal/drive.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(driver)
+        .arg(steps.to_string())
+        .args([
+            env!("CARGO_BIN_EXE_vm0"),
+            "run",
+            "waiter",
+            "wait",
+            "--follow",
+        ])
+        .current_dir(stack.dir.path())
+        .env("XDG_CONFIG_HOME", stack.config_home())
+        .env("NO_COLOR", "1")
+        .env_remove("VM0_API_URL")
+        .env_remove("VM0_API_KEY")
+        .output()
+        .await
+        .expect("python3 runs the terminal driver");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let played: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the driver's JSON");
+    let shown = played["output"].as_str().unwrap_or_default();
+    assert_eq!(played["exit"], 5, "the cancelled run's exit code:\n{shown}");
+    assert_eq!(shown.matches("[y/N]").count(), 2, "{shown}");
+    let id = run_id_in(shown);
+    assert_eq!(
+        stack.json(&["runs", "get", &id]).await["status"],
+        "cancelled",
+        "{shown}"
+    );
+    stack.stop().await;
+}
