@@ -218,7 +218,7 @@ async fn main() -> Result<()> {
         },
         1024,
     ))?;
-    let run = egress.open(Policy::default(), Link::Loopback).await?;
+    let run = egress.open(Policy::default(), Link::Loopback, None).await?;
     let stream: SocketAddr = format!("{}:{STREAM_PORT}", remote.addr).parse()?;
     let connect: SocketAddr = format!("{}:{CONNECT_PORT}", remote.addr).parse()?;
     let netns = run.netns();
@@ -268,7 +268,7 @@ async fn main() -> Result<()> {
         let mut setups = Vec::with_capacity(args.setups);
         for _ in 0..args.setups {
             let started = Instant::now();
-            let run = egress.open(Policy::default(), link).await?;
+            let run = egress.open(Policy::default(), link, None).await?;
             setups.push(started.elapsed());
             run.close().await;
         }

@@ -141,6 +141,44 @@ pub struct NetworkConfig {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub extra_hosts: BTreeMap<String, String>,
+    /// Credentials the run uses but never sees: host name → header name → the
+    /// name of one of the run's `secrets`. For HTTPS requests to that host the
+    /// worker's proxy terminates TLS (with a certificate of the run's own CA,
+    /// which the sandbox trusts) and sets the header to the secret's value; the
+    /// secret is not in the sandbox's environment. At most 16 hosts of 16
+    /// headers.
+    #[serde(
+        default,
+        alias = "secret_headers",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub secret_headers: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Hosts in `secretHeaders`, and headers per host, at most.
+pub const MAX_SECRET_HEADERS: usize = 16;
+
+/// Headers a secret may not be: those that frame or route the request.
+pub const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
+
+/// An HTTP header name (RFC 9110 token) a secret may fill.
+pub fn is_secret_header(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && !RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str())
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -184,6 +222,54 @@ impl NetworkConfig {
                 e.to_string(),
             )
         })
+    }
+
+    /// `secretHeaders`: host names, header names a secret may fill, secret names.
+    fn check_secret_headers(&self) -> Result<(), FieldError> {
+        let param = "config.network.secretHeaders";
+        if self.secret_headers.len() > MAX_SECRET_HEADERS {
+            return Err(FieldError::invalid(
+                param,
+                format!("at most {MAX_SECRET_HEADERS} hosts"),
+            ));
+        }
+        for (host, headers) in &self.secret_headers {
+            let at = format!("{param}.{}", truncate_for_message(host));
+            if vm0_egress::policy::host_name(host).is_none() {
+                return Err(FieldError::invalid(at, "not a host name"));
+            }
+            if headers.is_empty() || headers.len() > MAX_SECRET_HEADERS {
+                return Err(FieldError::invalid(
+                    at,
+                    format!("1 to {MAX_SECRET_HEADERS} headers"),
+                ));
+            }
+            for (header, secret) in headers {
+                let at = format!("{at}.{}", truncate_for_message(header));
+                if !is_secret_header(header) {
+                    return Err(FieldError::invalid(
+                        at,
+                        "not a header a secret can fill (an HTTP header name, not one that frames or routes the request)",
+                    ));
+                }
+                let one: BTreeMap<String, String> = [(secret.clone(), String::new())].into();
+                validate_env_map(&one, &at).map_err(|_| {
+                    FieldError::invalid(
+                        at.clone(),
+                        "the value names one of the run's secrets (letters, digits and '_', not VM0_)",
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret names `secretHeaders` uses.
+    pub fn secret_header_names(&self) -> std::collections::BTreeSet<&str> {
+        self.secret_headers
+            .values()
+            .flat_map(|h| h.values().map(String::as_str))
+            .collect()
     }
 }
 
@@ -288,6 +374,7 @@ impl AgentConfig {
             }
         }
         self.network.policy()?;
+        self.network.check_secret_headers()?;
         Ok(())
     }
 }
@@ -434,6 +521,22 @@ mod tests {
             (
                 serde_json::json!({"command": ["x"], "env": {"1BAD": "v"}}),
                 "config.env.1BAD",
+            ),
+            (
+                serde_json::json!({"command": ["x"], "network": {"secretHeaders": {"not a host": {"X-Key": "K"}}}}),
+                "config.network.secretHeaders.not a host",
+            ),
+            (
+                serde_json::json!({"command": ["x"], "network": {"secretHeaders": {"api.test": {"Host": "K"}}}}),
+                "config.network.secretHeaders.api.test.Host",
+            ),
+            (
+                serde_json::json!({"command": ["x"], "network": {"secretHeaders": {"api.test": {"X-Key": "VM0_TOKEN"}}}}),
+                "config.network.secretHeaders.api.test.X-Key",
+            ),
+            (
+                serde_json::json!({"command": ["x"], "network": {"secretHeaders": {"api.test": {}}}}),
+                "config.network.secretHeaders.api.test",
             ),
             (
                 serde_json::json!({"command": ["x"], "env": {"VM0_PROMPT": "v"}}),

@@ -2,13 +2,16 @@
 //! config, parsed and matched, and `refused`, what no policy reaches. With the
 //! `proxy` feature (the worker): the run's network namespace (`netns`) and the
 //! worker's transparent proxy (`proxy`) that enforces the policy and logs every
-//! connection attempt. `sniff` and `dns` read what crosses it.
+//! connection attempt, and `intercept`, its TLS termination for `secretHeaders`.
+//! `sniff` and `dns` read what crosses it.
 
 pub mod dns;
 pub mod policy;
 pub mod refused;
 pub mod sniff;
 
+#[cfg(feature = "proxy")]
+pub mod intercept;
 #[cfg(feature = "proxy")]
 pub mod netns;
 #[cfg(feature = "proxy")]

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::intercept::{Intercept, MAX_HEAD, Replayed, rewrite_head, server_name};
 use crate::netns::{self, Link, Tools};
 use crate::policy::{Policy, Verdict, host_name};
 use crate::refused::AlwaysRefused;
@@ -43,6 +44,8 @@ pub struct EgressConfig {
     /// How long the proxy waits for an HTTP head or a ClientHello.
     pub sniff_timeout: Duration,
     pub lookup_timeout: Duration,
+    /// How the proxy verifies the hosts whose TLS it opens (`secretHeaders`).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl EgressConfig {
@@ -53,6 +56,7 @@ impl EgressConfig {
             connect_timeout: Duration::from_secs(10),
             sniff_timeout: Duration::from_secs(5),
             lookup_timeout: Duration::from_secs(5),
+            upstream_tls: None,
         }
     }
 }
@@ -62,7 +66,8 @@ impl EgressConfig {
 pub struct NetworkLog {
     pub host: String,
     pub port: u16,
-    /// `http`, `sni`, `tcp`, or `dns` for a refused lookup.
+    /// `http`, `sni`, `tcp`, `mitm` (TLS ended by the proxy to set secret
+    /// headers), or `dns` for a refused lookup.
     pub mode: &'static str,
     pub allowed: bool,
     pub rule: String,
@@ -185,9 +190,28 @@ impl Egress {
         })
     }
 
+    /// The TLS termination of a run whose `hosts` have secret headers (host →
+    /// header → value), verifying hosts as this proxy's configuration says.
+    pub fn intercept(
+        &self,
+        run_id: &str,
+        hosts: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    ) -> Result<Intercept, EgressError> {
+        let upstream = match &self.config.upstream_tls {
+            Some(config) => config.clone(),
+            None => crate::intercept::upstream_tls(None)?,
+        };
+        Intercept::new(run_id, hosts, upstream)
+    }
+
     /// A run's namespace, attached as `link` says, with the proxy listening in
-    /// it under `policy`.
-    pub async fn open(&self, policy: Policy, link: Link) -> Result<RunEgress, EgressError> {
+    /// it under `policy`, ending TLS to set headers as `intercept` says.
+    pub async fn open(
+        &self,
+        policy: Policy,
+        link: Link,
+        intercept: Option<Intercept>,
+    ) -> Result<RunEgress, EgressError> {
         let tools = self.tools.clone();
         let ns = tokio::task::spawn_blocking(move || netns::create(&tools, link))
             .await
@@ -200,6 +224,7 @@ impl Egress {
         let (logs, log_rx) = mpsc::channel(LOG_QUEUE);
         let run = Arc::new(RunState {
             policy,
+            intercept,
             config: self.config.clone(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -224,6 +249,7 @@ impl Egress {
 
 struct RunState {
     policy: Policy,
+    intercept: Option<Intercept>,
     config: Arc<EgressConfig>,
     received: AtomicU64,
     sent: AtomicU64,
@@ -303,6 +329,12 @@ pub struct RunEgress {
 }
 
 impl RunEgress {
+    /// The run's CA (PEM), when the proxy ends TLS for it: what the sandbox
+    /// must trust.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.run.intercept.as_ref().map(Intercept::ca_pem)
+    }
+
     /// The namespace the sandbox joins.
     pub fn netns(&self) -> Arc<OwnedFd> {
         self.netns.clone()
@@ -562,6 +594,21 @@ async fn connection(mut client: TcpStream, run: Arc<RunState>) {
     };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
+    if entry.mode == "sni"
+        && let (Some(intercept), Some(host)) = (&run.intercept, &name)
+        && let Some(headers) = intercept.headers_for(host)
+    {
+        entry.mode = "mitm";
+        if let Err(why) = intercepted(
+            client, head, upstream, intercept, host, headers, &run, &mut entry,
+        )
+        .await
+        {
+            entry.error = Some(why);
+        }
+        finish(entry);
+        return;
+    }
     if upstream.write_all(&head).await.is_err() {
         entry.error = Some("the destination closed the connection".into());
         finish(entry);
@@ -585,6 +632,79 @@ async fn connection(mut client: TcpStream, run: Arc<RunState>) {
     entry.bytes_in = inn;
     entry.status = sniff::http_status(&first);
     finish(entry);
+}
+
+/// A connection whose TLS the proxy ends: the run's TLS with a certificate of
+/// its CA (`hello` is the ClientHello already read), the proxy's own TLS to the
+/// host, then the request head rewritten with `headers` and the rest copied.
+#[allow(clippy::too_many_arguments)]
+async fn intercepted(
+    client: TcpStream,
+    hello: Vec<u8>,
+    upstream: TcpStream,
+    intercept: &Intercept,
+    host: &str,
+    headers: &[(String, String)],
+    run: &RunState,
+    entry: &mut NetworkLog,
+) -> Result<(), String> {
+    let timed = |what: &'static str| move |_| format!("{what} timed out");
+    let acceptor = intercept.acceptor(host)?;
+    let mut client = tokio::time::timeout(
+        run.config.sniff_timeout,
+        acceptor.accept(Replayed::new(hello, client)),
+    )
+    .await
+    .map_err(timed("TLS with the run"))?
+    .map_err(|e| format!("TLS with the run: {e}"))?;
+    let mut upstream = tokio::time::timeout(
+        run.config.connect_timeout,
+        intercept.upstream().connect(server_name(host)?, upstream),
+    )
+    .await
+    .map_err(timed("TLS with the host"))?
+    .map_err(|e| format!("TLS with the host: {e}"))?;
+    let mut head = Vec::new();
+    let end = tokio::time::timeout(run.config.sniff_timeout, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok(at + 4);
+            }
+            if head.len() > MAX_HEAD {
+                return Err(format!("a request head over {MAX_HEAD} bytes"));
+            }
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Err("the run closed before a request".to_owned()),
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(timed("the request head"))??;
+    let (rewritten, method, path) = rewrite_head(&head[..end], headers)
+        .ok_or_else(|| "not an HTTP/1 request (secretHeaders speak HTTP/1.1)".to_owned())?;
+    entry.method = Some(method);
+    entry.url = Some(format!("https://{host}{path}"));
+    let body_start = &head[end..];
+    upstream
+        .write_all(&rewritten)
+        .await
+        .and(upstream.write_all(body_start).await)
+        .map_err(|e| format!("writing to the host: {e}"))?;
+    let first_out = (rewritten.len() + body_start.len()) as u64;
+    run.sent.fetch_add(first_out, Ordering::Relaxed);
+    let mut first = Vec::new();
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (out, inn) = tokio::join!(
+        pump(&mut cr, &mut uw, &run.sent, None),
+        pump(&mut ur, &mut cw, &run.received, Some(&mut first)),
+    );
+    entry.bytes_out = first_out + out;
+    entry.bytes_in = inn;
+    entry.status = sniff::http_status(&first);
+    Ok(())
 }
 
 /// Copies `from` to `to` until either ends, counting into `counter` as it goes;

@@ -48,6 +48,10 @@ async fn schemathesis_finds_nothing() {
             &format!("{}/v1/openapi.json", stack.url),
             "--checks",
             "all",
+            // Replaced by vm0_checks.vm0_positive_data_acceptance (`all` would
+            // bring the stock one back whatever the config file says).
+            "--exclude-checks",
+            "positive_data_acceptance",
             "--header",
             &format!("Authorization: Bearer {}", stack.key),
             "--exclude-path",

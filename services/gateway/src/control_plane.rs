@@ -196,7 +196,26 @@ impl ControlPlaneService {
             .filter(|v| !v.is_empty())
             .cloned()
             .collect();
-        env.extend(secrets);
+        // A secret a header carries goes to the proxy, never into the sandbox.
+        let secret_headers = config
+            .network
+            .secret_headers
+            .iter()
+            .map(|(host, headers)| {
+                let headers = headers
+                    .iter()
+                    .filter_map(|(header, name)| Some((header.clone(), secrets.get(name)?.clone())))
+                    .collect();
+                (host.clone(), pb::SecretHeaders { headers })
+            })
+            .collect();
+        let hidden = config.network.secret_header_names();
+        env.extend(
+            secrets
+                .iter()
+                .filter(|(name, _)| !hidden.contains(name.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         Ok(pb::RunSpec {
             run_id: run.id.clone(),
             agent_id: run.agent_id.clone(),
@@ -217,6 +236,7 @@ impl ControlPlaneService {
                 allow: config.network.allow,
                 deny: config.network.deny,
                 extra_hosts: config.network.extra_hosts.into_iter().collect(),
+                secret_headers,
             }),
             artifact_name: run.artifact_name.clone().unwrap_or_default(),
             max_tree_bytes: self.storage.limits.max_total_bytes,

@@ -185,6 +185,27 @@ const VISIBLE: &str =
 
 use vm0_egress::policy::{host_name_pattern, ipv4_pattern, rule_pattern};
 
+/// A header a secret may fill (`is_secret_header`): an HTTP token, none of
+/// the reserved names in any case.
+fn secret_header_pattern() -> String {
+    let any_case = |name: &str| -> String {
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphabetic() {
+                    format!("[{}{}]", c.to_ascii_lowercase(), c.to_ascii_uppercase())
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    let reserved: Vec<String> = vm0_api_types::agents::RESERVED_HEADERS
+        .iter()
+        .map(|n| any_case(n))
+        .collect();
+    format!("^(?!({})$)[!#$%&'*+.^_`|~0-9A-Za-z-]+$", reserved.join("|"))
+}
+
 /// Upload paths: `/`-separated components, none empty, `.` or `..`, no
 /// control characters (`char::is_control`).
 const UPLOAD_PATH_PATTERN: &str = "^(?!\\.\\.?(/|$))(?!.*/\\.\\.?(/|$))[^/\\u0000-\\u001f\\u007f-\\u009f]+(/[^/\\u0000-\\u001f\\u007f-\\u009f]+)*$";
@@ -572,6 +593,21 @@ fn component(name: &str, schema: &mut Value) {
             });
             refine(schema, "allow", rules.clone());
             refine(schema, "deny", rules);
+            refine(
+                schema,
+                "secretHeaders",
+                json!({
+                    "maxProperties": vm0_api_types::agents::MAX_SECRET_HEADERS,
+                    "propertyNames": {"maxLength": 254, "pattern": host_name_pattern()},
+                    "additionalProperties": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "maxProperties": vm0_api_types::agents::MAX_SECRET_HEADERS,
+                        "propertyNames": {"maxLength": 100, "pattern": secret_header_pattern()},
+                        "additionalProperties": {"type": "string", "pattern": ENV_NAME_PATTERN},
+                    },
+                }),
+            );
             refine(
                 schema,
                 "extraHosts",

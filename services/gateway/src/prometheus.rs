@@ -242,8 +242,24 @@ impl Instruments {
     }
 }
 
-/// How often [`watch_queues`] reads the streams.
-const QUEUE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the gauges read from elsewhere ([`watch_queues`], [`watch_runs`])
+/// are read.
+const GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Calls `read` every [`GAUGES_EVERY`] until `shutdown`.
+async fn every_tick<F: std::future::Future<Output = ()>>(
+    shutdown: tokio_util::sync::CancellationToken,
+    mut read: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(GAUGES_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        read().await;
+    }
+}
 
 /// Keeps the JetStream gauges current until `shutdown`.
 pub async fn watch_queues(
@@ -251,17 +267,13 @@ pub async fn watch_queues(
     instruments: Arc<Instruments>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(QUEUE_EVERY);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every_tick(shutdown, || async {
         match bus.queue_depths().await {
             Ok(depths) => depths.iter().for_each(|d| instruments.set_queue(d)),
             Err(e) => tracing::debug!(error = %e, "reading the streams' depths failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// The statuses [`watch_runs`] counts: the live ones. Ended runs only grow
@@ -275,12 +287,7 @@ pub async fn watch_runs(
     instruments: Arc<Instruments>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(QUEUE_EVERY);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every_tick(shutdown, || async {
         match store.count_runs_by_status(&LIVE).await {
             Ok(counts) => {
                 for status in LIVE {
@@ -298,7 +305,8 @@ pub async fn watch_runs(
             }
             Err(e) => tracing::debug!(error = %e, "counting the live runs failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Where the router writes the matched route's template for [`count`].

@@ -87,6 +87,10 @@ pub struct WorkerConfig {
     /// `VM0_NETWORK_MAX_CONNECTIONS`, default 256: connections a run has open
     /// through the proxy at once.
     pub network_max_connections: usize,
+    /// `VM0_NETWORK_TLS_CA_FILE`: extra CA certificates (PEM) the proxy
+    /// trusts, beside the system's, when it opens TLS to a host for a run's
+    /// `secretHeaders`.
+    pub network_tls_ca_pem: Option<String>,
 }
 
 /// `vm0-guest-agent` installed beside this program (as `deploy/` does).
@@ -140,6 +144,7 @@ impl WorkerConfig {
             version_cache_max_bytes: 10 << 30,
             network_trusted_cidrs: Vec::new(),
             network_max_connections: 256,
+            network_tls_ca_pem: None,
         }
     }
 
@@ -197,6 +202,16 @@ impl WorkerConfig {
                 "VM0_NETWORK_MAX_CONNECTIONS",
                 d.network_max_connections,
             )?,
+            network_tls_ca_pem: match std::env::var_os("VM0_NETWORK_TLS_CA_FILE") {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(&path).with_context(|| {
+                        format!("reading VM0_NETWORK_TLS_CA_FILE {}", path.to_string_lossy())
+                    })?;
+                    vm0_egress::intercept::upstream_tls(Some(&pem))?;
+                    Some(pem)
+                }
+                None => d.network_tls_ca_pem,
+            },
         };
         anyhow::ensure!(config.vcpus >= 1, "VM0_WORKER_VCPUS must be at least 1");
         anyhow::ensure!(config.slots >= 1, "VM0_WORKER_SLOTS must be at least 1");

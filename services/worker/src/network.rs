@@ -57,8 +57,12 @@ pub async fn egress(config: &WorkerConfig) -> Result<Egress, String> {
         own: vm0_egress::proxy::host_addresses(),
         endpoints: endpoints(config).await,
     };
-    Egress::new(EgressConfig::new(refused, config.network_max_connections))
-        .map_err(|e| e.to_string())
+    let mut egress = EgressConfig::new(refused, config.network_max_connections);
+    egress.upstream_tls = Some(
+        vm0_egress::intercept::upstream_tls(config.network_tls_ca_pem.as_deref())
+            .map_err(|e| e.to_string())?,
+    );
+    Egress::new(egress).map_err(|e| e.to_string())
 }
 
 /// The run's policy from its spec (validated when the agent was saved; a spec

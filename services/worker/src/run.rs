@@ -420,6 +420,49 @@ fn sandbox_spec<S>(
     }
 }
 
+/// Where the sandbox finds the CA certificates it trusts when the proxy ends
+/// its TLS for `secretHeaders`: the system's bundle with the run's CA added
+/// (`SSL_CERT_FILE` and the variables curl, Python requests and git read), and
+/// the run's CA alone (`NODE_EXTRA_CA_CERTS`, which Node adds to its own).
+pub const CA_BUNDLE_FILE: &str = "/run/vm0/ca-certificates.crt";
+pub const RUN_CA_FILE: &str = "/run/vm0/run-ca.crt";
+
+/// The bundle the worker's own system trusts (Debian's path, then Fedora's).
+fn system_ca_bundle() -> String {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .unwrap_or_default()
+}
+
+fn trust_run_ca(spec: &mut SandboxSpec, ca_pem: &str) {
+    let mut bundle = system_ca_bundle();
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca_pem);
+    for (path, data) in [(CA_BUNDLE_FILE, bundle), (RUN_CA_FILE, ca_pem.to_owned())] {
+        spec.files.push(vm0_sandbox::GuestFile {
+            path: path.into(),
+            data: data.into_bytes().into(),
+            mode: 0o444,
+        });
+    }
+    for var in [
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ] {
+        spec.env.push((var.into(), CA_BUNDLE_FILE.into()));
+    }
+    spec.env
+        .push(("NODE_EXTRA_CA_CERTS".into(), RUN_CA_FILE.into()));
+}
+
 /// The run's share of the worker's proxy: `Ok(None)` when this worker gives
 /// runs no network (said in the run's log), `Err` when it should and cannot.
 async fn open_network<S: Sandbox>(
@@ -446,8 +489,23 @@ async fn open_network<S: Sandbox>(
     };
     let mode = policy.mode;
     let started = Instant::now();
+    let secret_headers: std::collections::BTreeMap<_, _> = spec
+        .network
+        .iter()
+        .flat_map(|n| &n.secret_headers)
+        .map(|(host, h)| (host.clone(), h.headers.clone().into_iter().collect()))
+        .collect();
+    let intercept = if secret_headers.is_empty() {
+        None
+    } else {
+        Some(
+            egress
+                .intercept(&spec.run_id, secret_headers)
+                .map_err(|e| format!("the run's secret headers could not be set up: {e}"))?,
+        )
+    };
     let run = egress
-        .open(policy, link)
+        .open(policy, link, intercept)
         .await
         .map_err(|e| format!("the run's network could not be set up: {e}"))?;
     Ok((
@@ -533,9 +591,14 @@ async fn run_claimed<S: Sandbox>(
                 t.system_log(level, &line).await;
             }
             let attached = network.as_ref().map(attach);
+            let run_ca = network.as_ref().and_then(vm0_egress::RunEgress::ca_pem);
+            let mut sandbox_spec = sandbox_spec(ctx, &spec, slot_user, trees_in, attached);
+            if let Some(ca) = run_ca {
+                trust_run_ca(&mut sandbox_spec, &ca);
+            }
             let started_sandbox = ctx
                 .sandbox
-                .start(sandbox_spec(ctx, &spec, slot_user, trees_in, attached))
+                .start(sandbox_spec)
                 .instrument(tracing::info_span!("sandbox.start"))
                 .await;
             match started_sandbox {

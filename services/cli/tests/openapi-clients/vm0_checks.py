@@ -10,6 +10,9 @@ that a JSON Schema cannot rule out and that VM0's API answers by design:
   rule between its entries (two entries with one path, a file that is also
   a directory, sizes adding up past the deployment's total). Every rule about
   one entry is in the schema, and its error names the entry (`files[2].size`).
+- `400 missing_parameter` with `param: "secrets.NAME"` on `POST /v1/runs`: the
+  agent's `network.secretHeaders` sends that secret, and the run did not
+  bring it (a rule between the agent and the run).
 
 Anything else that refuses schema-valid data fails as the stock check does.
 """
@@ -46,6 +49,9 @@ def _refused_by_design(response) -> bool:
     if not isinstance(error, dict):
         return False
     if response.status_code == 400 and error.get("code") == "invalid_state":
+        return True
+    param = error.get("param") or ""
+    if error.get("code") == "missing_parameter" and param.startswith("secrets."):
         return True
     return error.get("param") == "files"
 

@@ -337,6 +337,27 @@ pub async fn create(
         .filter(|s| !s.0.is_empty())
         .map(|s| state.secrets.seal(&run_id, &s.0));
     let config = convert::agent_config(&target.version)?;
+    // The proxy sends these secrets for the run: without them it has nothing to send.
+    for name in config.network.secret_header_names() {
+        let value = req.secrets.as_ref().and_then(|s| s.0.get(name));
+        let Some(value) = value else {
+            return Err(vm0_api_types::error::FieldError::missing(
+                format!("secrets.{name}"),
+                format!(
+                    "the agent's network.secretHeaders sends secret {name}: pass it in secrets"
+                ),
+            )
+            .into());
+        };
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(ApiError::invalid(
+                format!("secrets.{name}"),
+                format!(
+                    "secret {name} is sent as a header (network.secretHeaders): it may not hold a control character"
+                ),
+            ));
+        }
+    }
     let new = NewRun {
         id: run_id,
         org_id: caller.org_id.clone(),

@@ -348,6 +348,21 @@ async fn openapi_document_covers_the_api(db: Db) {
     for bad in ["", " a.com", "a.com:080", "1.2.3.0/33"] {
         assert!(!rule.is_match(bad), "{bad:?}");
     }
+    let header = PythonPattern(
+        schemas["NetworkConfig"]["properties"]["secretHeaders"]["additionalProperties"]
+            ["propertyNames"]["pattern"]
+            .as_str()
+            .expect("header pattern")
+            .to_owned(),
+    );
+    for name in ["X-Api-Key", "authorization", "Hostname"] {
+        assert!(header.is_match(name), "{name}");
+        assert!(vm0_api_types::agents::is_secret_header(name), "{name}");
+    }
+    for name in ["host", "HOST", "Content-Length", "bad header", ""] {
+        assert!(!header.is_match(name), "{name:?}");
+        assert!(!vm0_api_types::agents::is_secret_header(name), "{name:?}");
+    }
     // The deployment's own limit on a file, and where responses lead.
     let upload_file = &schemas["UploadFile"];
     assert_eq!(

@@ -30,6 +30,17 @@ import http.server, socketserver, ssl, sys, threading
 addr, cert, key = sys.argv[1], sys.argv[2], sys.argv[3]
 class Page(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path == "/key":
+            # What the host was sent, by digest: the run's output masks the value.
+            import hashlib
+            keys = self.headers.get_all("X-Api-Key") or []
+            said = ",".join(hashlib.sha256(k.encode()).hexdigest() for k in keys) or "none"
+            body = f"key-sha256={said}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         body = b"x" * (1 << 20) if self.path == "/big" else b"hello from remote\n"
         self.send_response(200 if self.path != "/missing" else 404)
         self.send_header("Content-Length", str(len(body)))
@@ -707,4 +718,135 @@ async fn a_microvm_reaches_what_its_policy_allows_and_nothing_else() {
         after.1
     );
     assert_eq!(after.2, 0, "the worker has children left");
+}
+
+/// `secretHeaders`: a secret bound to a host reaches that host as a header of
+/// the run's HTTPS requests (replacing one the run sent), through TLS the
+/// proxy ends with the run's own CA, which the sandbox trusts; the secret is
+/// not in the run's environment, not sent over plain HTTP, and in no log; a run
+/// without the secret is refused at creation.
+async fn secret_headers_on(sandbox: &'static str) {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let roots = dir.path().join("remote-ca.pem");
+    std::fs::write(&roots, &remote.ca_pem).expect("roots");
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            sandbox,
+            worker_env: vec![
+                ("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone()),
+                ("VM0_NETWORK_TLS_CA_FILE", roots.display().to_string()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let script = r#"
+c=0; for v in $(compgen -e); do [[ $v == REMOTE_KEY || ${!v} == *s3cr3t* ]] && c=$((c+1)); done; echo "env:$c"
+echo "tls:$(curl -s -m 10 https://secure.test/key)"
+echo "forged:$(curl -s -m 10 -H 'X-Api-Key: forged' https://secure.test/key)"
+echo "plain:$(curl -s -m 10 http://secure.test/key)"
+"#;
+    let mut config = json!({
+        "command": ["bash", "-c", script],
+        "network": {
+            "mode": "allowlist",
+            "allow": ["secure.test"],
+            "extraHosts": extra_hosts(&remote),
+            "secretHeaders": {"secure.test": {"X-Api-Key": "REMOTE_KEY"}},
+        },
+    });
+    if sandbox == "qemu" {
+        config["image"] = client_image().into();
+        config["resources"] = json!({"memoryMb": 256});
+    }
+    stack.create_agent("keyed", config).await;
+    let (status, body) = stack
+        .call(
+            0,
+            reqwest::Method::POST,
+            "/v1/runs",
+            Some(json!({"agent": "keyed", "prompt": "go"})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert_eq!(body["error"]["param"], "secrets.REMOTE_KEY", "{body}");
+
+    let secret = "s3cr3t-value-for-the-remote";
+    let id = stack
+        .create_run(
+            0,
+            json!({"agent": "keyed", "prompt": "go", "secrets": {"REMOTE_KEY": secret}}),
+        )
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(180)).await;
+    let out = stack.output(&id).await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+    };
+    assert_eq!(
+        line(&out, "env"),
+        "0",
+        "the secret is not in the run: {out}"
+    );
+    assert_eq!(line(&out, "tls"), format!("key-sha256={digest}"), "{out}");
+    assert_eq!(
+        line(&out, "forged"),
+        format!("key-sha256={digest}"),
+        "the secret replaces the run's header: {out}"
+    );
+    assert_eq!(
+        line(&out, "plain"),
+        "key-sha256=none",
+        "not over plain HTTP: {out}"
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut logs = stack.logs(&id).await;
+    while network_logs(&logs).len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        logs = stack.logs(&id).await;
+    }
+    let net = network_logs(&logs);
+    let intercepted: Vec<&&Value> = net
+        .iter()
+        .filter(|l| l["metadata"]["mode"] == "mitm")
+        .collect();
+    assert_eq!(intercepted.len(), 2, "{net:#?}");
+    for l in intercepted {
+        assert_eq!(l["metadata"]["action"], "allow", "{l}");
+        assert_eq!(l["metadata"]["status"], 200, "{l}");
+        assert_eq!(l["metadata"]["url"], "https://secure.test/key", "{l}");
+        assert_eq!(
+            l["message"],
+            format!(
+                "GET https://secure.test/key - 200 ({}ms)",
+                l["metadata"]["durationMs"]
+            ),
+            "{l}"
+        );
+    }
+    let everything = serde_json::to_string(&logs).expect("logs") + &out;
+    assert!(
+        !everything.contains(secret),
+        "the secret in a log or the output"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_header_reaches_its_host_and_never_the_run() {
+    secret_headers_on("bubblewrap").await;
+}
+
+/// The same in a microVM: the run's CA reaches the guest as a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_header_reaches_its_host_from_a_microvm() {
+    assert!(
+        std::env::var("VM0_GUEST_AGENT").is_ok(),
+        "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
+    );
+    secret_headers_on("qemu").await;
 }
