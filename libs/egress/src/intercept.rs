@@ -96,7 +96,7 @@ impl Intercept {
             })?;
             let mut set = Vec::new();
             for (header, value) in headers {
-                if value.chars().any(|c| c.is_control() && c != '\t') {
+                if !crate::policy::is_header_value(&value) {
                     return Err(EgressError::Setup(format!(
                         "secretHeaders.{host}.{header}: the secret's value has a control character"
                     )));

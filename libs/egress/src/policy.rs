@@ -328,6 +328,12 @@ pub fn rule_pattern() -> String {
     )
 }
 
+/// Whether `value` can be sent as an HTTP header value: no control character
+/// but tab (a CR or LF would end the header and start another).
+pub fn is_header_value(value: &str) -> bool {
+    !value.chars().any(|c| c.is_control() && c != '\t')
+}
+
 /// A host name in the form rules compare: lowercase, without a trailing dot;
 /// `None` if it is not one (labels of 1-63 letters, digits, `-` or `_`, not
 /// starting or ending with `-`, 253 bytes in all, not an IPv4 address).

@@ -40,6 +40,11 @@ impl FileEntry {
     }
 }
 
+/// Whether `s` is a SHA-256 as manifests write it: 64 lowercase hex.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// What one version may hold (each configurable by the operator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -156,11 +161,7 @@ impl Manifest {
                     max: limits.max_path_bytes,
                 });
             }
-            let digest_ok = f.sha256.len() == 64
-                && f.sha256
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-            if !digest_ok {
+            if !is_sha256_hex(&f.sha256) {
                 return Err(ManifestError::BadDigest {
                     index,
                     path: f.path,

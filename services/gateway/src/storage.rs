@@ -159,7 +159,7 @@ fn check_announced(index: usize, f: &Announced) -> ApiResult<()> {
         return Ok(());
     };
     let param = || format!("files[{index}].sha256");
-    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !vm0_storage::manifest::is_sha256_hex(sha) {
         return Err(ApiError::invalid(
             param(),
             format!(

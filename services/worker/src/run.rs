@@ -427,19 +427,23 @@ fn sandbox_spec<S>(
 pub const CA_BUNDLE_FILE: &str = "/run/vm0/ca-certificates.crt";
 pub const RUN_CA_FILE: &str = "/run/vm0/run-ca.crt";
 
-/// The bundle the worker's own system trusts (Debian's path, then Fedora's).
-fn system_ca_bundle() -> String {
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok())
-    .unwrap_or_default()
+/// The bundle the worker's own system trusts (Debian's path, then Fedora's),
+/// read once.
+fn system_ca_bundle() -> &'static str {
+    static BUNDLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUNDLE.get_or_init(|| {
+        [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+        ]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+    })
 }
 
 fn trust_run_ca(spec: &mut SandboxSpec, ca_pem: &str) {
-    let mut bundle = system_ca_bundle();
+    let mut bundle = system_ca_bundle().to_owned();
     if !bundle.is_empty() && !bundle.ends_with('\n') {
         bundle.push('\n');
     }

@@ -349,7 +349,7 @@ pub async fn create(
             )
             .into());
         };
-        if value.chars().any(|c| c.is_control() && c != '\t') {
+        if !vm0_egress::policy::is_header_value(value) {
             return Err(ApiError::invalid(
                 format!("secrets.{name}"),
                 format!(
