@@ -12,6 +12,9 @@ ensure_packages '/usr/lib/postgresql/*/bin/initdb:postgresql' curl:curl jq:jq \
   nsenter:util-linux
 # The guest images need a *static* busybox (Debian's plain busybox is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static-probe-absent:busybox-static
+# An unprivileged worker's microVMs open taps through /dev/net/tun: Debian's udev
+# makes it 0666, a container may leave it 0600.
+if [ -c /dev/net/tun ] && [ "$(id -u)" = 0 ]; then chmod 0666 /dev/net/tun; fi
 
 # A real S3-compatible server for the object store's tests (moto, from PyPI).
 python3 -c 'import moto.server' 2>/dev/null || {

@@ -210,14 +210,17 @@ async fn main() -> Result<()> {
     let remote = Remote::start()?;
     remote.serve()?;
     let trusted = Cidr::parse("10.250.0.0/16").context("cidr")?;
-    let egress = Egress::new(EgressConfig::new(
-        AlwaysRefused {
-            trusted: vec![trusted],
-            own: vm0_egress::proxy::host_addresses(),
-            endpoints: Vec::new(),
-        },
-        1024,
-    ))?;
+    let egress = Egress::new(
+        EgressConfig::new(
+            AlwaysRefused {
+                trusted: vec![trusted],
+                own: vm0_egress::proxy::host_addresses(),
+                endpoints: Vec::new(),
+            },
+            1024,
+        ),
+        Link::Loopback,
+    )?;
     let run = egress.open(Policy::default(), Link::Loopback, None).await?;
     let stream: SocketAddr = format!("{}:{STREAM_PORT}", remote.addr).parse()?;
     let connect: SocketAddr = format!("{}:{CONNECT_PORT}", remote.addr).parse()?;

@@ -18,14 +18,21 @@
 //! descriptors, its sockets and the processes in it: nothing to remove when a
 //! run ends or a worker dies (a tap that is not persistent goes with its last
 //! descriptor).
+//!
+//! A root worker makes the namespace on a thread of its own; an unprivileged
+//! one in a user namespace of its own that owns it ([`owned`]), which the
+//! sandbox joins too (and, joined by a uid other than 0, holds no capability
+//! in). Same rules, same sockets.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::EgressError;
+
+mod owned;
 
 /// Where the proxy listens in a run's namespace (loopback; connections are
 /// redirected there, their destination kept as the original one).
@@ -56,6 +63,9 @@ pub enum Link {
 
 pub(crate) struct Namespace {
     pub fd: OwnedFd,
+    /// The user namespace that owns it (an unprivileged worker's), which
+    /// whoever joins `fd` joins first.
+    pub user: Option<OwnedFd>,
     /// The tap's descriptor (a [`Link::Tap`] namespace).
     pub tap: Option<OwnedFd>,
     pub tcp: std::net::TcpListener,
@@ -124,14 +134,21 @@ table ip6 vm0 {{
     )
 }
 
-fn run(program: &Path, args: &[&str], stdin: &str) -> Result<(), EgressError> {
+/// The namespace (user, net) a tool must enter; `None`: the caller's.
+type Inside<'a> = Option<(&'a OwnedFd, &'a OwnedFd)>;
+
+fn run(program: &Path, args: &[&str], stdin: &str, inside: Inside) -> Result<(), EgressError> {
     let what = || format!("{} {}", program.display(), args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some((user, net)) = inside {
+        owned::enter(&mut cmd, user.as_raw_fd(), net.as_raw_fd());
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| EgressError::Setup(format!("{}: {e}", what())))?;
     if let Some(mut input) = child.stdin.take() {
@@ -152,39 +169,54 @@ fn run(program: &Path, args: &[&str], stdin: &str) -> Result<(), EgressError> {
     Ok(())
 }
 
-/// Makes a namespace on a thread of its own (a namespace belongs to the
-/// thread that unshares it, and to the processes it starts).
+/// What a namespace's `ip` is told, and the rules `nft` loads, for `link`;
+/// and where the proxy's sockets are bound.
+fn setup_for(link: Link) -> (String, String, Ipv4Addr) {
+    match link {
+        Link::Loopback => (
+            "link set lo up\nroute add local 0.0.0.0/0 dev lo table local src 127.0.0.1\n".into(),
+            loopback_rules(),
+            Ipv4Addr::LOCALHOST,
+        ),
+        Link::Tap => (
+            format!(
+                "link set lo up\nlink set {TAP_NAME} up\naddr add {TAP_GATEWAY}/{TAP_PREFIX} dev {TAP_NAME}\n"
+            ),
+            tap_rules(),
+            TAP_GATEWAY,
+        ),
+    }
+}
+
+/// Makes a run's namespace: as root on a thread of the worker's, otherwise
+/// owned by a user namespace of its own.
 pub(crate) fn create(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
+    if nix::unistd::geteuid().is_root() {
+        create_on_thread(tools, link)
+    } else {
+        create_owned(tools, link)
+    }
+}
+
+/// A namespace belongs to the thread that unshares it, and to the processes
+/// it starts.
+fn create_on_thread(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
     let tools = tools.clone();
     std::thread::Builder::new()
         .name("vm0-netns".into())
         .spawn(move || -> Result<Namespace, EgressError> {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| EgressError::Setup(format!("unshare(CLONE_NEWNET): {e}")))?;
-            let (tap, listen) = match link {
-                Link::Loopback => {
-                    run(
-                        &tools.ip,
-                        &["-batch", "-"],
-                        "link set lo up\nroute add local 0.0.0.0/0 dev lo table local src 127.0.0.1\n",
-                    )?;
-                    run(&tools.nft, &["-f", "-"], &loopback_rules())?;
-                    (None, Ipv4Addr::LOCALHOST)
-                }
-                Link::Tap => {
-                    let tap = tap::open(TAP_NAME)
-                        .map_err(|e| EgressError::Setup(format!("the tap device: {e}")))?;
-                    run(
-                        &tools.ip,
-                        &["-batch", "-"],
-                        &format!(
-                            "link set lo up\nlink set {TAP_NAME} up\naddr add {TAP_GATEWAY}/{TAP_PREFIX} dev {TAP_NAME}\n"
-                        ),
-                    )?;
-                    run(&tools.nft, &["-f", "-"], &tap_rules())?;
-                    (Some(tap), TAP_GATEWAY)
-                }
+            let tap = match link {
+                Link::Loopback => None,
+                Link::Tap => Some(
+                    tap::open(TAP_NAME)
+                        .map_err(|e| EgressError::Setup(format!("the tap device: {e}")))?,
+                ),
             };
+            let (addresses, rules, listen) = setup_for(link);
+            run(&tools.ip, &["-batch", "-"], &addresses, None)?;
+            run(&tools.nft, &["-f", "-"], &rules, None)?;
             let fd = std::fs::File::open("/proc/thread-self/ns/net")
                 .map_err(|e| EgressError::Setup(format!("/proc/thread-self/ns/net: {e}")))?;
             let tcp = std::net::TcpListener::bind((listen, PROXY_PORT))
@@ -193,6 +225,7 @@ pub(crate) fn create(tools: &Tools, link: Link) -> Result<Namespace, EgressError
                 .map_err(|e| EgressError::Setup(format!("the resolver's socket: {e}")))?;
             Ok(Namespace {
                 fd: fd.into(),
+                user: None,
                 tap,
                 tcp,
                 udp,
@@ -203,29 +236,41 @@ pub(crate) fn create(tools: &Tools, link: Link) -> Result<Namespace, EgressError
         .map_err(|_| EgressError::Setup("the namespace's thread panicked".into()))?
 }
 
+/// An unprivileged worker's: the namespaces, the tap and the sockets made by
+/// a child ([`owned::make`]), then `ip` and `nft` run inside.
+fn create_owned(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
+    let (addresses, rules, listen) = setup_for(link);
+    let tap = (link == Link::Tap).then_some(TAP_NAME);
+    let made = owned::make(tap, listen, PROXY_PORT, DNS_PORT)?;
+    let inside = Some((&made.user, &made.net));
+    run(&tools.ip, &["-batch", "-"], &addresses, inside)?;
+    run(&tools.nft, &["-f", "-"], &rules, inside)?;
+    Ok(Namespace {
+        fd: made.net,
+        user: Some(made.user),
+        tap: made.tap,
+        tcp: made.tcp.into(),
+        udp: made.udp.into(),
+    })
+}
+
 /// Tap devices, opened through `/dev/net/tun`.
 mod tap {
     use std::os::fd::OwnedFd;
 
     use nix::libc;
 
-    // TUNSETIFF is _IOW('T', 202, int), though it takes a `struct ifreq`.
-    nix::ioctl_write_ptr_bad!(
-        tun_set_iff,
-        nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
-        libc::ifreq
-    );
+    /// `_IOW('T', 202, int)`, though it takes a `struct ifreq`.
+    pub(super) const TUNSETIFF: nix::sys::ioctl::ioctl_num_type =
+        nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>());
 
-    /// A tap device named `name` in the calling thread's namespace, without
-    /// packet information and with virtio-net headers (the VMM can offload
-    /// checksums and segmentation). Not persistent: it goes with its last
-    /// descriptor.
+    nix::ioctl_write_ptr_bad!(tun_set_iff, TUNSETIFF, libc::ifreq);
+
+    /// The request for a tap device named `name`, without packet information
+    /// and with virtio-net headers (the VMM can offload checksums and
+    /// segmentation). Not persistent: it goes with its last descriptor.
     #[allow(unsafe_code)]
-    pub(super) fn open(name: &str) -> std::io::Result<OwnedFd> {
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
+    pub(super) fn request(name: &str) -> std::io::Result<libc::ifreq> {
         // SAFETY: `ifreq` is plain old data, for which all zeroes is valid.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         if name.len() >= req.ifr_name.len() {
@@ -235,6 +280,17 @@ mod tap {
             *dst = src as libc::c_char;
         }
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        Ok(req)
+    }
+
+    /// A tap device named `name` in the calling thread's namespace.
+    #[allow(unsafe_code)]
+    pub(super) fn open(name: &str) -> std::io::Result<OwnedFd> {
+        let req = request(name)?;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
         // SAFETY: `tun` is an open /dev/net/tun and `req` a valid, NUL-terminated
         // ifreq that outlives the call; the kernel only reads and writes it.
         unsafe { tun_set_iff(std::os::fd::AsRawFd::as_raw_fd(&tun), &req) }

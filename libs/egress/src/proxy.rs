@@ -170,23 +170,27 @@ fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
 }
 
 impl Egress {
-    /// The proxy, if this host can give runs their namespaces (root, `ip` and
-    /// `nft`); otherwise why not.
-    pub fn new(config: EgressConfig) -> Result<Egress, EgressError> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(EgressError::Unavailable(
-                "the worker is not root (a run's network namespace needs it)".into(),
-            ));
-        }
+    /// The proxy, if this host can give runs their namespaces attached as
+    /// `link` (`ip` and `nft`; an unprivileged worker also a user namespace,
+    /// and a tap in it, tried once here); otherwise why not.
+    pub fn new(config: EgressConfig, link: Link) -> Result<Egress, EgressError> {
         let ip = find_on_path("ip").ok_or_else(|| {
             EgressError::Unavailable("`ip` is not installed (apt-get install iproute2)".into())
         })?;
         let nft = find_on_path("nft").ok_or_else(|| {
             EgressError::Unavailable("`nft` is not installed (apt-get install nftables)".into())
         })?;
+        let tools = Tools { ip, nft };
+        if !nix::unistd::geteuid().is_root() {
+            netns::create(&tools, link).map_err(|e| {
+                EgressError::Unavailable(format!(
+                    "the worker is not root and cannot make a user namespace for a run's network ({e})"
+                ))
+            })?;
+        }
         Ok(Egress {
             config: Arc::new(config),
-            tools: Tools { ip, nft },
+            tools,
         })
     }
 
@@ -240,6 +244,7 @@ impl Egress {
         run.tracker.spawn(dns_loop(Arc::new(udp), run.clone()));
         Ok(RunEgress {
             netns: Arc::new(ns.fd),
+            userns: ns.user.map(Arc::new),
             tap: ns.tap.map(Arc::new),
             run,
             logs: log_rx,
@@ -323,6 +328,7 @@ impl RunState {
 /// listener and its connections; the namespace goes with its last process.
 pub struct RunEgress {
     netns: Arc<OwnedFd>,
+    userns: Option<Arc<OwnedFd>>,
     tap: Option<Arc<OwnedFd>>,
     run: Arc<RunState>,
     logs: mpsc::Receiver<NetworkLog>,
@@ -338,6 +344,12 @@ impl RunEgress {
     /// The namespace the sandbox joins.
     pub fn netns(&self) -> Arc<OwnedFd> {
         self.netns.clone()
+    }
+
+    /// The user namespace that owns [`RunEgress::netns`] (an unprivileged
+    /// worker's), to join before it.
+    pub fn userns(&self) -> Option<Arc<OwnedFd>> {
+        self.userns.clone()
     }
 
     /// The tap device a VM's network card is backed by (a [`Link::Tap`] run).

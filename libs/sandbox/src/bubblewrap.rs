@@ -275,9 +275,17 @@ impl Bubblewrap {
         let mut cmd = match (&spec.network, &self.nsenter) {
             // The run's namespace, joined by nsenter, which then execs bwrap
             // (a pre_exec setns would make every spawn a fork).
+            // Under an unprivileged worker its user namespace first: bwrap, not
+            // uid 0 there, starts with no capability in it.
             (Some(RunNetwork::Namespace(netns)), Some(nsenter)) => {
-                let fd = netns.try_clone()?;
                 let mut cmd = crate::spawn::command(nsenter);
+                if let Some(user) = &netns.user {
+                    let fd = user.try_clone()?;
+                    cmd.arg(format!("--user=/proc/self/fd/{}", fd.as_raw_fd()))
+                        .arg("--preserve-credentials");
+                    fds.push(fd);
+                }
+                let fd = netns.net.try_clone()?;
                 cmd.arg(format!("--net=/proc/self/fd/{}", fd.as_raw_fd()))
                     .arg("--")
                     .arg(&self.program);

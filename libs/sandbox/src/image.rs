@@ -380,6 +380,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
+    // Readable as the images are: a cache built ahead by root serves
+    // unprivileged workers too (a temporary file is born 0600).
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(path).map_err(|e| ImageError::Io(e.error))?;
     Ok(())
 }

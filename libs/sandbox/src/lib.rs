@@ -102,9 +102,17 @@ pub enum NetworkAttachment {
 #[derive(Debug, Clone)]
 pub enum RunNetwork {
     /// The network namespace the sandbox's processes join.
-    Namespace(std::sync::Arc<std::os::fd::OwnedFd>),
+    Namespace(NetNamespace),
     /// The tap device the VM's network card is backed by.
     Tap(TapLink),
+}
+
+/// A network namespace, and the user namespace that owns it when that is not
+/// the worker's own (an unprivileged worker's), joined first.
+#[derive(Debug, Clone)]
+pub struct NetNamespace {
+    pub net: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub user: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// A tap device, and the guest's addressing on it.

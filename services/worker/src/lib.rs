@@ -131,7 +131,10 @@ pub async fn run<S: Sandbox>(
         &config.data_dir.join("worker").join(config.scratch_name()),
         config.version_cache_max_bytes,
     );
-    let egress = network::egress(&config).await;
+    let egress = match network::link(sandbox.network_attachment()) {
+        Some(link) => network::egress(&config, link).await,
+        None => Err(format!("the {} backend has none yet", sandbox.name())),
+    };
     if let Err(why) = &egress {
         tracing::warn!(%why, "runs on this worker get no network");
     }

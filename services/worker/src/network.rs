@@ -50,8 +50,9 @@ async fn endpoints(config: &WorkerConfig) -> Vec<(SocketAddr, &'static str)> {
     out
 }
 
-/// The proxy, or why runs on this worker get no network.
-pub async fn egress(config: &WorkerConfig) -> Result<Egress, String> {
+/// The proxy for sandboxes attached as `link`, or why runs on this worker get
+/// no network.
+pub async fn egress(config: &WorkerConfig, link: vm0_egress::Link) -> Result<Egress, String> {
     let refused = AlwaysRefused {
         trusted: config.network_trusted_cidrs.clone(),
         own: vm0_egress::proxy::host_addresses(),
@@ -62,7 +63,18 @@ pub async fn egress(config: &WorkerConfig) -> Result<Egress, String> {
         vm0_egress::intercept::upstream_tls(config.network_tls_ca_pem.as_deref())
             .map_err(|e| e.to_string())?,
     );
-    Egress::new(egress).map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || Egress::new(egress, link))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// How a backend's sandboxes join a run's namespace (`None`: they cannot).
+pub fn link(attachment: Option<vm0_sandbox::NetworkAttachment>) -> Option<vm0_egress::Link> {
+    match attachment? {
+        vm0_sandbox::NetworkAttachment::Namespace => Some(vm0_egress::Link::Loopback),
+        vm0_sandbox::NetworkAttachment::Tap => Some(vm0_egress::Link::Tap),
+    }
 }
 
 /// The run's policy from its spec (validated when the agent was saved; a spec

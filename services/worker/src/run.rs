@@ -16,7 +16,7 @@ use vm0_bus::{RunJob, Telemetry};
 use vm0_proto::worker::{self as pb, ClaimOutcome, FinalStatus};
 use vm0_sandbox::slot_user::SlotUser;
 use vm0_sandbox::{
-    ExitReport, NetworkAttachment, RunNetwork, Sandbox, SandboxEvent, SandboxSpec, TapLink,
+    ExitReport, NetNamespace, RunNetwork, Sandbox, SandboxEvent, SandboxSpec, TapLink,
 };
 
 use crate::WorkerCtx;
@@ -478,9 +478,8 @@ async fn open_network<S: Sandbox>(
         Ok(egress) => egress,
         Err(why) => return Ok((None, Some(format!("this run has no network: {why}")))),
     };
-    let link = match ctx.sandbox.network_attachment() {
-        Some(NetworkAttachment::Namespace) => vm0_egress::Link::Loopback,
-        Some(NetworkAttachment::Tap) => vm0_egress::Link::Tap,
+    let link = match crate::network::link(ctx.sandbox.network_attachment()) {
+        Some(link) => link,
         None => {
             return Ok((
                 None,
@@ -531,7 +530,10 @@ fn attach(run: &vm0_egress::RunEgress) -> RunNetwork {
             prefix: vm0_egress::netns::TAP_PREFIX,
             gateway: vm0_egress::netns::TAP_GATEWAY,
         }),
-        None => RunNetwork::Namespace(run.netns()),
+        None => RunNetwork::Namespace(NetNamespace {
+            net: run.netns(),
+            user: run.userns(),
+        }),
     }
 }
 

@@ -35,7 +35,7 @@ class Page(http.server.BaseHTTPRequestHandler):
             import hashlib
             keys = self.headers.get_all("X-Api-Key") or []
             said = ",".join(hashlib.sha256(k.encode()).hexdigest() for k in keys) or "none"
-            body = f"key-sha256={said}\n".encode()
+            body = f"key-sha256={said} at={addr}\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -470,10 +470,87 @@ async fn open_mode_still_refuses_the_worker_and_the_metadata_address() {
         find(&net, &remote.local_ip, grpc_port)["metadata"]["action"],
         "deny"
     );
+    the_run_cannot_rewrite_its_namespace(&stack, &remote).await;
 }
 
-/// What the worker holds of namespaces (descriptors of `net:[...]`, and of tap
-/// devices, which live in them), sockets, and its child processes.
+/// A run that tries to undo its namespace's steering (drop the rules, take
+/// down its loopback, give itself an address) is refused every time, and
+/// still reaches what its policy allows, through the proxy.
+async fn the_run_cannot_rewrite_its_namespace(stack: &Stack, remote: &RemoteHost) {
+    let command = r#"try() { name=$1; shift; "$@" >/dev/null 2>&1; echo "$name:$?"; }
+try flush nft flush ruleset
+try down ip link set lo down
+try addr ip addr add 10.77.0.1/24 dev lo
+try dummy ip link add vm0x type dummy
+code=$(curl -s -o /dev/null -m 10 -w '%{http_code}' http://allowed.test/hello); echo "after:$? $code"
+"#;
+    stack
+        .create_agent(
+            "rewriter",
+            json!({
+                "command": ["bash", "-c", command],
+                "network": {"mode": "allowlist", "allow": ["allowed.test"], "extraHosts": extra_hosts(remote)},
+            }),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "rewriter", "prompt": "go"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(60)).await;
+    let out = stack.output(&id).await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    for name in ["flush", "down", "addr", "dummy"] {
+        assert_ne!(line(&out, name), "0", "{name} succeeded: {out}");
+    }
+    assert_eq!(line(&out, "after"), "0 200", "{out}");
+}
+
+/// An unprivileged worker (`vm0 dev` started by a normal user) gives its runs
+/// the same network, in a namespace owned by a user namespace of its own: the
+/// allowlist run sees and logs the same; the run cannot rewrite it; nothing is
+/// held once it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_worker_gives_runs_the_same_network() {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            worker_uid: Some(65534),
+            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (run, out, logs) = run_script(
+        &stack,
+        &remote,
+        "allowlisted",
+        allowlisted(&remote),
+        On::Bubblewrap,
+    )
+    .await;
+    let system: Vec<&str> = logs
+        .iter()
+        .filter(|l| l["type"] == "system")
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    assert!(
+        system
+            .iter()
+            .any(|m| m.starts_with("network: mode allowlist")),
+        "{system:#?}"
+    );
+    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
+    the_run_cannot_rewrite_its_namespace(&stack, &remote).await;
+    let after = released(stack.workers[0].pid(), (0, usize::MAX, 0)).await;
+    assert_eq!(after.0, 0, "the worker still holds {} namespaces", after.0);
+    assert_eq!(after.2, 0, "the worker has children left");
+}
+
+/// What the worker holds of namespaces (descriptors of `net:[...]`, of the
+/// `user:[...]` that own an unprivileged worker's, and of tap devices, which
+/// live in them), sockets, and its child processes.
 fn held_by(pid: u32) -> (usize, usize, usize) {
     let mut netns = 0;
     let mut sockets = 0;
@@ -481,7 +558,11 @@ fn held_by(pid: u32) -> (usize, usize, usize) {
         for fd in fds.flatten() {
             let target = std::fs::read_link(fd.path()).unwrap_or_default();
             let target = target.to_string_lossy();
-            netns += usize::from(target.starts_with("net:[") || target == "/dev/net/tun");
+            netns += usize::from(
+                target.starts_with("net:[")
+                    || target.starts_with("user:[")
+                    || target == "/dev/net/tun",
+            );
             sockets += usize::from(target.starts_with("socket:["));
         }
     }
@@ -568,6 +649,61 @@ async fn nothing_is_left_after_200_runs() {
     );
     assert_eq!(after.2, 0, "the worker has children left");
     assert_eq!(stack.scratch_dirs(), 0, "scratch directories left");
+}
+
+/// A QEMU microVM of an unprivileged worker: the tap in the worker's own user
+/// namespace, the same policy, the same logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_workers_microvm_reaches_what_its_policy_allows() {
+    assert!(
+        std::env::var("VM0_GUEST_AGENT").is_ok(),
+        "VM0_GUEST_AGENT is not set: run scripts/test.sh, which builds the static guest agent"
+    );
+    // The worker's own image, built ahead (the shared cache is root's): what
+    // it finds there it uses without writing.
+    let cache = std::env::var("VM0_IMAGE_CACHE").expect("VM0_IMAGE_CACHE");
+    vm0_sandbox::image::build(&vm0_sandbox::image::ImageRecipe {
+        guest_agent: std::env::var("VM0_GUEST_AGENT")
+            .expect("VM0_GUEST_AGENT")
+            .into(),
+        busybox: "/bin/busybox".into(),
+        kernel_package: None,
+        cache_dir: cache.into(),
+        rootfs: None,
+    })
+    .expect("the default image builds");
+    client_image();
+    let tun = std::fs::metadata("/dev/net/tun").expect("/dev/net/tun");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&tun.permissions()) & 0o006,
+        0o006,
+        "/dev/net/tun is not open to every user (Debian's udev makes it 0666; \
+         scripts/test.sh does where a container left it 0600)"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RemoteHost::start(dir.path());
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            sandbox: "qemu",
+            worker_uid: Some(65534),
+            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (run, out, logs) = run_script(
+        &stack,
+        &remote,
+        "vm-allowlisted",
+        allowlisted(&remote),
+        On::MicroVm,
+    )
+    .await;
+    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
+    assert!(line(&out, "proxy").starts_with("52 "), "{out}");
+    let after = released(stack.workers[0].pid(), (0, usize::MAX, 0)).await;
+    assert_eq!(after.0, 0, "the worker still holds {} namespaces", after.0);
 }
 
 /// A guest image whose root filesystem holds this machine's `bash` and `curl`
@@ -728,31 +864,42 @@ async fn a_microvm_reaches_what_its_policy_allows_and_nothing_else() {
 async fn secret_headers_on(sandbox: &'static str) {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
+    // A host the run may reach by address, which the proxy would trust as
+    // secure.test too: where a run that steers the secret's host would want it.
+    let attacker = RemoteHost::start(dir.path());
     let roots = dir.path().join("remote-ca.pem");
-    std::fs::write(&roots, &remote.ca_pem).expect("roots");
+    std::fs::write(&roots, format!("{}{}", remote.ca_pem, attacker.ca_pem)).expect("roots");
     let stack = Stack::start(
         Db::Sqlite,
         StackOptions {
             sandbox,
             worker_env: vec![
-                ("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone()),
+                (
+                    "VM0_NETWORK_TRUSTED_CIDRS",
+                    format!("{},{}", remote.subnet, attacker.subnet),
+                ),
                 ("VM0_NETWORK_TLS_CA_FILE", roots.display().to_string()),
             ],
             ..Default::default()
         },
     )
     .await;
-    let script = r#"
-c=0; for v in $(compgen -e); do [[ $v == REMOTE_KEY || ${!v} == *s3cr3t* ]] && c=$((c+1)); done; echo "env:$c"
+    let script = format!(
+        r#"
+c=0; for v in $(compgen -e); do [[ $v == REMOTE_KEY || ${{!v}} == *s3cr3t* ]] && c=$((c+1)); done; echo "env:$c"
 echo "tls:$(curl -s -m 10 https://secure.test/key)"
 echo "forged:$(curl -s -m 10 -H 'X-Api-Key: forged' https://secure.test/key)"
 echo "plain:$(curl -s -m 10 http://secure.test/key)"
-"#;
+echo "steered:$(curl -s -m 10 --resolve secure.test:443:{at} https://secure.test/key)"
+echo "bare:$(curl -s -m 10 -k -H 'Host: secure.test' https://{at}/key)"
+"#,
+        at = attacker.ip
+    );
     let mut config = json!({
         "command": ["bash", "-c", script],
         "network": {
             "mode": "allowlist",
-            "allow": ["secure.test"],
+            "allow": ["secure.test", attacker.ip],
             "extraHosts": extra_hosts(&remote),
             "secretHeaders": {"secure.test": {"X-Api-Key": "REMOTE_KEY"}},
         },
@@ -792,21 +939,30 @@ echo "plain:$(curl -s -m 10 http://secure.test/key)"
         "0",
         "the secret is not in the run: {out}"
     );
-    assert_eq!(line(&out, "tls"), format!("key-sha256={digest}"), "{out}");
+    let at_remote = format!("key-sha256={digest} at={}", remote.ip);
+    assert_eq!(line(&out, "tls"), at_remote, "{out}");
     assert_eq!(
         line(&out, "forged"),
-        format!("key-sha256={digest}"),
+        at_remote,
         "the secret replaces the run's header: {out}"
     );
     assert_eq!(
         line(&out, "plain"),
-        "key-sha256=none",
+        format!("key-sha256=none at={}", remote.ip),
         "not over plain HTTP: {out}"
+    );
+    // The run points secure.test's TLS at its own host: the proxy connects to
+    // where it resolves the name, and the attacker's host never sees the key.
+    assert_eq!(line(&out, "steered"), at_remote, "{out}");
+    assert_eq!(
+        line(&out, "bare"),
+        format!("key-sha256=none at={}", attacker.ip),
+        "a connection without the secret's name gets no secret: {out}"
     );
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut logs = stack.logs(&id).await;
-    while network_logs(&logs).len() < 3 && tokio::time::Instant::now() < deadline {
+    while network_logs(&logs).len() < 5 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         logs = stack.logs(&id).await;
     }
@@ -815,7 +971,7 @@ echo "plain:$(curl -s -m 10 http://secure.test/key)"
         .iter()
         .filter(|l| l["metadata"]["mode"] == "mitm")
         .collect();
-    assert_eq!(intercepted.len(), 2, "{net:#?}");
+    assert_eq!(intercepted.len(), 3, "{net:#?}");
     for l in intercepted {
         assert_eq!(l["metadata"]["action"], "allow", "{l}");
         assert_eq!(l["metadata"]["status"], 200, "{l}");
