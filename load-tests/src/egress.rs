@@ -3,7 +3,8 @@
 //! client in a run's namespace reaches it through the proxy, the same client in
 //! the worker's namespace directly. Measures stream throughput (one and ten
 //! streams), connections per second, and the time a run's network takes to set
-//! up. Needs root (namespaces), `ip` and `nft`.
+//! up. Needs root (namespaces), `ip` and `nft`; `--setup-only` measures the
+//! set-up alone, which an unprivileged user can (a user namespace of its own).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,6 +19,8 @@ use vm0_egress::policy::{Cidr, Policy};
 use vm0_egress::refused::AlwaysRefused;
 use vm0_egress::{Egress, EgressConfig, Link};
 
+mod egress_tls;
+
 #[derive(Parser)]
 struct Args {
     /// MiB each stream moves.
@@ -29,6 +32,16 @@ struct Args {
     /// Namespaces made (and closed) for the set-up time.
     #[arg(long, default_value_t = 100)]
     setups: usize,
+    /// What to measure: `tcp` (streams, connections), `tls` (HTTPS through
+    /// SNI and through secretHeaders' TLS), `setup` (alone needs no root).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,tls,setup")]
+    only: Vec<String>,
+    /// HTTPS requests per client for the request rate.
+    #[arg(long, default_value_t = 500)]
+    tls_requests: usize,
+    /// MiB of the one HTTPS download.
+    #[arg(long, default_value_t = 256)]
+    tls_mib: u64,
 }
 
 const STREAM_PORT: u16 = 5001;
@@ -207,20 +220,47 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let wants = |what: &str| args.only.iter().any(|o| o == what);
+    if !wants("tcp") && !wants("tls") {
+        let egress = Egress::new(
+            EgressConfig::new(
+                AlwaysRefused {
+                    trusted: Vec::new(),
+                    own: vm0_egress::proxy::host_addresses(),
+                    endpoints: Vec::new(),
+                },
+                1024,
+            ),
+            Link::Loopback,
+        )?;
+        return setup_times(&egress, args.setups).await;
+    }
     let remote = Remote::start()?;
     remote.serve()?;
     let trusted = Cidr::parse("10.250.0.0/16").context("cidr")?;
-    let egress = Egress::new(
-        EgressConfig::new(
-            AlwaysRefused {
-                trusted: vec![trusted],
-                own: vm0_egress::proxy::host_addresses(),
-                endpoints: Vec::new(),
-            },
-            1024,
-        ),
-        Link::Loopback,
-    )?;
+    let refused = AlwaysRefused {
+        trusted: vec![trusted],
+        own: vm0_egress::proxy::host_addresses(),
+        endpoints: Vec::new(),
+    };
+    let ca = vm0_tls::Authority::new("vm0 bench remote")?;
+    let mut config = EgressConfig::new(refused, 1024);
+    config.upstream_tls = Some(vm0_egress::intercept::upstream_tls(Some(&ca.cert_pem()))?);
+    let egress = Egress::new(config, Link::Loopback)?;
+    if wants("tcp") {
+        tcp(&egress, &remote, &args).await?;
+    }
+    if wants("tls") {
+        tls(&egress, &remote, &ca, &args).await?;
+    }
+    if wants("setup") {
+        setup_times(&egress, args.setups).await?;
+    }
+    Ok(())
+}
+
+/// Streams and connections: direct against through the proxy.
+async fn tcp(egress: &Egress, remote: &Remote, args: &Args) -> Result<()> {
     let run = egress.open(Policy::default(), Link::Loopback, None).await?;
     let stream: SocketAddr = format!("{}:{STREAM_PORT}", remote.addr).parse()?;
     let connect: SocketAddr = format!("{}:{CONNECT_PORT}", remote.addr).parse()?;
@@ -264,12 +304,107 @@ async fn main() -> Result<()> {
         "(the proxy logged {} connections, {dropped} dropped past its queue)",
         logs.len()
     );
+    Ok(())
+}
+
+/// HTTPS, one request per connection: direct, through the proxy by SNI, and
+/// with a secret header (the proxy ends the run's TLS and opens its own).
+async fn tls(egress: &Egress, remote: &Remote, ca: &vm0_tls::Authority, args: &Args) -> Result<()> {
+    let ns: OwnedFd = std::fs::File::open(format!("/run/netns/{}", remote.ns))?.into();
+    egress_tls::serve(ns, remote.addr.clone(), ca)?;
+    let policy = Policy::parse("open", [], [], [(egress_tls::NAME, remote.addr.as_str())])?;
+    let sni = egress.open(policy.clone(), Link::Loopback, None).await?;
+    let headers = std::collections::BTreeMap::from([(
+        "x-api-key".to_owned(),
+        "bench-secret-value".to_owned(),
+    )]);
+    let hosts = std::collections::BTreeMap::from([(egress_tls::NAME.to_owned(), headers)]);
+    let mitm = egress
+        .open(
+            policy,
+            Link::Loopback,
+            Some(egress.intercept("run_bench", hosts)?),
+        )
+        .await?;
+    let run_ca = mitm.ca_pem().context("the run's CA")?;
+    let to: SocketAddr = format!("{}:443", remote.addr).parse()?;
+    let remote_roots = egress_tls::client(&ca.cert_pem())?;
+    let run_roots = egress_tls::client(&run_ca)?;
+    let (sni_ns, mitm_ns) = (sni.netns(), mitm.netns());
+    let (each, bytes) = (args.tls_requests, args.tls_mib << 20);
+    let rows = tokio::task::spawn_blocking(move || -> Result<Vec<(String, [f64; 3])>> {
+        let mut rows = Vec::new();
+        for threads in [1usize, 10] {
+            let per = each / threads;
+            let measure = |ns: Option<&OwnedFd>, roots: &Arc<rustls::ClientConfig>| {
+                egress_tls::rate(ns, roots.clone(), to, threads, per, 2).map(|(rps, _)| rps)
+            };
+            rows.push((
+                format!("HTTPS requests/s, {threads} client(s)"),
+                [
+                    measure(None, &remote_roots)?,
+                    measure(Some(&sni_ns), &remote_roots)?,
+                    measure(Some(&mitm_ns), &run_roots)?,
+                ],
+            ));
+        }
+        let download = |ns: Option<&OwnedFd>, roots: &Arc<rustls::ClientConfig>| {
+            egress_tls::rate(ns, roots.clone(), to, 1, 1, bytes).map(|(_, mbs)| mbs)
+        };
+        rows.push((
+            format!("HTTPS download, {} MiB, MB/s", bytes >> 20),
+            [
+                download(None, &remote_roots)?,
+                download(Some(&sni_ns), &remote_roots)?,
+                download(Some(&mitm_ns), &run_roots)?,
+            ],
+        ));
+        Ok(rows)
+    })
+    .await??;
+    let (sni_logs, _) = sni.close().await;
+    let (mitm_logs, _) = mitm.close().await;
+    let modes = |logs: &[vm0_egress::NetworkLog]| {
+        let mut seen: Vec<String> = logs
+            .iter()
+            .map(|l| l.metadata()["mode"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.join(",")
+    };
+    println!("| | direct | through the proxy (SNI) | secretHeaders (TLS ended) | ratios |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (what, [direct, sni, mitm]) in &rows {
+        println!(
+            "| {what} | {direct:.0} | {sni:.0} | {mitm:.0} | {:.2} / {:.2} |",
+            sni / direct,
+            mitm / direct
+        );
+    }
+    println!(
+        "(logged: {} by {}, {} by {})",
+        sni_logs.len(),
+        modes(&sni_logs),
+        mitm_logs.len(),
+        modes(&mitm_logs)
+    );
+    Ok(())
+}
+
+/// How long a run's network takes to set up, for each link, `n` times.
+async fn setup_times(egress: &Egress, n: usize) -> Result<()> {
+    let who = if nix::unistd::geteuid().is_root() {
+        "root worker"
+    } else {
+        "unprivileged worker"
+    };
     for (link, what) in [
         (Link::Loopback, "bubblewrap"),
         (Link::Tap, "microVM, with its tap"),
     ] {
-        let mut setups = Vec::with_capacity(args.setups);
-        for _ in 0..args.setups {
+        let mut setups = Vec::with_capacity(n);
+        for _ in 0..n {
             let started = Instant::now();
             let run = egress.open(Policy::default(), link, None).await?;
             setups.push(started.elapsed());
@@ -277,7 +412,7 @@ async fn main() -> Result<()> {
         }
         setups.sort();
         println!(
-            "a run's network set up, {what} ({} times): p50 {:?}, p99 {:?}, max {:?}",
+            "a run's network set up, {what}, {who} ({} times): p50 {:?}, p99 {:?}, max {:?}",
             setups.len(),
             percentile(&setups, 0.5),
             percentile(&setups, 0.99),

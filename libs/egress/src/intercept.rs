@@ -210,6 +210,10 @@ impl Replayed {
     pub fn new(read: Vec<u8>, inner: TcpStream) -> Replayed {
         Replayed { read, at: 0, inner }
     }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
 }
 
 impl AsyncRead for Replayed {

@@ -669,6 +669,10 @@ async fn intercepted(
     .await
     .map_err(timed("TLS with the run"))?
     .map_err(|e| format!("TLS with the run: {e}"))?;
+    // The run's request follows its Finished at once; a client with Nagle's
+    // algorithm on holds it until that is acknowledged, which a delayed ACK
+    // makes tens of milliseconds. Acknowledge now.
+    let _ = socket2::SockRef::from(client.get_ref().0.tcp()).set_tcp_quickack(true);
     let mut upstream = tokio::time::timeout(
         run.config.connect_timeout,
         intercept.upstream().connect(server_name(host)?, upstream),

@@ -601,9 +601,27 @@ async fn released(pid: u32, before: (usize, usize, usize)) -> (usize, usize, usi
 /// than before, no child).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_left_after_200_runs() {
+    nothing_left_after_200_runs(None).await;
+}
+
+/// The same under an unprivileged worker (each run's user namespace too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_left_after_200_runs_of_an_unprivileged_worker() {
+    nothing_left_after_200_runs(Some(65534)).await;
+}
+
+async fn nothing_left_after_200_runs(worker_uid: Option<u32>) {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
-    let stack = stack_for(&remote, Db::Sqlite).await;
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            worker_uid,
+            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
+            ..Default::default()
+        },
+    )
+    .await;
     stack
         .create_agent(
             "fetcher",
