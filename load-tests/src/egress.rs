@@ -246,6 +246,8 @@ async fn main() -> Result<()> {
     let ca = vm0_tls::Authority::new("vm0 bench remote")?;
     let mut config = EgressConfig::new(refused, 1024);
     config.upstream_tls = Some(vm0_egress::intercept::upstream_tls(Some(&ca.cert_pem()))?);
+    // The proxy's own speed: no per-run rate of new connections.
+    config.tracking.per_second = 0;
     let egress = Egress::new(config, Link::Loopback)?;
     if wants("tcp") {
         tcp(&egress, &remote, &args).await?;
@@ -291,7 +293,8 @@ async fn tcp(egress: &Egress, remote: &Remote, args: &Args) -> Result<()> {
         Ok(rows)
     })
     .await??;
-    let (logs, dropped) = run.close().await;
+    let closed = run.close().await;
+    let (logs, dropped) = (closed.rest, closed.dropped);
     println!("| | direct | through the proxy | ratio |");
     println!("| --- | --- | --- | --- |");
     for (what, direct, proxied) in &results {
@@ -362,8 +365,8 @@ async fn tls(egress: &Egress, remote: &Remote, ca: &vm0_tls::Authority, args: &A
         Ok(rows)
     })
     .await??;
-    let (sni_logs, _) = sni.close().await;
-    let (mitm_logs, _) = mitm.close().await;
+    let sni_logs = sni.close().await.rest;
+    let mitm_logs = mitm.close().await.rest;
     let modes = |logs: &[vm0_egress::NetworkLog]| {
         let mut seen: Vec<String> = logs
             .iter()

@@ -78,10 +78,60 @@ pub(crate) struct Tools {
     pub nft: PathBuf,
 }
 
-fn loopback_rules() -> String {
+/// What bounds a namespace's connection tracking, whose entries are kernel
+/// memory no cgroup of the run's counts: new connections (and DNS queries) a
+/// second, and short timeouts for what is closing or closed (a connection to
+/// the proxy never leaves the host: no delayed segment to wait for). With the
+/// proxy's limit on open connections, what a run can make the kernel hold is
+/// about `per_second` times the 10 s of a half-open entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    /// New connections and DNS queries a run may start each second (bursts
+    /// of twice that); 0: no limit.
+    pub per_second: u32,
+}
+
+/// The counter of what [`Tracking::per_second`] refused.
+pub(crate) const OVER_RATE: &str = "over_rate";
+
+fn tracking_objects() -> &'static str {
+    "  counter over_rate {
+  }
+  ct timeout tcp_local {
+    protocol tcp; l3proto ip;
+    policy = { syn_sent: 10, syn_recv: 10, fin_wait: 10, close_wait: 10, last_ack: 10, time_wait: 1, close: 1 }
+  }
+  ct timeout udp_local {
+    protocol udp; l3proto ip;
+    policy = { unreplied: 10, replied: 2 }
+  }
+"
+}
+
+/// Rules for a chain that sees a connection's first packet before conntrack
+/// confirms it: its timeouts, and the rate of new ones (a TCP connection over
+/// it is reset, a DNS query dropped).
+fn tracking_rules(tracking: Tracking) -> String {
+    let mut rules = String::from(
+        "    ct state new meta l4proto tcp ct timeout set \"tcp_local\"
+    ct state new meta l4proto udp ct timeout set \"udp_local\"
+",
+    );
+    if tracking.per_second > 0 {
+        let (rate, burst) = (tracking.per_second, tracking.per_second.saturating_mul(2));
+        rules.push_str(&format!(
+            "    ct state new meta l4proto tcp limit rate over {rate}/second burst {burst} packets counter name {OVER_RATE} reject with tcp reset
+    ct state new meta l4proto udp limit rate over {rate}/second burst {burst} packets counter name {OVER_RATE} drop
+"
+        ));
+    }
+    rules
+}
+
+fn loopback_rules(tracking: Tracking) -> String {
     format!(
         "table ip vm0 {{
-  chain steer {{
+{objects}  chain steer {{
     type nat hook output priority -100; policy accept;
     ip daddr 127.0.0.0/8 return
     udp dport 53 redirect to :{DNS_PORT}
@@ -89,7 +139,7 @@ fn loopback_rules() -> String {
   }}
   chain only_steered {{
     type filter hook output priority 0; policy accept;
-    ip daddr != 127.0.0.0/8 drop
+{bounded}    ip daddr != 127.0.0.0/8 drop
   }}
 }}
 table ip6 vm0 {{
@@ -98,14 +148,16 @@ table ip6 vm0 {{
     ip6 daddr != ::1 drop
   }}
 }}
-"
+",
+        objects = tracking_objects(),
+        bounded = tracking_rules(tracking),
     )
 }
 
-fn tap_rules() -> String {
+fn tap_rules(tracking: Tracking) -> String {
     format!(
         "table ip vm0 {{
-  chain steer {{
+{objects}  chain steer {{
     type nat hook prerouting priority -100; policy accept;
     iifname != \"{TAP_NAME}\" return
     udp dport 53 redirect to :{DNS_PORT}
@@ -114,7 +166,7 @@ fn tap_rules() -> String {
   chain only_steered {{
     type filter hook input priority 0; policy drop;
     iifname \"lo\" accept
-    tcp dport {PROXY_PORT} accept
+{bounded}    tcp dport {PROXY_PORT} accept
     udp dport {DNS_PORT} accept
   }}
   chain nothing_forwarded {{
@@ -130,23 +182,27 @@ table ip6 vm0 {{
     type filter hook forward priority 0; policy drop;
   }}
 }}
-"
+",
+        objects = tracking_objects(),
+        bounded = tracking_rules(tracking),
     )
 }
 
-/// The namespace (user, net) a tool must enter; `None`: the caller's.
-type Inside<'a> = Option<(&'a OwnedFd, &'a OwnedFd)>;
+/// The namespace (its owning user namespace when not the caller's, net) a
+/// tool must enter; `None`: the caller's.
+type Inside<'a> = Option<(Option<&'a OwnedFd>, &'a OwnedFd)>;
 
-fn run(program: &Path, args: &[&str], stdin: &str, inside: Inside) -> Result<(), EgressError> {
+/// Runs a tool (in `inside` when given), `stdin` its input: what it printed.
+fn run(program: &Path, args: &[&str], stdin: &str, inside: Inside) -> Result<String, EgressError> {
     let what = || format!("{} {}", program.display(), args.join(" "));
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some((user, net)) = inside {
-        owned::enter(&mut cmd, user.as_raw_fd(), net.as_raw_fd());
+        owned::enter(&mut cmd, user.map(AsRawFd::as_raw_fd), net.as_raw_fd());
     }
     let mut child = cmd
         .spawn()
@@ -166,23 +222,44 @@ fn run(program: &Path, args: &[&str], stdin: &str, inside: Inside) -> Result<(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What the rate of new connections refused in the namespace `net` (owned by
+/// `user` when not the worker's), so far: packets counted by [`OVER_RATE`].
+pub(crate) fn refused_over_rate(
+    tools: &Tools,
+    user: Option<&OwnedFd>,
+    net: &OwnedFd,
+) -> Result<u64, EgressError> {
+    let listed = run(
+        &tools.nft,
+        &["list", "counter", "ip", "vm0", OVER_RATE],
+        "",
+        Some((user, net)),
+    )?;
+    listed
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| EgressError::Setup(format!("nft's counter {OVER_RATE}: {listed:?}")))
 }
 
 /// What a namespace's `ip` is told, and the rules `nft` loads, for `link`;
 /// and where the proxy's sockets are bound.
-fn setup_for(link: Link) -> (String, String, Ipv4Addr) {
+fn setup_for(link: Link, tracking: Tracking) -> (String, String, Ipv4Addr) {
     match link {
         Link::Loopback => (
             "link set lo up\nroute add local 0.0.0.0/0 dev lo table local src 127.0.0.1\n".into(),
-            loopback_rules(),
+            loopback_rules(tracking),
             Ipv4Addr::LOCALHOST,
         ),
         Link::Tap => (
             format!(
                 "link set lo up\nlink set {TAP_NAME} up\naddr add {TAP_GATEWAY}/{TAP_PREFIX} dev {TAP_NAME}\n"
             ),
-            tap_rules(),
+            tap_rules(tracking),
             TAP_GATEWAY,
         ),
     }
@@ -190,17 +267,25 @@ fn setup_for(link: Link) -> (String, String, Ipv4Addr) {
 
 /// Makes a run's namespace: as root on a thread of the worker's, otherwise
 /// owned by a user namespace of its own.
-pub(crate) fn create(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
+pub(crate) fn create(
+    tools: &Tools,
+    link: Link,
+    tracking: Tracking,
+) -> Result<Namespace, EgressError> {
     if nix::unistd::geteuid().is_root() {
-        create_on_thread(tools, link)
+        create_on_thread(tools, link, tracking)
     } else {
-        create_owned(tools, link)
+        create_owned(tools, link, tracking)
     }
 }
 
 /// A namespace belongs to the thread that unshares it, and to the processes
 /// it starts.
-fn create_on_thread(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
+fn create_on_thread(
+    tools: &Tools,
+    link: Link,
+    tracking: Tracking,
+) -> Result<Namespace, EgressError> {
     let tools = tools.clone();
     std::thread::Builder::new()
         .name("vm0-netns".into())
@@ -214,7 +299,7 @@ fn create_on_thread(tools: &Tools, link: Link) -> Result<Namespace, EgressError>
                         .map_err(|e| EgressError::Setup(format!("the tap device: {e}")))?,
                 ),
             };
-            let (addresses, rules, listen) = setup_for(link);
+            let (addresses, rules, listen) = setup_for(link, tracking);
             run(&tools.ip, &["-batch", "-"], &addresses, None)?;
             run(&tools.nft, &["-f", "-"], &rules, None)?;
             let fd = std::fs::File::open("/proc/thread-self/ns/net")
@@ -238,11 +323,11 @@ fn create_on_thread(tools: &Tools, link: Link) -> Result<Namespace, EgressError>
 
 /// An unprivileged worker's: the namespaces, the tap and the sockets made by
 /// a child ([`owned::make`]), then `ip` and `nft` run inside.
-fn create_owned(tools: &Tools, link: Link) -> Result<Namespace, EgressError> {
-    let (addresses, rules, listen) = setup_for(link);
+fn create_owned(tools: &Tools, link: Link, tracking: Tracking) -> Result<Namespace, EgressError> {
+    let (addresses, rules, listen) = setup_for(link, tracking);
     let tap = (link == Link::Tap).then_some(TAP_NAME);
     let made = owned::make(tap, listen, PROXY_PORT, DNS_PORT)?;
-    let inside = Some((&made.user, &made.net));
+    let inside = Some((Some(&made.user), &made.net));
     run(&tools.ip, &["-batch", "-"], &addresses, inside)?;
     run(&tools.nft, &["-f", "-"], &rules, inside)?;
     Ok(Namespace {

@@ -46,6 +46,8 @@ pub struct EgressConfig {
     pub lookup_timeout: Duration,
     /// How the proxy verifies the hosts whose TLS it opens (`secretHeaders`).
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// What bounds a run's connection tracking (`VM0_NETWORK_NEW_CONNECTIONS_PER_SEC`).
+    pub tracking: netns::Tracking,
 }
 
 impl EgressConfig {
@@ -56,6 +58,7 @@ impl EgressConfig {
             connect_timeout: Duration::from_secs(10),
             sniff_timeout: Duration::from_secs(5),
             lookup_timeout: Duration::from_secs(5),
+            tracking: netns::Tracking { per_second: 1000 },
             upstream_tls: None,
         }
     }
@@ -182,7 +185,7 @@ impl Egress {
         })?;
         let tools = Tools { ip, nft };
         if !nix::unistd::geteuid().is_root() {
-            netns::create(&tools, link).map_err(|e| {
+            netns::create(&tools, link, config.tracking).map_err(|e| {
                 EgressError::Unavailable(format!(
                     "the worker is not root and cannot make a user namespace for a run's network ({e})"
                 ))
@@ -217,7 +220,8 @@ impl Egress {
         intercept: Option<Intercept>,
     ) -> Result<RunEgress, EgressError> {
         let tools = self.tools.clone();
-        let ns = tokio::task::spawn_blocking(move || netns::create(&tools, link))
+        let tracking = self.config.tracking;
+        let ns = tokio::task::spawn_blocking(move || netns::create(&tools, link, tracking))
             .await
             .map_err(|e| EgressError::Setup(format!("the namespace's task: {e}")))??;
         let setup = |e: std::io::Error| EgressError::Setup(format!("the proxy's sockets: {e}"));
@@ -243,6 +247,7 @@ impl Egress {
         run.tracker.spawn(accept_loop(tcp, run.clone()));
         run.tracker.spawn(dns_loop(Arc::new(udp), run.clone()));
         Ok(RunEgress {
+            tools: self.tools.clone(),
             netns: Arc::new(ns.fd),
             userns: ns.user.map(Arc::new),
             tap: ns.tap.map(Arc::new),
@@ -324,9 +329,22 @@ impl RunState {
     }
 }
 
+/// What a closed run's proxy had not logged yet, and what it never logs one
+/// by one.
+#[derive(Debug)]
+pub struct Closed {
+    pub rest: Vec<NetworkLog>,
+    /// Entries dropped past the log queue.
+    pub dropped: u64,
+    /// Connection attempts and DNS queries refused by the rate of new ones
+    /// (`VM0_NETWORK_NEW_CONNECTIONS_PER_SEC`), or why that is unknown.
+    pub over_rate: Result<u64, String>,
+}
+
 /// A run's share of the proxy. Dropping it (or [`RunEgress::close`]) stops its
 /// listener and its connections; the namespace goes with its last process.
 pub struct RunEgress {
+    tools: Tools,
     netns: Arc<OwnedFd>,
     userns: Option<Arc<OwnedFd>>,
     tap: Option<Arc<OwnedFd>>,
@@ -370,9 +388,9 @@ impl RunEgress {
         self.logs.recv().await
     }
 
-    /// Stops everything of the run, and returns what is left to log and how
-    /// many entries were dropped past the queue.
-    pub async fn close(mut self) -> (Vec<NetworkLog>, u64) {
+    /// Stops everything of the run, and returns what is left to log and what
+    /// was not logged one by one.
+    pub async fn close(mut self) -> Closed {
         self.run.cancel.cancel();
         self.run.tracker.close();
         // Each connection logs itself as it is cut.
@@ -381,7 +399,23 @@ impl RunEgress {
         while let Ok(entry) = self.logs.try_recv() {
             rest.push(entry);
         }
-        (rest, self.run.dropped.load(Ordering::Relaxed))
+        let over_rate = if self.run.config.tracking.per_second > 0 {
+            let (tools, user, net) = (self.tools.clone(), self.userns.clone(), self.netns.clone());
+            tokio::task::spawn_blocking(move || {
+                netns::refused_over_rate(&tools, user.as_deref(), &net)
+            })
+            .await
+            .map_err(|e| EgressError::Setup(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| e.to_string())
+        } else {
+            Ok(0)
+        };
+        Closed {
+            rest,
+            dropped: self.run.dropped.load(Ordering::Relaxed),
+            over_rate,
+        }
     }
 }
 

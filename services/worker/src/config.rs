@@ -87,6 +87,10 @@ pub struct WorkerConfig {
     /// `VM0_NETWORK_MAX_CONNECTIONS`, default 256: connections a run has open
     /// through the proxy at once.
     pub network_max_connections: usize,
+    /// `VM0_NETWORK_NEW_CONNECTIONS_PER_SEC`, default 1000: connections (and
+    /// DNS queries) a run may start each second, bursts of twice that; 0 lifts
+    /// it. What bounds the kernel memory its connection tracking holds.
+    pub network_new_connections_per_sec: u32,
     /// `VM0_NETWORK_TLS_CA_FILE`: extra CA certificates (PEM) the proxy
     /// trusts, beside the system's, when it opens TLS to a host for a run's
     /// `secretHeaders`.
@@ -144,6 +148,7 @@ impl WorkerConfig {
             version_cache_max_bytes: 10 << 30,
             network_trusted_cidrs: Vec::new(),
             network_max_connections: 256,
+            network_new_connections_per_sec: 1000,
             network_tls_ca_pem: None,
         }
     }
@@ -201,6 +206,10 @@ impl WorkerConfig {
             network_max_connections: parse_or(
                 "VM0_NETWORK_MAX_CONNECTIONS",
                 d.network_max_connections,
+            )?,
+            network_new_connections_per_sec: parse_or(
+                "VM0_NETWORK_NEW_CONNECTIONS_PER_SEC",
+                d.network_new_connections_per_sec,
             )?,
             network_tls_ca_pem: match std::env::var_os("VM0_NETWORK_TLS_CA_FILE") {
                 Some(path) => {

@@ -59,6 +59,9 @@ pub async fn egress(config: &WorkerConfig, link: vm0_egress::Link) -> Result<Egr
         endpoints: endpoints(config).await,
     };
     let mut egress = EgressConfig::new(refused, config.network_max_connections);
+    egress.tracking = vm0_egress::netns::Tracking {
+        per_second: config.network_new_connections_per_sec,
+    };
     egress.upstream_tls = Some(
         vm0_egress::intercept::upstream_tls(config.network_tls_ca_pem.as_deref())
             .map_err(|e| e.to_string())?,

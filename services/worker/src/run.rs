@@ -623,15 +623,29 @@ async fn run_claimed<S: Sandbox>(
                     .instrument(tracing::info_span!("sandbox.run"))
                     .await;
                     if let Some(network) = network.take() {
-                        let (rest, dropped) = network.close().await;
-                        for entry in rest {
+                        let closed = network.close().await;
+                        for entry in closed.rest {
                             t.network_log(entry).await;
                         }
-                        if dropped > 0 {
+                        if closed.dropped > 0 {
                             let line = format!(
-                                "{dropped} network log entries were dropped (more than the proxy's queue held)"
+                                "{} network log entries were dropped (more than the proxy's queue held)",
+                                closed.dropped
                             );
                             t.system_log(LogLevel::Warn, &line).await;
+                        }
+                        match closed.over_rate {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                let line = format!(
+                                    "{n} connection attempts and DNS queries were refused, not logged one by one: more than {} a second (VM0_NETWORK_NEW_CONNECTIONS_PER_SEC)",
+                                    ctx.config.network_new_connections_per_sec
+                                );
+                                t.system_log(LogLevel::Warn, &line).await;
+                            }
+                            Err(why) => {
+                                tracing::warn!(%why, "the run's refused connections could not be counted")
+                            }
                         }
                     }
                     let (status, code, error) = outcome(exit, stop, spec.timeout_seconds);

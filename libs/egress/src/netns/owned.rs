@@ -6,7 +6,8 @@
 //! so a forked child does the part that must happen inside (it unshares, maps
 //! its ids, opens the tap and binds the proxy's sockets) and passes the
 //! descriptors back over a socket pair before it exits; `ip` and `nft` then run
-//! in the namespace through [`enter`]. The child runs between `fork` and
+//! in the namespace through [`enter`] (which also serves a root worker's later
+//! reads of its namespaces). The child runs between `fork` and
 //! `_exit` of a multithreaded parent: only system calls, on memory prepared
 //! before the fork. This module is the crate's only `unsafe` besides the tap's
 //! ioctl.
@@ -342,19 +343,26 @@ unsafe fn in_child(plan: &Plan, chan: RawFd) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Starts `cmd` inside the namespaces (`user` owning `net`) with
-/// `CAP_NET_ADMIN` there: joining a user namespace gives every capability in
-/// it, but an `exec` by a uid other than 0 keeps only the ambient ones.
-pub(super) fn enter(cmd: &mut Command, user: RawFd, net: RawFd) {
+/// Starts `cmd` in the network namespace `net`, entering `user` (which owns
+/// it) first when given, with `CAP_NET_ADMIN` there: joining a user namespace
+/// gives every capability in it, but an `exec` by a uid other than 0 keeps
+/// only the ambient ones. Without `user` (a root worker) root keeps its own.
+pub(super) fn enter(cmd: &mut Command, user: Option<RawFd>, net: RawFd) {
     // SAFETY: between fork and exec only system calls, on the stack.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(user, libc::CLONE_NEWUSER) != 0
-                || libc::setns(net, libc::CLONE_NEWNET) != 0
+            if let Some(user) = user
+                && libc::setns(user, libc::CLONE_NEWUSER) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
-            raise_ambient(CAP_NET_ADMIN)
+            if libc::setns(net, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            match user {
+                Some(_) => raise_ambient(CAP_NET_ADMIN),
+                None => Ok(()),
+            }
         });
     }
 }

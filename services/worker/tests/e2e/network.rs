@@ -548,6 +548,83 @@ async fn an_unprivileged_worker_gives_runs_the_same_network() {
     assert_eq!(after.2, 0, "the worker has children left");
 }
 
+/// A run that floods the proxy with connections: past the rate of new ones
+/// (`VM0_NETWORK_NEW_CONNECTIONS_PER_SEC`, here 200: a loop of blocking
+/// connects in a sandbox makes fewer than 1000 a second on this machine) they
+/// are reset, what the kernel tracks of its connections stays bounded and
+/// expires within seconds (1 s closed, 10 s in a closing state; unbounded,
+/// 20 000 connections were 20 000 entries for two minutes), and the run's log
+/// says how many were refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_bounded_and_said() {
+    let stack = Stack::start(
+        Db::Sqlite,
+        StackOptions {
+            worker_env: vec![("VM0_NETWORK_NEW_CONNECTIONS_PER_SEC", "200".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    let flood = r#"
+import socket, time
+ok = refused = 0
+for i in range(20000):
+    s = socket.socket()
+    try:
+        s.connect(("203.0.113.%d" % (i % 250 + 1), 9))
+        ok += 1
+    except OSError:
+        refused += 1
+    s.close()
+count = lambda: open("/proc/sys/net/netfilter/nf_conntrack_count").read().strip()
+print(f"ok:{ok}")
+print(f"refused:{refused}")
+print(f"tracked:{count()}")
+time.sleep(15)
+print(f"later:{count()}")
+"#;
+    stack
+        .create_agent(
+            "flooder",
+            json!({"command": ["python3", "-c", flood], "network": {"mode": "none"}}),
+        )
+        .await;
+    let id = stack
+        .create_run(0, json!({"agent": "flooder", "prompt": "go"}))
+        .await;
+    let run = stack.wait_finished(&id, Duration::from_secs(120)).await;
+    let out = stack.output(&id).await;
+    assert_eq!(run["status"], "completed", "{run}\n{out}");
+    let number = |name: &str| -> u64 { line(&out, name).parse().expect(name) };
+    assert!(number("refused") > 10_000, "{out}");
+    assert!(number("ok") >= 400, "the burst gets through: {out}");
+    assert!(number("tracked") < 10_000, "{out}");
+    // Expired entries wait for the kernel's collection (adaptive, up to a
+    // minute); unbounded, the count stays at ~20 000 for two minutes.
+    assert!(number("later") < 2000, "{out}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let said = loop {
+        let logs = stack.logs(&id).await;
+        let said = logs.iter().find_map(|l| {
+            l["message"]
+                .as_str()
+                .filter(|m| m.contains("connection attempts and DNS queries were refused"))
+                .map(str::to_owned)
+        });
+        if said.is_some() || tokio::time::Instant::now() > deadline {
+            break said;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let said = said.expect("the run's log says how many were refused");
+    let n: u64 = said
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(n >= number("refused"), "{said} / {out}");
+}
+
 /// What the worker holds of namespaces (descriptors of `net:[...]`, of the
 /// `user:[...]` that own an unprivileged worker's, and of tap devices, which
 /// live in them), sockets, and its child processes.
