@@ -236,6 +236,7 @@ impl Egress {
             config: self.config.clone(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
             names: Mutex::new(HashMap::new()),
             logs,
             dropped: AtomicU64::new(0),
@@ -263,6 +264,8 @@ struct RunState {
     config: Arc<EgressConfig>,
     received: AtomicU64,
     sent: AtomicU64,
+    /// Connections accepted and DNS queries received.
+    attempts: AtomicU64,
     /// What the run's own lookups answered: a connection by address is known
     /// by the name the run asked for.
     names: Mutex<HashMap<Ipv4Addr, Vec<String>>>,
@@ -399,7 +402,13 @@ impl RunEgress {
         while let Ok(entry) = self.logs.try_recv() {
             rest.push(entry);
         }
-        let over_rate = if self.run.config.tracking.per_second > 0 {
+        // The rate's bucket starts full with a burst of twice the rate, which
+        // only what passes empties: a run that made fewer attempts than that
+        // cannot have been refused, and its rules need no reading.
+        let per_second = u64::from(self.run.config.tracking.per_second);
+        let over_rate = if per_second > 0
+            && self.run.attempts.load(Ordering::Relaxed) >= per_second.saturating_mul(2)
+        {
             let (tools, user, net) = (self.tools.clone(), self.userns.clone(), self.netns.clone());
             tokio::task::spawn_blocking(move || {
                 netns::refused_over_rate(&tools, user.as_deref(), &net)
@@ -433,6 +442,7 @@ async fn accept_loop(listener: TcpListener, run: Arc<RunState>) {
         };
         match accepted {
             Ok((stream, _)) => {
+                run.attempts.fetch_add(1, Ordering::Relaxed);
                 let run2 = run.clone();
                 run.tracker.spawn(async move {
                     let cancel = run2.cancel.clone();
@@ -800,6 +810,7 @@ async fn dns_loop(socket: Arc<UdpSocket>, run: Arc<RunState>) {
             r = socket.recv_from(&mut buf) => r,
         };
         let Ok((n, from)) = received else { continue };
+        run.attempts.fetch_add(1, Ordering::Relaxed);
         let Ok(query) = dns::parse_query(&buf[..n]) else {
             continue;
         };
