@@ -154,10 +154,22 @@ async fn stack_for(remote: &RemoteHost, db: Db) -> Stack {
 }
 
 async fn stack_on(remote: &RemoteHost, db: Db, sandbox: &'static str) -> Stack {
+    stack_as(remote, db, sandbox, None).await
+}
+
+/// A stack whose workers trust `remote`'s range, run `sandbox`, as
+/// `worker_uid` when given (an unprivileged worker).
+async fn stack_as(
+    remote: &RemoteHost,
+    db: Db,
+    sandbox: &'static str,
+    worker_uid: Option<u32>,
+) -> Stack {
     Stack::start(
         db,
         StackOptions {
             sandbox,
+            worker_uid,
             worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
             ..Default::default()
         },
@@ -513,15 +525,7 @@ code=$(curl -s -o /dev/null -m 10 -w '%{http_code}' http://allowed.test/hello); 
 async fn an_unprivileged_worker_gives_runs_the_same_network() {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
-    let stack = Stack::start(
-        Db::Sqlite,
-        StackOptions {
-            worker_uid: Some(65534),
-            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = stack_as(&remote, Db::Sqlite, "bubblewrap", Some(65534)).await;
     let (run, out, logs) = run_script(
         &stack,
         &remote,
@@ -690,15 +694,7 @@ async fn nothing_is_left_after_200_runs_of_an_unprivileged_worker() {
 async fn nothing_left_after_200_runs(worker_uid: Option<u32>) {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
-    let stack = Stack::start(
-        Db::Sqlite,
-        StackOptions {
-            worker_uid,
-            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = stack_as(&remote, Db::Sqlite, "bubblewrap", worker_uid).await;
     stack
         .create_agent(
             "fetcher",
@@ -746,6 +742,23 @@ async fn nothing_left_after_200_runs(worker_uid: Option<u32>) {
     assert_eq!(stack.scratch_dirs(), 0, "scratch directories left");
 }
 
+/// The allowlist run in a microVM, checked as on bubblewrap, plus the proxy's
+/// own address (port 15001, not sniffed): refused, the connection closed
+/// without a reply (curl's 52). Its logs.
+async fn microvm_allowlisted(stack: &Stack, remote: &RemoteHost) -> Vec<Value> {
+    let (run, out, logs) = run_script(
+        stack,
+        remote,
+        "vm-allowlisted",
+        allowlisted(remote),
+        On::MicroVm,
+    )
+    .await;
+    assert_allowlisted(stack, remote, &run, &out, &logs).await;
+    assert!(line(&out, "proxy").starts_with("52 "), "{out}");
+    logs
+}
+
 /// A QEMU microVM of an unprivileged worker: the tap in the worker's own user
 /// namespace, the same policy, the same logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -777,26 +790,8 @@ async fn an_unprivileged_workers_microvm_reaches_what_its_policy_allows() {
     );
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
-    let stack = Stack::start(
-        Db::Sqlite,
-        StackOptions {
-            sandbox: "qemu",
-            worker_uid: Some(65534),
-            worker_env: vec![("VM0_NETWORK_TRUSTED_CIDRS", remote.subnet.clone())],
-            ..Default::default()
-        },
-    )
-    .await;
-    let (run, out, logs) = run_script(
-        &stack,
-        &remote,
-        "vm-allowlisted",
-        allowlisted(&remote),
-        On::MicroVm,
-    )
-    .await;
-    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
-    assert!(line(&out, "proxy").starts_with("52 "), "{out}");
+    let stack = stack_as(&remote, Db::Sqlite, "qemu", Some(65534)).await;
+    microvm_allowlisted(&stack, &remote).await;
     let after = released(stack.workers[0].pid(), (0, usize::MAX, 0)).await;
     assert_eq!(after.0, 0, "the worker still holds {} namespaces", after.0);
 }
@@ -870,18 +865,7 @@ async fn a_microvm_reaches_what_its_policy_allows_and_nothing_else() {
     let remote = RemoteHost::start(dir.path());
     let stack = stack_on(&remote, Db::Sqlite, "qemu").await;
     let pid = stack.workers[0].pid();
-    let (run, out, logs) = run_script(
-        &stack,
-        &remote,
-        "vm-allowlisted",
-        allowlisted(&remote),
-        On::MicroVm,
-    )
-    .await;
-    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
-    // The proxy's own address (port 15001, not sniffed): refused, the
-    // connection closed without a reply (curl's 52).
-    assert!(line(&out, "proxy").starts_with("52 "), "{out}");
+    let logs = microvm_allowlisted(&stack, &remote).await;
     let proxy = find(
         &network_logs(&logs),
         &vm0_egress::netns::TAP_GATEWAY.to_string(),
