@@ -156,26 +156,15 @@ pub fn rate(
     n: u64,
 ) -> Result<(f64, f64)> {
     let started = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let ns = netns.map(|n| n.try_clone()).transpose()?;
-            let config = config.clone();
-            Ok(std::thread::spawn(move || -> Result<u64> {
-                if let Some(ns) = ns {
-                    nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                }
-                let mut bytes = 0;
-                for _ in 0..each {
-                    bytes += fetch(&config, to, n)?;
-                }
-                Ok(bytes)
-            }))
-        })
-        .collect::<Result<_>>()?;
-    let mut bytes = 0;
-    for h in handles {
-        bytes += h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
-    }
+    let bytes: u64 = super::on_threads(netns, threads, move || {
+        let mut bytes = 0;
+        for _ in 0..each {
+            bytes += fetch(&config, to, n)?;
+        }
+        Ok(bytes)
+    })?
+    .into_iter()
+    .sum();
     let secs = started.elapsed().as_secs_f64();
     Ok(((threads * each) as f64 / secs, bytes as f64 / 1e6 / secs))
 }

@@ -145,6 +145,8 @@ impl NetworkLog {
 pub struct Egress {
     config: Arc<EgressConfig>,
     tools: Tools,
+    /// How this worker's sandboxes attach (what [`Egress::new`] tried).
+    link: Link,
 }
 
 /// Every address of this host's interfaces (the worker's own addresses).
@@ -194,7 +196,13 @@ impl Egress {
         Ok(Egress {
             config: Arc::new(config),
             tools,
+            link,
         })
+    }
+
+    /// The link this proxy was made for: how the worker's sandboxes attach.
+    pub fn link(&self) -> Link {
+        self.link
     }
 
     /// The TLS termination of a run whose `hosts` have secret headers (host →

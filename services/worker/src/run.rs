@@ -478,18 +478,6 @@ async fn open_network<S: Sandbox>(
         Ok(egress) => egress,
         Err(why) => return Ok((None, Some(format!("this run has no network: {why}")))),
     };
-    let link = match crate::network::link(ctx.sandbox.network_attachment()) {
-        Some(link) => link,
-        None => {
-            return Ok((
-                None,
-                Some(format!(
-                    "this run has no network: the {} backend has none yet",
-                    ctx.sandbox.name()
-                )),
-            ));
-        }
-    };
     let mode = policy.mode;
     let started = Instant::now();
     let secret_headers: std::collections::BTreeMap<_, _> = spec
@@ -508,7 +496,7 @@ async fn open_network<S: Sandbox>(
         )
     };
     let run = egress
-        .open(policy, link, intercept)
+        .open(policy, egress.link(), intercept)
         .await
         .map_err(|e| format!("the run's network could not be set up: {e}"))?;
     Ok((

@@ -51,6 +51,9 @@ const STEPS: [&str; 11] = [
     "passing the descriptors back",
 ];
 
+/// The step of [`STEPS`] that opens `/dev/net/tun` (1-based).
+const TUN_STEP: u8 = 7;
+
 /// Everything the child touches, made before the fork (it may not allocate).
 struct Plan {
     setgroups: CString,
@@ -166,7 +169,7 @@ fn receive(ours: &OwnedFd) -> Result<Made, EgressError> {
             .copied()
             .unwrap_or("an unknown step");
         let errno = i32::from_ne_bytes([data[1], data[2], data[3], data[4]]);
-        let hint = if data[0] == 7 && errno == libc::EACCES {
+        let hint = if data[0] == TUN_STEP && errno == libc::EACCES {
             " (an unprivileged worker's microVMs need it open to every user, mode 0666 as Debian's udev makes it)"
         } else {
             ""
@@ -273,7 +276,7 @@ unsafe fn build(plan: &Plan) -> Result<([RawFd; 5], usize), (u8, i32)> {
     if let Some(req) = &plan.tap {
         let tun = check(
             unsafe { libc::open(plan.tun.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) },
-            7,
+            TUN_STEP,
         )?;
         check(
             unsafe { libc::ioctl(tun, super::tap::TUNSETIFF, req as *const libc::ifreq) },
