@@ -215,6 +215,14 @@ fn line<'a>(output: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name}: line in {output}"))
 }
 
+/// Whether curl's attempt was cut without a reply: the proxy closes a refused
+/// connection without reading it, so whether the request got there first
+/// decides between a close (curl's 52, an empty reply) and a reset (56, or 55
+/// while sending); a guest under TCG sends late, a bwrap jail at once.
+fn cut_without_reply(attempt: &str) -> bool {
+    ["52 000", "55 000", "56 000"].contains(&attempt)
+}
+
 fn network_logs(logs: &[Value]) -> Vec<&Value> {
     logs.iter().filter(|l| l["type"] == "network").collect()
 }
@@ -331,8 +339,10 @@ async fn assert_allowlisted(
     assert_eq!(line(out, "bare"), "0 403", "{out}");
     // Allowed by a rule, refused always.
     assert_eq!(line(out, "metadata"), "0 403", "{out}");
-    assert!(!line(out, "nats").ends_with(" 200"), "{out}");
-    assert!(!line(out, "grpc").ends_with(" 200"), "{out}");
+    // The worker's own addresses: NATS and the control plane are not
+    // reached (NATS would greet curl first, curl's 1), the proxy cuts them.
+    assert!(cut_without_reply(line(out, "nats")), "{out}");
+    assert!(cut_without_reply(line(out, "grpc")), "{out}");
     // The sandbox's loopback is its own: nothing listens there.
     assert!(line(out, "loopback").starts_with("7 "), "{out}");
     assert_eq!(line(out, "echo"), "ping", "{out}");
@@ -743,8 +753,8 @@ async fn nothing_left_after_200_runs(worker_uid: Option<u32>) {
 }
 
 /// The allowlist run in a microVM, checked as on bubblewrap, plus the proxy's
-/// own address (port 15001, not sniffed): refused, the connection closed
-/// without a reply (curl's 52). Its logs.
+/// own address (port 15001, not sniffed): refused, the connection cut
+/// without a reply. Its logs.
 async fn microvm_allowlisted(stack: &Stack, remote: &RemoteHost) -> Vec<Value> {
     let (run, out, logs) = run_script(
         stack,
@@ -755,7 +765,7 @@ async fn microvm_allowlisted(stack: &Stack, remote: &RemoteHost) -> Vec<Value> {
     )
     .await;
     assert_allowlisted(stack, remote, &run, &out, &logs).await;
-    assert!(line(&out, "proxy").starts_with("52 "), "{out}");
+    assert!(cut_without_reply(line(&out, "proxy")), "{out}");
     logs
 }
 
