@@ -297,15 +297,15 @@ async fn allowlist(db: Db) {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
     let stack = stack_for(&remote, db).await;
-    let (run, out, logs) = run_script(
-        &stack,
-        &remote,
-        "allowlisted",
-        allowlisted(&remote),
-        On::Bubblewrap,
-    )
-    .await;
-    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
+    allowlisted_run(&stack, &remote, On::Bubblewrap).await;
+}
+
+/// The run of [`script`] under [`allowlisted`], checked by
+/// [`assert_allowlisted`]: what it printed, and its logs.
+async fn allowlisted_run(stack: &Stack, remote: &RemoteHost, on: On) -> (String, Vec<Value>) {
+    let (run, out, logs) = run_script(stack, remote, "allowlisted", allowlisted(remote), on).await;
+    assert_allowlisted(stack, remote, &run, &out, &logs).await;
+    (out, logs)
 }
 
 /// The policy of the allowlist tests.
@@ -536,14 +536,7 @@ async fn an_unprivileged_worker_gives_runs_the_same_network() {
     let dir = tempfile::tempdir().expect("dir");
     let remote = RemoteHost::start(dir.path());
     let stack = stack_as(&remote, Db::Sqlite, "bubblewrap", Some(65534)).await;
-    let (run, out, logs) = run_script(
-        &stack,
-        &remote,
-        "allowlisted",
-        allowlisted(&remote),
-        On::Bubblewrap,
-    )
-    .await;
+    let (_, logs) = allowlisted_run(&stack, &remote, On::Bubblewrap).await;
     let system: Vec<&str> = logs
         .iter()
         .filter(|l| l["type"] == "system")
@@ -555,7 +548,6 @@ async fn an_unprivileged_worker_gives_runs_the_same_network() {
             .any(|m| m.starts_with("network: mode allowlist")),
         "{system:#?}"
     );
-    assert_allowlisted(&stack, &remote, &run, &out, &logs).await;
     the_run_cannot_rewrite_its_namespace(&stack, &remote).await;
     let after = released(stack.workers[0].pid(), (0, usize::MAX, 0)).await;
     assert_eq!(after.0, 0, "the worker still holds {} namespaces", after.0);
@@ -756,15 +748,7 @@ async fn nothing_left_after_200_runs(worker_uid: Option<u32>) {
 /// own address (port 15001, not sniffed): refused, the connection cut
 /// without a reply. Its logs.
 async fn microvm_allowlisted(stack: &Stack, remote: &RemoteHost) -> Vec<Value> {
-    let (run, out, logs) = run_script(
-        stack,
-        remote,
-        "vm-allowlisted",
-        allowlisted(remote),
-        On::MicroVm,
-    )
-    .await;
-    assert_allowlisted(stack, remote, &run, &out, &logs).await;
+    let (out, logs) = allowlisted_run(stack, remote, On::MicroVm).await;
     assert!(cut_without_reply(line(&out, "proxy")), "{out}");
     logs
 }
